@@ -1,0 +1,28 @@
+//! Everything the shop binaries share: configuration, server start-up and shutdown,
+//! probes, metrics, logs and traces, errors, and the service-to-service HTTP client.
+//! A service crate brings only its domain, router and storage.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod metrics;
+pub mod middleware;
+pub mod money;
+pub mod pagination;
+pub mod probes;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use cli::Binary;
+pub use client::{PeerResponse, ServiceClient};
+pub use config::{ConfigError, Env, ServerConfig, Var};
+pub use db::StorageConfig;
+pub use error::{ApiJson, ApiQuery, AppError, AppResult};
+pub use metrics::Metrics;
+pub use money::Money;
+pub use pagination::{Page, PageRequest};
+pub use server::{Application, ServiceParts};
+pub use shutdown::Shutdown;

@@ -1,0 +1,187 @@
+//! Prometheus metrics with the same names in every binary. Each service owns a custom
+//! registry whose constant `service` label lands on every series it exports.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from sub-millisecond cache hits to the 10 s request timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const REVISION: &str = env!("SHOP_REVISION");
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) duration: HistogramVec,
+    pub(crate) in_flight: IntGauge,
+    pub(crate) client_requests: IntCounterVec,
+    pub(crate) client_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new(service: &str) -> Self {
+        let labels = HashMap::from([("service".to_owned(), service.to_owned())]);
+        let registry =
+            Registry::new_custom(None, Some(labels)).expect("constant labels are valid");
+
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_server_requests_total",
+                "HTTP requests served, by matched route and status code.",
+            ),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_server_request_duration_seconds",
+                "Time from request received to response headers sent.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method", "route", "status_class"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new(
+            "http_server_requests_in_flight",
+            "Requests currently being served.",
+        )
+        .expect("valid metric");
+        let client_requests = IntCounterVec::new(
+            Opts::new(
+                "http_client_requests_total",
+                "Calls to other services, by peer and outcome (status code or error).",
+            ),
+            &["peer", "method", "status"],
+        )
+        .expect("valid metric");
+        let client_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_client_request_duration_seconds",
+                "Duration of calls to other services.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["peer", "method"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels say what is running."),
+            &["version", "revision"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[VERSION, REVISION]).set(1);
+
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(client_requests.clone()),
+            Box::new(client_duration.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector).expect("metric registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
+
+        Self {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            client_requests,
+            client_duration,
+        }
+    }
+
+    /// A domain counter (e.g. `orders_created_total`) in this service's registry.
+    pub fn counter(&self, name: &str, help: &str) -> IntCounter {
+        let counter = IntCounter::new(name, help).expect("valid metric");
+        self.registry
+            .register(Box::new(counter.clone()))
+            .expect("metric registered once");
+        counter
+    }
+
+    /// A labelled domain counter; label values must come from a closed set.
+    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.registry
+            .register(Box::new(counter.clone()))
+            .expect("metric registered once");
+        counter
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(crate) fn observe_request(
+        &self,
+        method: &str,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let code = status.to_string();
+        self.requests
+            .with_label_values(&[method, route, code.as_str()])
+            .inc();
+        self.duration
+            .with_label_values(&[method, route, status_class(status)])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+pub(crate) fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_carries_the_service_label() {
+        let metrics = Metrics::new("product");
+        metrics.observe_request("GET", "/products/{id}", 200, Duration::from_millis(3));
+        let text = metrics.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("http_server_requests_total{"))
+            .expect("request counter exported");
+        for label in [r#"method="GET""#, r#"route="/products/{id}""#, r#"status="200""#, r#"service="product""#] {
+            assert!(line.contains(label), "{label} missing in {line}");
+        }
+        assert!(line.ends_with(" 1"));
+        assert!(text.contains(r#"status_class="2xx""#));
+        assert!(text.contains("build_info{"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

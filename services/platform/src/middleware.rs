@@ -1,0 +1,165 @@
+//! The standard per-request stack, applied once by [`crate::server`] to every router:
+//! request id, a span per request named by the matched route (continuing an inbound W3C
+//! trace), a request timeout (504), in-flight and RED metrics by matched route, a JSON body
+//! for every error response, and panic -> 500.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::telemetry;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Routes that monitoring systems hit constantly: measured, but neither traced nor logged.
+const QUIET_ROUTES: &[&str] = &["/health", "/ready", "/metrics"];
+
+/// Label used for requests that matched no route, so probing random paths cannot create
+/// new series.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+tokio::task_local! {
+    static CURRENT_REQUEST_ID: HeaderValue;
+}
+
+/// The id of the request being served by the current task, for outbound calls.
+pub fn current_request_id() -> Option<HeaderValue> {
+    CURRENT_REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+pub(crate) struct Observer {
+    pub metrics: Metrics,
+    pub request_timeout: Duration,
+}
+
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub(crate) async fn observe(
+    State(observer): State<Arc<Observer>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    observer.metrics.in_flight.inc();
+    let _in_flight = InFlight(&observer.metrics.in_flight);
+
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| is_acceptable_request_id(v))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("uuid is ASCII")
+        });
+    req.headers_mut().insert(REQUEST_ID, request_id.clone());
+
+    let quiet = QUIET_ROUTES.contains(&route.as_str());
+    let span = if quiet {
+        tracing::Span::none()
+    } else {
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = %method,
+            http.route = %route,
+            url.path = %req.uri().path(),
+            http.response.status_code = Empty,
+            request_id = ?request_id,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::continue_trace(&span, req.headers());
+        span
+    };
+
+    let handler = CURRENT_REQUEST_ID.scope(
+        request_id.clone(),
+        tokio::time::timeout(observer.request_timeout, next.run(req)),
+    );
+    let mut response = match handler.instrument(span.clone()).await {
+        Ok(response) => response,
+        Err(_elapsed) => span.in_scope(|| AppError::timeout().into_response()),
+    };
+
+    let status = response.status();
+    if status.as_u16() >= 400 && !is_json(&response) {
+        response = json_error_body(response);
+    }
+    response.headers_mut().insert(REQUEST_ID, request_id);
+
+    let elapsed = started.elapsed();
+    observer
+        .metrics
+        .observe_request(method.as_str(), &route, status.as_u16(), elapsed);
+    if !quiet {
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        span.in_scope(|| {
+            tracing::info!(
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "request completed"
+            )
+        });
+    }
+    response
+}
+
+fn is_acceptable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"))
+}
+
+/// Framework-produced errors (404 fallback, 405, 413 from a limit) get the same JSON shape
+/// as handler errors; headers such as `Allow` are kept.
+fn json_error_body(response: Response) -> Response {
+    let (mut parts, _) = response.into_parts();
+    let body = AppError::from_status(parts.status).body_json();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, body.into())
+}
+
+pub(crate) fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("non-string panic payload");
+    AppError::internal(anyhow::anyhow!("handler panicked: {detail}")).into_response()
+}

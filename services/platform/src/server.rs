@@ -1,0 +1,188 @@
+//! Server start-up and the shutdown sequence, the same for every binary.
+//!
+//! [`Application::build`] binds first (port 0 works) so callers learn the port before
+//! serving; [`Application::run`] serves until the [`Shutdown`] fires, then: `/ready` -> 503
+//! at once, keep serving for `shutdown_delay`, stop accepting, drain in-flight requests for
+//! at most `shutdown_timeout`, run the close hooks (storage), return.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::middleware::{self, Observer};
+use crate::probes::{self, CheckResult, Readiness};
+use crate::shutdown::Shutdown;
+
+type CloseHook = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What a service hands to the platform: its name, router and dependencies.
+pub struct ServiceParts {
+    name: &'static str,
+    config: ServerConfig,
+    metrics: Metrics,
+    readiness: Readiness,
+    close_hooks: Vec<CloseHook>,
+}
+
+impl ServiceParts {
+    pub fn new(name: &'static str, config: ServerConfig, metrics: Metrics) -> Self {
+        Self {
+            name,
+            config,
+            metrics,
+            readiness: Readiness::default(),
+            close_hooks: Vec::new(),
+        }
+    }
+
+    /// A dependency that must answer for `/ready` to be 200.
+    pub fn readiness_check<F, Fut>(self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = CheckResult> + Send + 'static,
+    {
+        self.readiness.add_check(name, check);
+        self
+    }
+
+    /// Runs after the last request has drained (closing pools, flushing buffers).
+    pub fn on_close(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.close_hooks.push(Box::pin(hook));
+        self
+    }
+
+    /// Wraps `routes` in the standard stack, adds the probes, and binds.
+    pub async fn bind(self, routes: Router) -> anyhow::Result<Application> {
+        let addr = SocketAddr::new(self.config.host, self.config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: cannot listen on {addr}: {e}", self.name))?;
+        let local_addr = listener.local_addr()?;
+        let router = stack(
+            routes.merge(probes::router(
+                self.readiness.clone(),
+                self.metrics.clone(),
+            )),
+            &self.config,
+            self.metrics.clone(),
+        );
+        Ok(Application {
+            name: self.name,
+            config: self.config,
+            listener,
+            local_addr,
+            router,
+            readiness: self.readiness,
+            close_hooks: self.close_hooks,
+        })
+    }
+}
+
+/// Applies the platform middleware to a router. Public so tests can `oneshot` a service's
+/// router with exactly the production stack.
+pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router {
+    let observer = Arc::new(Observer {
+        metrics,
+        request_timeout: config.request_timeout,
+    });
+    routes
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            observer,
+            middleware::observe,
+        ))
+}
+
+pub struct Application {
+    name: &'static str,
+    config: ServerConfig,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    readiness: Readiness,
+    close_hooks: Vec<CloseHook>,
+}
+
+impl Application {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let Application {
+            name,
+            config,
+            listener,
+            local_addr,
+            router,
+            readiness,
+            close_hooks,
+        } = self;
+
+        let stop_accepting = tokio_util::sync::CancellationToken::new();
+        let sequence = {
+            let stop_accepting = stop_accepting.clone();
+            let readiness = readiness.clone();
+            async move {
+                shutdown.wait().await;
+                readiness.set_shutting_down();
+                tracing::info!(
+                    service = name,
+                    delay_ms = config.shutdown_delay.as_millis() as u64,
+                    "not ready; serving on while load balancers catch up"
+                );
+                tokio::time::sleep(config.shutdown_delay).await;
+                tracing::info!(
+                    service = name,
+                    timeout_ms = config.shutdown_timeout.as_millis() as u64,
+                    "no longer accepting connections; draining in-flight requests"
+                );
+                stop_accepting.cancel();
+            }
+        };
+        let sequence = tokio::spawn(sequence);
+
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        readiness.set_started();
+        tracing::info!(service = name, address = %local_addr, "listening");
+
+        let mut server = std::pin::pin!(server.into_future());
+        let drain_deadline = async {
+            stop_accepting.cancelled().await;
+            tokio::time::sleep(config.shutdown_timeout).await;
+        };
+        tokio::select! {
+            result = &mut server => result?,
+            () = drain_deadline => {
+                tracing::warn!(service = name, "drain timed out; cutting remaining requests");
+            }
+        }
+        sequence.abort();
+        for hook in close_hooks {
+            hook.await;
+        }
+        tracing::info!(service = name, "stopped");
+        Ok(())
+    }
+}
