@@ -86,7 +86,7 @@ pub(crate) async fn observe(
             http.route = %route,
             url.path = %req.uri().path(),
             http.response.status_code = Empty,
-            request_id = ?request_id,
+            request_id = request_id.to_str().unwrap_or_default(),
             trace_id = Empty,
             span_id = Empty,
         );
@@ -121,7 +121,7 @@ pub(crate) async fn observe(
         span.in_scope(|| {
             tracing::info!(
                 status = status.as_u16(),
-                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                latency_ms = elapsed.as_micros() as f64 / 1000.0,
                 "request completed"
             )
         });

@@ -1,0 +1,195 @@
+//! Products and stock reservations, with the validation rules the API enforces.
+
+use serde::{Deserialize, Serialize};
+use shop_platform::{AppError, Money};
+
+pub const MAX_QUANTITY: i64 = 1_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    pub id: String,
+    pub name: String,
+    pub price: Money,
+    pub quantity: i64,
+}
+
+/// `POST /products` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    /// Optional client-chosen id; generated when absent.
+    pub id: Option<String>,
+    pub name: String,
+    pub price: Money,
+    #[serde(default)]
+    pub quantity: i64,
+}
+
+/// `PATCH /products/{id}` body: any subset of the mutable fields.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    pub name: Option<String>,
+    pub price: Option<Money>,
+    pub quantity: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationRequest {
+    pub order_id: Option<String>,
+    pub items: Vec<ReservationLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationLine {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedLine {
+    pub product_id: String,
+    pub quantity: i64,
+    /// The price at the moment the stock was taken; orders are charged this.
+    pub unit_price: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub id: String,
+    pub order_id: Option<String>,
+    pub status: String,
+    pub items: Vec<ReservedLine>,
+}
+
+pub fn validate_id(field: &str, id: &str) -> Result<(), AppError> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(AppError::validation(field, "must be 1 to 64 characters"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(AppError::validation(
+            field,
+            "may contain only letters, digits, '-' and '_'",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_name(name: &str) -> Result<String, AppError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(AppError::validation("name", "must not be empty"));
+    }
+    if name.chars().count() > 200 {
+        return Err(AppError::validation("name", "must be at most 200 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AppError::validation("name", "must not contain control characters"));
+    }
+    Ok(name.to_owned())
+}
+
+fn validate_price(price: Money) -> Result<Money, AppError> {
+    if price.cents() < 0 {
+        return Err(AppError::validation("price", "must not be negative"));
+    }
+    Ok(price)
+}
+
+fn validate_stock(quantity: i64) -> Result<i64, AppError> {
+    if !(0..=MAX_QUANTITY).contains(&quantity) {
+        return Err(AppError::validation(
+            "quantity",
+            format!("must be between 0 and {MAX_QUANTITY}"),
+        ));
+    }
+    Ok(quantity)
+}
+
+impl NewProduct {
+    /// Checks every field and returns the product to store.
+    pub fn validate(self) -> Result<Product, AppError> {
+        let id = match self.id {
+            Some(id) => {
+                validate_id("id", &id)?;
+                id
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        Ok(Product {
+            id,
+            name: validate_name(&self.name)?,
+            price: validate_price(self.price)?,
+            quantity: validate_stock(self.quantity)?,
+        })
+    }
+}
+
+impl ProductPatch {
+    pub fn validate(self) -> Result<ProductPatch, AppError> {
+        if self.name.is_none() && self.price.is_none() && self.quantity.is_none() {
+            return Err(AppError::validation(
+                "body",
+                "give at least one of name, price, quantity",
+            ));
+        }
+        Ok(ProductPatch {
+            name: self.name.as_deref().map(validate_name).transpose()?,
+            price: self.price.map(validate_price).transpose()?,
+            quantity: self.quantity.map(validate_stock).transpose()?,
+        })
+    }
+}
+
+impl ReservationRequest {
+    /// Merges repeated products so each is reserved in one statement.
+    pub fn validate(self) -> Result<(Option<String>, Vec<ReservationLine>), AppError> {
+        if self.items.is_empty() {
+            return Err(AppError::validation("items", "must not be empty"));
+        }
+        if self.items.len() > 100 {
+            return Err(AppError::validation("items", "at most 100 lines"));
+        }
+        let mut merged: Vec<ReservationLine> = Vec::new();
+        for (i, line) in self.items.into_iter().enumerate() {
+            validate_id(&format!("items[{i}].product_id"), &line.product_id)?;
+            if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+                return Err(AppError::validation(
+                    format!("items[{i}].quantity"),
+                    format!("must be between 1 and {MAX_QUANTITY}"),
+                ));
+            }
+            match merged.iter_mut().find(|m| m.product_id == line.product_id) {
+                Some(existing) => existing.quantity += line.quantity,
+                None => merged.push(line),
+            }
+        }
+        if let Some(order_id) = &self.order_id {
+            validate_id("order_id", order_id)?;
+        }
+        Ok((self.order_id, merged))
+    }
+}
+
+/// The two products the seed's walkthrough expects.
+pub fn demo_products() -> [Product; 2] {
+    [
+        Product {
+            id: "1".into(),
+            name: "Laptop".into(),
+            price: Money::from_cents(99_999),
+            quantity: 10,
+        },
+        Product {
+            id: "2".into(),
+            name: "Mouse".into(),
+            price: Money::from_cents(2_499),
+            quantity: 100,
+        },
+    ]
+}

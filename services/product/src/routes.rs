@@ -1,0 +1,179 @@
+//! HTTP routes: the REST API plus the seed's compatibility routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use prometheus::{IntCounter, IntCounterVec};
+use serde::Deserialize;
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest};
+
+use crate::domain::{NewProduct, ProductPatch, ReservationRequest};
+use crate::storage::{ProductStore, Release, StoreError};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn ProductStore>,
+    counters: Counters,
+}
+
+#[derive(Clone)]
+struct Counters {
+    created: IntCounter,
+    reservations: IntCounterVec,
+    released: IntCounter,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn ProductStore>, metrics: &Metrics) -> Self {
+        Self {
+            store,
+            counters: Counters {
+                created: metrics.counter("products_created_total", "Products added to the catalogue."),
+                reservations: metrics.counter_vec(
+                    "stock_reservations_total",
+                    "Stock reservation attempts by outcome (reserved, insufficient_stock, unknown_product).",
+                    &["outcome"],
+                ),
+                released: metrics.counter(
+                    "stock_reservations_released_total",
+                    "Reservations whose units were given back.",
+                ),
+            },
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::DuplicateId(_) => AppError::conflict("product_exists", err.to_string()),
+            StoreError::UnknownProduct(_) => AppError::not_found(err.to_string()),
+            StoreError::InsufficientStock { .. } => {
+                AppError::conflict("insufficient_stock", err.to_string())
+            }
+            StoreError::Database(db) => db.into(),
+        }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/products", get(list_products).post(create_product))
+        .route("/products/{id}", get(get_product).patch(update_product))
+        .route("/product", get(get_product_by_query))
+        .route("/reservations", post(reserve))
+        .route("/reservations/{id}", delete(release))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list_products(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> AppResult<Response> {
+    let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
+    let rows = state.store.list(page).await?;
+    Ok(Page::from_rows(rows, page).into_response("/products", &format!("limit={}", page.limit)))
+}
+
+async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+    find(&state, &id).await
+}
+
+#[derive(Debug, Deserialize)]
+struct IdParam {
+    id: Option<String>,
+}
+
+/// Seed route: `GET /product?id=1`.
+async fn get_product_by_query(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<IdParam>,
+) -> AppResult<Response> {
+    match params.id.filter(|id| !id.is_empty()) {
+        Some(id) => find(&state, &id).await,
+        None => Err(AppError::bad_request("missing_parameter", "query parameter id is required")
+            .with_field("id")),
+    }
+}
+
+async fn find(state: &AppState, id: &str) -> AppResult<Response> {
+    match state.store.get(id).await? {
+        Some(product) => Ok(axum::Json(product).into_response()),
+        None => Err(AppError::not_found(format!("no product with id {id:?}"))),
+    }
+}
+
+async fn create_product(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NewProduct>,
+) -> AppResult<Response> {
+    let product = body.validate()?;
+    state.store.create(&product).await?;
+    state.counters.created.inc();
+    let location = format!("/products/{}", product.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(product),
+    )
+        .into_response())
+}
+
+async fn update_product(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<ProductPatch>,
+) -> AppResult<Response> {
+    let patch = patch.validate()?;
+    match state.store.update(&id, &patch).await? {
+        Some(product) => Ok(axum::Json(product).into_response()),
+        None => Err(AppError::not_found(format!("no product with id {id:?}"))),
+    }
+}
+
+async fn reserve(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<ReservationRequest>,
+) -> AppResult<Response> {
+    let (order_id, lines) = body.validate()?;
+    let outcome = state.store.reserve(order_id.as_deref(), &lines).await;
+    let label = match &outcome {
+        Ok(_) => "reserved",
+        Err(StoreError::InsufficientStock { .. }) => "insufficient_stock",
+        Err(StoreError::UnknownProduct(_)) => "unknown_product",
+        Err(_) => "error",
+    };
+    state.counters.reservations.with_label_values(&[label]).inc();
+    match outcome {
+        Ok(reservation) => Ok((StatusCode::CREATED, axum::Json(reservation)).into_response()),
+        Err(StoreError::UnknownProduct(product_id)) => {
+            let index = lines.iter().position(|l| l.product_id == product_id).unwrap_or(0);
+            Err(AppError::validation(
+                format!("items[{index}].product_id"),
+                format!("no product with id {product_id:?}"),
+            ))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<StatusCode> {
+    match state.store.release(&id).await? {
+        Release::Released => {
+            state.counters.released.inc();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Release::AlreadyReleased => Ok(StatusCode::NO_CONTENT),
+        Release::Unknown => Err(AppError::not_found(format!("no reservation with id {id:?}"))),
+    }
+}
