@@ -1,1 +1,109 @@
-fn main() {}
+//! `cargo run --release`: every shop service in one process on localhost, with embedded
+//! storage under `DATA_DIR`. Each service is configured exactly as its own binary would
+//! be (same variables), except for the launcher's port and address settings below.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+
+use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+use shop_platform::{Binary, Shutdown, StorageConfig};
+
+const HOST: Var = Var::new(
+    "HOST",
+    "127.0.0.1",
+    "Address every service listens on (loopback by default: this is a development launcher).",
+);
+const PRODUCT_PORT: Var = Var::new("PRODUCT_PORT", "8081", "Product service port (0 = any free port).");
+const ORDER_PORT: Var = Var::new("ORDER_PORT", "8082", "Order service port (0 = any free port).");
+const USER_PORT: Var = Var::new("USER_PORT", "8083", "User service port (0 = any free port).");
+const SHUTDOWN_DELAY: Var = Var::new(
+    "SHUTDOWN_DELAY",
+    "0s",
+    "No load balancer to wait for locally, so Ctrl-C drains at once.",
+);
+
+const BINARY: Binary = Binary {
+    name: "shop",
+    about: "Local launcher: runs the product, order and user services together.",
+    vars: &[
+        ("Launcher", &[HOST, PRODUCT_PORT, ORDER_PORT, USER_PORT, SHUTDOWN_DELAY]),
+        ("Storage (shared by all services, one database file each)", StorageConfig::VARS),
+        (
+            "Every service",
+            &[
+                ServerConfig::SHUTDOWN_TIMEOUT,
+                ServerConfig::REQUEST_TIMEOUT,
+                ServerConfig::BODY_LIMIT,
+                shop_product::SEED_PRODUCTS,
+                shop_order::UPSTREAM_TIMEOUT,
+            ],
+        ),
+    ],
+};
+
+struct Config {
+    product: shop_product::Config,
+    order: shop_order::Config,
+    user: shop_user::Config,
+}
+
+impl Config {
+    fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let host: IpAddr = env.parse(&HOST)?;
+        let delay = env.string(&SHUTDOWN_DELAY)?;
+        let service_env = |port_var: &Var| -> Result<Env, ConfigError> {
+            let port: u16 = env.parse(port_var)?;
+            Ok(env
+                .clone()
+                .with("HOST", host.to_string())
+                .with("PORT", port.to_string())
+                .with("SHUTDOWN_DELAY", delay.clone()))
+        };
+        let product = shop_product::Config::from_env(&service_env(&PRODUCT_PORT)?)?;
+        let user = shop_user::Config::from_env(&service_env(&USER_PORT)?)?;
+        let order_env = service_env(&ORDER_PORT)?
+            .with("PRODUCT_URL", url(host, product.server.port))
+            .with("USER_URL", url(host, user.server.port));
+        let order = shop_order::Config::from_env(&order_env)?;
+        Ok(Self {
+            product,
+            order,
+            user,
+        })
+    }
+}
+
+fn url(host: IpAddr, port: u16) -> String {
+    match host {
+        IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
+        IpAddr::V4(v4) if v4.is_unspecified() => format!("http://127.0.0.1:{port}"),
+        IpAddr::V4(v4) => format!("http://{v4}:{port}"),
+    }
+}
+
+async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let product = shop_product::build(config.product).await?;
+    let user = shop_user::build(config.user).await?;
+    // With port 0 the real ports are known only now.
+    let host = config.order.server.host;
+    config.order.product_url = url(host, product.port());
+    config.order.user_url = url(host, user.port());
+    let order = shop_order::build(config.order).await?;
+
+    println!("shop is running (Ctrl-C to stop):");
+    for app in [&product, &order, &user] {
+        println!("  {:<8} {}", app.name(), url(host, app.port()));
+    }
+    println!("  try: curl {}/products", url(host, product.port()));
+
+    let (product, order, user) = tokio::join!(
+        product.run(shutdown.clone()),
+        order.run(shutdown.clone()),
+        user.run(shutdown.clone()),
+    );
+    product.and(order).and(user)
+}
+
+fn main() -> ExitCode {
+    BINARY.main(Config::from_env, run)
+}

@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    shop_order::BINARY.main(shop_order::Config::from_env, shop_order::run)
+}

@@ -92,6 +92,18 @@ impl ServiceClient {
         self.peer
     }
 
+    /// Readiness check: the peer's `/health` answers 200. Deliberately neither traced nor
+    /// counted, since it runs on every `/ready` poll.
+    pub async fn check_health(&self) -> crate::probes::CheckResult {
+        let url = format!("{}/health", self.base_url);
+        match self.http.get(&url).timeout(self.timeout).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("{} answered {}", self.peer, response.status().as_u16())),
+            Err(err) if err.is_timeout() => Err(format!("{} did not answer in time", self.peer)),
+            Err(_) => Err(format!("{} is not reachable at {}", self.peer, self.base_url)),
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Result<PeerResponse, AppError> {
         self.send(Method::GET, path, None).await
     }

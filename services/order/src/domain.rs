@@ -1,0 +1,248 @@
+//! Orders: what a client may ask for, and what is stored. Totals are always computed
+//! here from the product service's prices; a client-sent total is only checked.
+
+use serde::{Deserialize, Serialize};
+use shop_platform::{AppError, Money};
+
+pub const MAX_LINE_QUANTITY: i64 = 10_000;
+pub const MAX_LINES: usize = 100;
+
+/// `POST /orders` body. The seed's form lists product ids, one unit each
+/// (`"products": ["1","2"]`); the REST form gives quantities (`"items"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    pub id: Option<String>,
+    pub user_id: String,
+    pub products: Option<Vec<String>>,
+    pub items: Option<Vec<OrderLineRequest>>,
+    /// Optional: if given, it must equal the computed total.
+    pub total: Option<Money>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderLineRequest {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+/// A validated order request: distinct products with their quantities, in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRequest {
+    pub id: String,
+    pub user_id: String,
+    pub lines: Vec<RequestedLine>,
+    pub client_total: Option<Money>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedLine {
+    pub product_id: String,
+    pub quantity: i64,
+    /// The request field that named this product, for error messages.
+    pub field: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderItem {
+    pub product_id: String,
+    pub name: String,
+    pub quantity: i64,
+    pub unit_price: Money,
+    pub line_total: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub id: String,
+    pub user_id: String,
+    /// The seed's shape: one product id per unit ordered.
+    pub products: Vec<String>,
+    pub items: Vec<OrderItem>,
+    pub total: Money,
+    pub status: String,
+    pub created_at: String,
+    #[serde(skip)]
+    pub reservation_id: String,
+}
+
+pub fn validate_id(field: &str, id: &str) -> Result<(), AppError> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(AppError::validation(
+            field,
+            "must be 1 to 64 letters, digits, '-' or '_'",
+        ));
+    }
+    Ok(())
+}
+
+impl NewOrder {
+    pub fn validate(self) -> Result<OrderRequest, AppError> {
+        let id = match self.id {
+            Some(id) => {
+                validate_id("id", &id)?;
+                id
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        validate_id("user_id", &self.user_id)?;
+        let requested: Vec<(String, String, i64)> = match (self.products, self.items) {
+            (Some(_), Some(_)) => {
+                return Err(AppError::validation(
+                    "items",
+                    "give either products or items, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(AppError::validation(
+                    "products",
+                    "an order needs products (ids) or items (ids with quantities)",
+                ));
+            }
+            (Some(products), None) => products
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| (format!("products[{i}]"), id, 1))
+                .collect(),
+            (None, Some(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (format!("items[{i}]"), l.product_id, l.quantity))
+                .collect(),
+        };
+        if requested.is_empty() {
+            return Err(AppError::validation("products", "must not be empty"));
+        }
+        if requested.len() > MAX_LINES {
+            return Err(AppError::validation(
+                "products",
+                format!("at most {MAX_LINES} entries"),
+            ));
+        }
+        let mut lines: Vec<RequestedLine> = Vec::new();
+        for (field, product_id, quantity) in requested {
+            let id_field = if field.starts_with("items") {
+                format!("{field}.product_id")
+            } else {
+                field.clone()
+            };
+            validate_id(&id_field, &product_id)?;
+            if !(1..=MAX_LINE_QUANTITY).contains(&quantity) {
+                return Err(AppError::validation(
+                    format!("{field}.quantity"),
+                    format!("must be between 1 and {MAX_LINE_QUANTITY}"),
+                ));
+            }
+            match lines.iter_mut().find(|l| l.product_id == product_id) {
+                Some(line) => {
+                    line.quantity += quantity;
+                    if line.quantity > MAX_LINE_QUANTITY {
+                        return Err(AppError::validation(
+                            format!("{field}.quantity"),
+                            format!("at most {MAX_LINE_QUANTITY} units of one product"),
+                        ));
+                    }
+                }
+                None => lines.push(RequestedLine {
+                    product_id,
+                    quantity,
+                    field: id_field,
+                }),
+            }
+        }
+        if let Some(total) = self.total
+            && total.cents() < 0
+        {
+            return Err(AppError::validation("total", "must not be negative"));
+        }
+        Ok(OrderRequest {
+            id,
+            user_id: self.user_id,
+            lines,
+            client_total: self.total,
+        })
+    }
+}
+
+/// Prices each line and sums them exactly.
+pub fn price_lines(lines: &[(String, String, i64, Money)]) -> Result<(Vec<OrderItem>, Money), AppError> {
+    let mut total = Money::ZERO;
+    let mut items = Vec::with_capacity(lines.len());
+    for (product_id, name, quantity, unit_price) in lines {
+        let line_total = unit_price
+            .checked_mul(*quantity)
+            .ok_or_else(|| AppError::validation("items", "order total is too large"))?;
+        total = total
+            .checked_add(line_total)
+            .ok_or_else(|| AppError::validation("items", "order total is too large"))?;
+        items.push(OrderItem {
+            product_id: product_id.clone(),
+            name: name.clone(),
+            quantity: *quantity,
+            unit_price: *unit_price,
+            line_total,
+        });
+    }
+    Ok((items, total))
+}
+
+/// Expands items into the seed's `products` list (one id per unit).
+pub fn units(items: &[OrderItem]) -> Vec<String> {
+    items
+        .iter()
+        .flat_map(|i| std::iter::repeat_n(i.product_id.clone(), i.quantity as usize))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<OrderRequest, AppError> {
+        shop_platform::error::parse_json::<NewOrder>(json.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn seed_form_merges_repeated_products() {
+        let req = parse(r#"{"user_id":"1","products":["1","2","1"]}"#).unwrap();
+        assert_eq!(req.lines.len(), 2);
+        assert_eq!(req.lines[0].quantity, 2);
+        assert_eq!(req.lines[1].field, "products[1]");
+    }
+
+    #[test]
+    fn rejects_bad_requests_naming_the_field() {
+        let cases = [
+            (r#"{"user_id":"1","products":[]}"#, "products"),
+            (r#"{"user_id":"1"}"#, "products"),
+            (r#"{"user_id":"","products":["1"]}"#, "user_id"),
+            (r#"{"user_id":"1","items":[{"product_id":"1","quantity":0}]}"#, "items[0].quantity"),
+            (r#"{"user_id":"1","items":[{"product_id":"1","quantity":-3}]}"#, "items[0].quantity"),
+            (r#"{"user_id":"1","products":["1"],"total":-1}"#, "total"),
+            (r#"{"user_id":"1","products":["a b"]}"#, "products[0]"),
+            (r#"{"user_id":"1","products":["1"],"items":[]}"#, "items"),
+        ];
+        for (body, field) in cases {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.status.as_u16(), 422, "{body}");
+            assert_eq!(err.field.as_deref(), Some(field), "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn totals_are_exact() {
+        let (items, total) = price_lines(&[
+            ("1".into(), "Laptop".into(), 1, Money::from_cents(99_999)),
+            ("2".into(), "Mouse".into(), 3, Money::from_cents(2_499)),
+        ])
+        .unwrap();
+        assert_eq!(total, Money::from_cents(99_999 + 3 * 2_499));
+        assert_eq!(units(&items), vec!["1", "2", "2", "2"]);
+    }
+}

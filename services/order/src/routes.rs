@@ -1,0 +1,116 @@
+//! HTTP routes: orders, plus the seed's compatibility routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::{IntCounter, IntCounterVec};
+use serde::Deserialize;
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest, ServiceClient};
+
+use crate::checkout::place_order;
+use crate::domain::{NewOrder, validate_id};
+use crate::storage::{OrderStore, StoreError};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn OrderStore>,
+    pub products: ServiceClient,
+    pub users: ServiceClient,
+    created: IntCounter,
+    failed: IntCounterVec,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn OrderStore>,
+        products: ServiceClient,
+        users: ServiceClient,
+        metrics: &Metrics,
+    ) -> Self {
+        Self {
+            store,
+            products,
+            users,
+            created: metrics.counter("orders_created_total", "Orders placed."),
+            failed: metrics.counter_vec(
+                "orders_failed_total",
+                "Orders refused or failed, by error code (validation_failed, insufficient_stock, dependency_unavailable, ...).",
+                &["reason"],
+            ),
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::DuplicateId(_) => AppError::conflict("order_exists", err.to_string()),
+            StoreError::Database(db) => db.into(),
+        }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(get_order))
+        .route("/order", post(create_order))
+        .with_state(state)
+}
+
+async fn create_order(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NewOrder>,
+) -> AppResult<Response> {
+    let outcome = match body.validate() {
+        Ok(request) => place_order(&state, request).await,
+        Err(err) => Err(err),
+    };
+    match outcome {
+        Ok(order) => {
+            state.created.inc();
+            let location = format!("/orders/{}", order.id);
+            Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(order)).into_response())
+        }
+        Err(err) => {
+            // Codes come from a closed set in this crate and the platform.
+            state.failed.with_label_values(&[err.code.as_ref()]).inc();
+            Err(err)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    user_id: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list_orders(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> AppResult<Response> {
+    let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
+    let user_id = params.user_id.filter(|u| !u.is_empty());
+    if let Some(user_id) = &user_id {
+        validate_id("user_id", user_id)?;
+    }
+    let rows = state.store.list(user_id.as_deref(), page).await?;
+    let query = match &user_id {
+        Some(user_id) => format!("user_id={user_id}&limit={}", page.limit),
+        None => format!("limit={}", page.limit),
+    };
+    Ok(Page::from_rows(rows, page).into_response("/orders", &query))
+}
+
+async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+    match state.store.get(&id).await? {
+        Some(order) => Ok(axum::Json(order).into_response()),
+        None => Err(AppError::not_found(format!("no order with id {id:?}"))),
+    }
+}

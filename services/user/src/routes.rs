@@ -1,0 +1,101 @@
+//! HTTP routes: registration and lookup, plus the seed's compatibility routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::IntCounter;
+use serde::Deserialize;
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics};
+
+use crate::domain::{NewUser, User, hash_password};
+use crate::storage::{StoreError, UserStore};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn UserStore>,
+    registered: IntCounter,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn UserStore>, metrics: &Metrics) -> Self {
+        Self {
+            store,
+            registered: metrics.counter("users_registered_total", "Accounts created."),
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::DuplicateId(_) => AppError::conflict("user_exists", err.to_string()),
+            StoreError::DuplicateEmail => {
+                AppError::conflict("email_taken", err.to_string()).with_field("email")
+            }
+            StoreError::Database(db) => db.into(),
+        }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/users", post(register).get(get_user_by_query))
+        .route("/users/{id}", get(get_user))
+        .route("/user", post(register))
+        .with_state(state)
+}
+
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NewUser>,
+) -> AppResult<Response> {
+    let registration = body.validate()?;
+    let password = registration.password;
+    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(AppError::internal)?
+        .map_err(AppError::internal)?;
+    let user = User {
+        id: registration.id,
+        name: registration.name,
+        email: registration.email,
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    state.store.create(&user, &password_hash).await?;
+    state.registered.inc();
+    let location = format!("/users/{}", user.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(user)).into_response())
+}
+
+async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+    find(&state, &id).await
+}
+
+#[derive(Debug, Deserialize)]
+struct IdParam {
+    id: Option<String>,
+}
+
+/// Seed route: `GET /users?id=1`.
+async fn get_user_by_query(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<IdParam>,
+) -> AppResult<Response> {
+    match params.id.filter(|id| !id.is_empty()) {
+        Some(id) => find(&state, &id).await,
+        None => Err(AppError::bad_request("missing_parameter", "query parameter id is required")
+            .with_field("id")),
+    }
+}
+
+async fn find(state: &AppState, id: &str) -> AppResult<Response> {
+    match state.store.get(id).await? {
+        Some(user) => Ok(axum::Json(user).into_response()),
+        None => Err(AppError::not_found(format!("no user with id {id:?}"))),
+    }
+}

@@ -1,0 +1,79 @@
+//! The user service's storage interface and its SQLite implementation.
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+
+use crate::domain::User;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a user with id {0:?} already exists")]
+    DuplicateId(String),
+    #[error("that email address is already registered")]
+    DuplicateEmail,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+#[async_trait]
+pub trait UserStore: Send + Sync + 'static {
+    async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<User>, StoreError>;
+}
+
+pub struct SqliteUserStore {
+    pool: SqlitePool,
+}
+
+impl SqliteUserStore {
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl UserStore for SqliteUserStore {
+    async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO users (id, name, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&user.id)
+        .bind(&user.name)
+        .bind(&user.email)
+        .bind(password_hash)
+        .bind(&user.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|err| match &err {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                if db.message().contains("users.email") {
+                    StoreError::DuplicateEmail
+                } else {
+                    StoreError::DuplicateId(user.id.clone())
+                }
+            }
+            _ => err.into(),
+        })?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query("SELECT id, name, email, created_at FROM users WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(User {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                email: row.try_get("email")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
+        .map_err(StoreError::Database)
+    }
+}
