@@ -13,9 +13,21 @@ const HOST: Var = Var::new(
     "127.0.0.1",
     "Address every service listens on (loopback by default: this is a development launcher).",
 );
-const PRODUCT_PORT: Var = Var::new("PRODUCT_PORT", "8081", "Product service port (0 = any free port).");
-const ORDER_PORT: Var = Var::new("ORDER_PORT", "8082", "Order service port (0 = any free port).");
-const USER_PORT: Var = Var::new("USER_PORT", "8083", "User service port (0 = any free port).");
+const PRODUCT_PORT: Var = Var::new(
+    "PRODUCT_PORT",
+    "8081",
+    "Product service port (0 = any free port).",
+);
+const ORDER_PORT: Var = Var::new(
+    "ORDER_PORT",
+    "8082",
+    "Order service port (0 = any free port).",
+);
+const USER_PORT: Var = Var::new(
+    "USER_PORT",
+    "8083",
+    "User service port (0 = any free port).",
+);
 const SHUTDOWN_DELAY: Var = Var::new(
     "SHUTDOWN_DELAY",
     "0s",
@@ -26,8 +38,14 @@ const BINARY: Binary = Binary {
     name: "shop",
     about: "Local launcher: runs the product, order and user services together.",
     vars: &[
-        ("Launcher", &[HOST, PRODUCT_PORT, ORDER_PORT, USER_PORT, SHUTDOWN_DELAY]),
-        ("Storage (shared by all services, one database file each)", StorageConfig::VARS),
+        (
+            "Launcher",
+            &[HOST, PRODUCT_PORT, ORDER_PORT, USER_PORT, SHUTDOWN_DELAY],
+        ),
+        (
+            "Storage (shared by all services, one database file each)",
+            StorageConfig::VARS,
+        ),
         (
             "Every service",
             &[

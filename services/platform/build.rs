@@ -13,7 +13,10 @@ fn main() {
         if let Ok(text) = std::fs::read_to_string(&head)
             && let Some(reference) = text.strip_prefix("ref: ")
         {
-            println!("cargo:rerun-if-changed={}", git_dir.join(reference.trim()).display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                git_dir.join(reference.trim()).display()
+            );
         }
     }
     let revision = std::env::var("SHOP_REVISION")

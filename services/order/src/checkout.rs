@@ -70,7 +70,12 @@ pub async fn place_order(state: &AppState, request: OrderRequest) -> Result<Orde
         match response.status.as_u16() {
             200 => {
                 let product: PeerProduct = response.json()?;
-                priced.push((line.product_id.clone(), product.name, line.quantity, product.price));
+                priced.push((
+                    line.product_id.clone(),
+                    product.name,
+                    line.quantity,
+                    product.price,
+                ));
             }
             404 => {
                 return Err(AppError::validation(
@@ -78,7 +83,12 @@ pub async fn place_order(state: &AppState, request: OrderRequest) -> Result<Orde
                     format!("no product with id {:?}", line.product_id),
                 ));
             }
-            other => return Err(AppError::unavailable("product", format!("answered {other}"))),
+            other => {
+                return Err(AppError::unavailable(
+                    "product",
+                    format!("answered {other}"),
+                ));
+            }
         }
     }
     let (items, total) = price_lines(&priced)?;
@@ -87,7 +97,9 @@ pub async fn place_order(state: &AppState, request: OrderRequest) -> Result<Orde
     {
         return Err(AppError::validation(
             "total",
-            format!("the order costs {total}, not {client_total}; totals are computed by the server"),
+            format!(
+                "the order costs {total}, not {client_total}; totals are computed by the server"
+            ),
         ));
     }
 
@@ -127,7 +139,10 @@ pub async fn place_order(state: &AppState, request: OrderRequest) -> Result<Orde
 }
 
 fn order_exists(id: &str) -> AppError {
-    AppError::conflict("order_exists", format!("an order with id {id:?} already exists"))
+    AppError::conflict(
+        "order_exists",
+        format!("an order with id {id:?} already exists"),
+    )
 }
 
 async fn reserve(state: &AppState, request: &OrderRequest) -> Result<Reservation, AppError> {
@@ -161,7 +176,10 @@ async fn reserve(state: &AppState, request: &OrderRequest) -> Result<Reservation
                 .error_message()
                 .unwrap_or_else(|| "a product no longer exists".to_owned()),
         )),
-        other => Err(AppError::unavailable("product", format!("answered {other}"))),
+        other => Err(AppError::unavailable(
+            "product",
+            format!("answered {other}"),
+        )),
     }
 }
 
@@ -178,6 +196,8 @@ async fn release(state: &AppState, reservation_id: &str) {
             status = response.status.as_u16(),
             "could not release a reservation"
         ),
-        Err(err) => tracing::error!(reservation_id, error = %err, "could not release a reservation"),
+        Err(err) => {
+            tracing::error!(reservation_id, error = %err, "could not release a reservation")
+        }
     }
 }

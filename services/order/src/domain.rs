@@ -171,7 +171,9 @@ impl NewOrder {
 }
 
 /// Prices each line and sums them exactly.
-pub fn price_lines(lines: &[(String, String, i64, Money)]) -> Result<(Vec<OrderItem>, Money), AppError> {
+pub fn price_lines(
+    lines: &[(String, String, i64, Money)],
+) -> Result<(Vec<OrderItem>, Money), AppError> {
     let mut total = Money::ZERO;
     let mut items = Vec::with_capacity(lines.len());
     for (product_id, name, quantity, unit_price) in lines {
@@ -222,8 +224,14 @@ mod tests {
             (r#"{"user_id":"1","products":[]}"#, "products"),
             (r#"{"user_id":"1"}"#, "products"),
             (r#"{"user_id":"","products":["1"]}"#, "user_id"),
-            (r#"{"user_id":"1","items":[{"product_id":"1","quantity":0}]}"#, "items[0].quantity"),
-            (r#"{"user_id":"1","items":[{"product_id":"1","quantity":-3}]}"#, "items[0].quantity"),
+            (
+                r#"{"user_id":"1","items":[{"product_id":"1","quantity":0}]}"#,
+                "items[0].quantity",
+            ),
+            (
+                r#"{"user_id":"1","items":[{"product_id":"1","quantity":-3}]}"#,
+                "items[0].quantity",
+            ),
             (r#"{"user_id":"1","products":["1"],"total":-1}"#, "total"),
             (r#"{"user_id":"1","products":["a b"]}"#, "products[0]"),
             (r#"{"user_id":"1","products":["1"],"items":[]}"#, "items"),

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Application, Binary, Metrics, ServiceClient, ServiceParts, Shutdown, StorageConfig, db};
+use shop_platform::{
+    Application, Binary, Metrics, ServiceClient, ServiceParts, Shutdown, StorageConfig, db,
+};
 
 pub use routes::{AppState, app};
 pub use storage::{OrderStore, SqliteOrderStore};
@@ -80,8 +82,18 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let pool = config.storage.open_sqlite(NAME, &storage::MIGRATOR).await?;
     let store = Arc::new(SqliteOrderStore::new(pool.clone()));
-    let products = ServiceClient::new("product", &config.product_url, config.upstream_timeout, metrics.clone())?;
-    let users = ServiceClient::new("user", &config.user_url, config.upstream_timeout, metrics.clone())?;
+    let products = ServiceClient::new(
+        "product",
+        &config.product_url,
+        config.upstream_timeout,
+        metrics.clone(),
+    )?;
+    let users = ServiceClient::new(
+        "user",
+        &config.user_url,
+        config.upstream_timeout,
+        metrics.clone(),
+    )?;
     let state = AppState::new(store, products.clone(), users.clone(), &metrics);
     ServiceParts::new(NAME, config.server, metrics)
         .readiness_check("database", db::ping(pool.clone()))

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
-use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest, ServiceClient};
+use shop_platform::{
+    ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest, ServiceClient,
+};
 
 use crate::checkout::place_order;
 use crate::domain::{NewOrder, validate_id};
@@ -74,7 +76,12 @@ async fn create_order(
         Ok(order) => {
             state.created.inc();
             let location = format!("/orders/{}", order.id);
-            Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(order)).into_response())
+            Ok((
+                StatusCode::CREATED,
+                [(header::LOCATION, location)],
+                axum::Json(order),
+            )
+                .into_response())
         }
         Err(err) => {
             // Codes come from a closed set in this crate and the platform.

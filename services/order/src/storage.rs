@@ -126,9 +126,9 @@ impl OrderStore for SqliteOrderStore {
             "SELECT seq, id, user_id, total_cents, status, reservation_id, created_at
              FROM orders WHERE id = ?1",
         )
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(row) => Ok(Some(self.hydrate(&row).await?.1)),
             None => Ok(None),

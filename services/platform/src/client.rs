@@ -98,9 +98,16 @@ impl ServiceClient {
         let url = format!("{}/health", self.base_url);
         match self.http.get(&url).timeout(self.timeout).send().await {
             Ok(response) if response.status().is_success() => Ok(()),
-            Ok(response) => Err(format!("{} answered {}", self.peer, response.status().as_u16())),
+            Ok(response) => Err(format!(
+                "{} answered {}",
+                self.peer,
+                response.status().as_u16()
+            )),
             Err(err) if err.is_timeout() => Err(format!("{} did not answer in time", self.peer)),
-            Err(_) => Err(format!("{} is not reachable at {}", self.peer, self.base_url)),
+            Err(_) => Err(format!(
+                "{} is not reachable at {}",
+                self.peer, self.base_url
+            )),
         }
     }
 
@@ -154,7 +161,10 @@ impl ServiceClient {
             .timeout(self.timeout);
         if let Some(body) = body {
             request = request
-                .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )
                 .body(body);
         }
 
@@ -195,9 +205,9 @@ impl ServiceClient {
                     ("error", "request failed".to_owned())
                 };
                 self.count(&method, label);
-                span.in_scope(|| {
-                    tracing::warn!(peer = self.peer, error = %err, "call to peer failed")
-                });
+                span.in_scope(
+                    || tracing::warn!(peer = self.peer, error = %err, "call to peer failed"),
+                );
                 Err(AppError {
                     cause: Some(err.into()),
                     ..AppError::unavailable(self.peer, message)

@@ -294,7 +294,11 @@ impl ServerConfig {
 
 /// Variables read by the telemetry setup and the OpenTelemetry SDK, listed for `--help`.
 pub const TELEMETRY_VARS: &[Var] = &[
-    Var::new("LOG_FORMAT", "json", "json (one object per line) or pretty."),
+    Var::new(
+        "LOG_FORMAT",
+        "json",
+        "json (one object per line) or pretty.",
+    ),
     Var::new(
         "RUST_LOG",
         "info",
@@ -375,7 +379,13 @@ mod tests {
     #[test]
     fn help_lists_every_variable_with_default() {
         let text = help_text("product", "about", &[("Server", &ServerConfig::vars(PORT))]);
-        for name in ["HOST", "PORT", "SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "BODY_LIMIT"] {
+        for name in [
+            "HOST",
+            "PORT",
+            "SHUTDOWN_DELAY",
+            "SHUTDOWN_TIMEOUT",
+            "BODY_LIMIT",
+        ] {
             assert!(text.contains(name), "{name} missing from help");
         }
         assert!(text.contains("default: 8081"));

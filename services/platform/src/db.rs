@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::config::{ConfigError, Env, Var};
 use crate::probes::CheckResult;
@@ -29,11 +31,7 @@ impl StorageConfig {
         "DATABASE_URL",
         "Database URL; overrides DATA_DIR. This build accepts sqlite://PATH.",
     );
-    pub const MAX_CONNECTIONS: Var = Var::new(
-        "DB_MAX_CONNECTIONS",
-        "8",
-        "Connection pool size.",
-    );
+    pub const MAX_CONNECTIONS: Var = Var::new("DB_MAX_CONNECTIONS", "8", "Connection pool size.");
     pub const ACQUIRE_TIMEOUT: Var = Var::new(
         "DB_ACQUIRE_TIMEOUT",
         "3s",
@@ -59,7 +57,11 @@ impl StorageConfig {
         }
         let max_connections = env.parse::<u32>(&Self::MAX_CONNECTIONS)?;
         if max_connections == 0 {
-            return Err(ConfigError::new(&Self::MAX_CONNECTIONS, "0", "must be at least 1"));
+            return Err(ConfigError::new(
+                &Self::MAX_CONNECTIONS,
+                "0",
+                "must be at least 1",
+            ));
         }
         Ok(Self {
             data_dir: env.parse(&Self::DATA_DIR)?,
@@ -80,7 +82,11 @@ impl StorageConfig {
     }
 
     /// Opens (creating if needed) this service's SQLite database and applies migrations.
-    pub async fn open_sqlite(&self, service: &str, migrator: &Migrator) -> anyhow::Result<SqlitePool> {
+    pub async fn open_sqlite(
+        &self,
+        service: &str,
+        migrator: &Migrator,
+    ) -> anyhow::Result<SqlitePool> {
         let options = match &self.database_url {
             Some(url) => SqliteConnectOptions::from_str(url)?,
             None => {
@@ -106,7 +112,10 @@ impl StorageConfig {
 }
 
 /// Readiness check: the pool hands out a connection that answers.
-pub fn ping(pool: SqlitePool) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = CheckResult> + Send>> + Send + Sync + 'static {
+pub fn ping(
+    pool: SqlitePool,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = CheckResult> + Send>> + Send + Sync + 'static
+{
     move || {
         let pool = pool.clone();
         Box::pin(async move {

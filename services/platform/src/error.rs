@@ -4,11 +4,11 @@
 
 use std::borrow::Cow;
 
+use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use axum::body::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -175,12 +175,10 @@ impl IntoResponse for AppError {
 impl From<sqlx::Error> for AppError {
     fn from(err: sqlx::Error) -> Self {
         match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                AppError {
-                    cause: Some(err.into()),
-                    ..AppError::unavailable("database", "not reachable right now")
-                }
-            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => AppError {
+                cause: Some(err.into()),
+                ..AppError::unavailable("database", "not reachable right now")
+            },
             other => AppError::internal(other),
         }
     }
@@ -222,20 +220,42 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
     }
 }
 
-/// Deserialises JSON with the path of the failing field, for 422 messages.
+/// Deserialises a JSON object with the path of the failing field, for 422 messages.
+/// Every request body of this API is an object; serde would otherwise also accept a
+/// struct written as an array.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => {
+            return Err(AppError::bad_request(
+                "malformed_json",
+                "the request body is empty",
+            ));
+        }
+        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+            return Err(AppError::validation("body", "must be a JSON object"));
+        }
+        Some(_) => {
+            return Err(AppError::bad_request(
+                "malformed_json",
+                "the request body is not JSON",
+            ));
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let field = if path == "." {
-                    "body".to_owned()
-                } else {
-                    path
+                let message = strip_position(&inner.to_string());
+                let field = match (path.as_str(), missing_field(&message)) {
+                    (".", Some(missing)) => missing.to_owned(),
+                    (".", None) => "body".to_owned(),
+                    (_, Some(missing)) => format!("{path}.{missing}"),
+                    _ => path,
                 };
-                AppError::validation(field, strip_position(&inner.to_string()))
+                AppError::validation(field, message)
             }
             _ => AppError::bad_request("malformed_json", format!("malformed JSON: {inner}")),
         }
@@ -243,6 +263,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     de.end()
         .map_err(|e| AppError::bad_request("malformed_json", format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// serde reports a missing field at its parent's path; the field is named in the message.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 fn strip_position(message: &str) -> String {
@@ -271,7 +296,8 @@ fn has_json_content_type(headers: &axum::http::HeaderMap) -> bool {
         .and_then(|v| v.split(';').next())
         .map(|mime| {
             let mime = mime.trim().to_ascii_lowercase();
-            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
         })
         .unwrap_or(false)
 }
@@ -329,7 +355,9 @@ mod tests {
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(err.message.contains("unknown field"), "{}", err.message);
         let err = parse_json::<Payload>(br#"{"name":"a"}"#).unwrap_err();
-        assert!(err.message.contains("quantity"), "{}", err.message);
+        assert_eq!(err.field.as_deref(), Some("quantity"));
+        let err = parse_json::<Payload>(b"[1]").unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("body"));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod probes;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use cli::Binary;
 pub use client::{PeerResponse, ServiceClient};

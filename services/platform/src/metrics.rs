@@ -30,8 +30,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(service: &str) -> Self {
         let labels = HashMap::from([("service".to_owned(), service.to_owned())]);
-        let registry =
-            Registry::new_custom(None, Some(labels)).expect("constant labels are valid");
+        let registry = Registry::new_custom(None, Some(labels)).expect("constant labels are valid");
 
         let requests = IntCounterVec::new(
             Opts::new(
@@ -87,11 +86,15 @@ impl Metrics {
             Box::new(client_duration.clone()),
             Box::new(build_info),
         ] {
-            registry.register(collector).expect("metric registered once");
+            registry
+                .register(collector)
+                .expect("metric registered once");
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process collector registered once");
 
         Self {
@@ -175,7 +178,12 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("http_server_requests_total{"))
             .expect("request counter exported");
-        for label in [r#"method="GET""#, r#"route="/products/{id}""#, r#"status="200""#, r#"service="product""#] {
+        for label in [
+            r#"method="GET""#,
+            r#"route="/products/{id}""#,
+            r#"status="200""#,
+            r#"service="product""#,
+        ] {
             assert!(line.contains(label), "{label} missing in {line}");
         }
         assert!(line.ends_with(" 1"));

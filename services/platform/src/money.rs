@@ -144,9 +144,14 @@ mod tests {
         assert_eq!(parse("24.99").unwrap().cents(), 2_499);
         assert_eq!(parse("\"0.10\"").unwrap().cents(), 10);
         assert_eq!(parse("5").unwrap().cents(), 500);
-        let total = Money::from_cents(99_999).checked_add(Money::from_cents(2_499)).unwrap();
+        let total = Money::from_cents(99_999)
+            .checked_add(Money::from_cents(2_499))
+            .unwrap();
         assert_eq!(serde_json::to_string(&total).unwrap(), "1024.98");
-        assert_eq!(serde_json::to_string(&Money::from_cents(1)).unwrap(), "0.01");
+        assert_eq!(
+            serde_json::to_string(&Money::from_cents(1)).unwrap(),
+            "0.01"
+        );
         assert_eq!(total.to_string(), "1024.98");
     }
 
@@ -174,6 +179,10 @@ mod tests {
     #[test]
     fn overflow_is_detected() {
         assert!(Money::from_cents(MAX_CENTS).checked_mul(2).is_none());
-        assert!(Money::from_cents(MAX_CENTS).checked_add(Money::from_cents(1)).is_none());
+        assert!(
+            Money::from_cents(MAX_CENTS)
+                .checked_add(Money::from_cents(1))
+                .is_none()
+        );
     }
 }

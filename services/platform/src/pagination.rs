@@ -53,7 +53,10 @@ pub fn encode_cursor(seq: i64) -> String {
 fn decode_cursor(cursor: &str) -> Option<i64> {
     let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
     let text = std::str::from_utf8(&bytes).ok()?;
-    text.strip_prefix("v1:")?.parse().ok().filter(|s: &i64| *s >= 0)
+    text.strip_prefix("v1:")?
+        .parse()
+        .ok()
+        .filter(|s: &i64| *s >= 0)
 }
 
 /// One page of rows, each paired with its sequence number.
@@ -67,7 +70,11 @@ impl<T> Page<T> {
     pub fn from_rows(mut rows: Vec<(i64, T)>, request: PageRequest) -> Self {
         let more = rows.len() > request.limit as usize;
         rows.truncate(request.limit as usize);
-        let next_after = if more { rows.last().map(|(seq, _)| *seq) } else { None };
+        let next_after = if more {
+            rows.last().map(|(seq, _)| *seq)
+        } else {
+            None
+        };
         Self {
             items: rows.into_iter().map(|(_, item)| item).collect(),
             next_after,
@@ -84,7 +91,9 @@ impl<T: Serialize> Page<T> {
             let cursor = encode_cursor(after);
             let sep = if link_query.is_empty() { "" } else { "&" };
             let link = format!("<{path}?{link_query}{sep}cursor={cursor}>; rel=\"next\"");
-            if let (Ok(link), Ok(cursor)) = (HeaderValue::try_from(link), HeaderValue::try_from(cursor)) {
+            if let (Ok(link), Ok(cursor)) =
+                (HeaderValue::try_from(link), HeaderValue::try_from(cursor))
+            {
                 response.headers_mut().insert(header::LINK, link);
                 response.headers_mut().insert("x-next-cursor", cursor);
             }
@@ -100,10 +109,28 @@ mod tests {
     #[test]
     fn cursor_round_trip_and_rejection() {
         let req = PageRequest::parse(Some(10), Some(&encode_cursor(42))).unwrap();
-        assert_eq!(req, PageRequest { limit: 10, after: 42 });
+        assert_eq!(
+            req,
+            PageRequest {
+                limit: 10,
+                after: 42
+            }
+        );
         assert!(PageRequest::parse(None, Some("not-a-cursor")).is_err());
-        assert_eq!(PageRequest::parse(Some(0), None).unwrap_err().status.as_u16(), 422);
-        assert_eq!(PageRequest::parse(Some(101), None).unwrap_err().status.as_u16(), 422);
+        assert_eq!(
+            PageRequest::parse(Some(0), None)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            422
+        );
+        assert_eq!(
+            PageRequest::parse(Some(101), None)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            422
+        );
         assert_eq!(PageRequest::parse(None, None).unwrap().limit, DEFAULT_LIMIT);
     }
 

@@ -66,8 +66,7 @@ impl Readiness {
 
     /// Runs every check concurrently; returns overall readiness and a per-check report.
     pub async fn evaluate(&self) -> (bool, Value) {
-        let checks: Vec<(String, CheckFn)> =
-            self.inner.checks.read().expect("checks lock").clone();
+        let checks: Vec<(String, CheckFn)> = self.inner.checks.read().expect("checks lock").clone();
         let results = futures_util::future::join_all(checks.iter().map(|(name, check)| {
             let fut = check();
             async move {
@@ -84,10 +83,16 @@ impl Readiness {
         let mut failing = Vec::new();
         if self.is_shutting_down() {
             failing.push("shutdown".to_owned());
-            report.insert("shutdown".into(), json!({"status": "failing", "error": "shutting down"}));
+            report.insert(
+                "shutdown".into(),
+                json!({"status": "failing", "error": "shutting down"}),
+            );
         } else if !self.inner.started.load(Ordering::SeqCst) {
             failing.push("startup".to_owned());
-            report.insert("startup".into(), json!({"status": "failing", "error": "still starting"}));
+            report.insert(
+                "startup".into(),
+                json!({"status": "failing", "error": "still starting"}),
+            );
         }
         for (name, outcome) in results {
             let entry = match outcome {
@@ -146,7 +151,10 @@ async fn ready(State(state): State<ProbeState>) -> Response {
 
 async fn metrics_text(State(state): State<ProbeState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

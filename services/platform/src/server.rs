@@ -67,10 +67,7 @@ impl ServiceParts {
             .map_err(|e| anyhow::anyhow!("{}: cannot listen on {addr}: {e}", self.name))?;
         let local_addr = listener.local_addr()?;
         let router = stack(
-            routes.merge(probes::router(
-                self.readiness.clone(),
-                self.metrics.clone(),
-            )),
+            routes.merge(probes::router(self.readiness.clone(), self.metrics.clone())),
             &self.config,
             self.metrics.clone(),
         );

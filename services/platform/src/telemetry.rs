@@ -57,8 +57,7 @@ impl Telemetry {
 
         let mut resource = Resource::builder();
         let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-                .is_ok_and(|v| v.contains("service.name="));
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
         if !named_by_env {
             resource = resource.with_service_name(service.to_owned());
         }

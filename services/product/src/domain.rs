@@ -86,10 +86,16 @@ fn validate_name(name: &str) -> Result<String, AppError> {
         return Err(AppError::validation("name", "must not be empty"));
     }
     if name.chars().count() > 200 {
-        return Err(AppError::validation("name", "must be at most 200 characters"));
+        return Err(AppError::validation(
+            "name",
+            "must be at most 200 characters",
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(AppError::validation("name", "must not contain control characters"));
+        return Err(AppError::validation(
+            "name",
+            "must not contain control characters",
+        ));
     }
     Ok(name.to_owned())
 }

@@ -101,8 +101,10 @@ async fn get_product_by_query(
 ) -> AppResult<Response> {
     match params.id.filter(|id| !id.is_empty()) {
         Some(id) => find(&state, &id).await,
-        None => Err(AppError::bad_request("missing_parameter", "query parameter id is required")
-            .with_field("id")),
+        None => Err(
+            AppError::bad_request("missing_parameter", "query parameter id is required")
+                .with_field("id"),
+        ),
     }
 }
 
@@ -153,11 +155,18 @@ async fn reserve(
         Err(StoreError::UnknownProduct(_)) => "unknown_product",
         Err(_) => "error",
     };
-    state.counters.reservations.with_label_values(&[label]).inc();
+    state
+        .counters
+        .reservations
+        .with_label_values(&[label])
+        .inc();
     match outcome {
         Ok(reservation) => Ok((StatusCode::CREATED, axum::Json(reservation)).into_response()),
         Err(StoreError::UnknownProduct(product_id)) => {
-            let index = lines.iter().position(|l| l.product_id == product_id).unwrap_or(0);
+            let index = lines
+                .iter()
+                .position(|l| l.product_id == product_id)
+                .unwrap_or(0);
             Err(AppError::validation(
                 format!("items[{index}].product_id"),
                 format!("no product with id {product_id:?}"),
@@ -174,6 +183,8 @@ async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppRe
             Ok(StatusCode::NO_CONTENT)
         }
         Release::AlreadyReleased => Ok(StatusCode::NO_CONTENT),
-        Release::Unknown => Err(AppError::not_found(format!("no reservation with id {id:?}"))),
+        Release::Unknown => Err(AppError::not_found(format!(
+            "no reservation with id {id:?}"
+        ))),
     }
 }

@@ -130,13 +130,16 @@ impl ProductStore for SqliteProductStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Product>, StoreError> {
-        let row = sqlx::query(
-            "SELECT seq, id, name, price_cents, quantity FROM products WHERE id = ?1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(product_from_row).transpose()?.map(|(_, p)| p))
+        let row =
+            sqlx::query("SELECT seq, id, name, price_cents, quantity FROM products WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row
+            .as_ref()
+            .map(product_from_row)
+            .transpose()?
+            .map(|(_, p)| p))
     }
 
     async fn create(&self, product: &Product) -> Result<(), StoreError> {
@@ -179,7 +182,11 @@ impl ProductStore for SqliteProductStore {
         .bind(now())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(product_from_row).transpose()?.map(|(_, p)| p))
+        Ok(row
+            .as_ref()
+            .map(product_from_row)
+            .transpose()?
+            .map(|(_, p)| p))
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
@@ -245,10 +252,11 @@ impl ProductStore for SqliteProductStore {
         .await?
         .rows_affected();
         if flipped == 0 {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM reservations WHERE id = ?1")
-                .bind(reservation_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM reservations WHERE id = ?1")
+                    .bind(reservation_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             return Ok(if exists.is_some() {
                 Release::AlreadyReleased
             } else {
@@ -256,9 +264,11 @@ impl ProductStore for SqliteProductStore {
             });
         }
         sqlx::query(
-            "UPDATE products SET quantity = quantity + r.quantity, updated_at = ?2
-             FROM (SELECT product_id, quantity FROM reservation_items WHERE reservation_id = ?1) AS r
-             WHERE products.id = r.product_id",
+            "UPDATE products
+             SET quantity = quantity + (SELECT ri.quantity FROM reservation_items ri
+                                        WHERE ri.reservation_id = ?1 AND ri.product_id = products.id),
+                 updated_at = ?2
+             WHERE id IN (SELECT product_id FROM reservation_items WHERE reservation_id = ?1)",
         )
         .bind(reservation_id)
         .bind(now())

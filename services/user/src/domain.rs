@@ -55,7 +55,9 @@ impl NewUser {
             Some(id) => {
                 if id.is_empty()
                     || id.len() > 64
-                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 {
                     return Err(AppError::validation(
                         "id",
@@ -110,7 +112,11 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
     let labels_ok = domain
         .split('.')
         .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
-    if local.is_empty() || local.len() > 64 || domain.contains('@') || !domain.contains('.') || !labels_ok
+    if local.is_empty()
+        || local.len() > 64
+        || domain.contains('@')
+        || !domain.contains('.')
+        || !labels_ok
     {
         return Err(invalid());
     }
@@ -144,23 +150,37 @@ mod tests {
         let phc = hash_password(&password).unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(!phc.contains("correct horse"));
-        assert!(hasher().verify_password(b"correct horse", phc.as_str()).is_ok());
+        assert!(
+            hasher()
+                .verify_password(b"correct horse", phc.as_str())
+                .is_ok()
+        );
         assert!(hasher().verify_password(b"wrong", phc.as_str()).is_err());
     }
 
     #[test]
     fn password_debug_is_redacted() {
-        let user: NewUser = serde_json::from_str(
-            r#"{"name":"a","email":"a@b.co","password":"hunter22"}"#,
-        )
-        .unwrap();
+        let user: NewUser =
+            serde_json::from_str(r#"{"name":"a","email":"a@b.co","password":"hunter22"}"#).unwrap();
         assert!(!format!("{user:?}").contains("hunter22"));
     }
 
     #[test]
     fn emails() {
-        assert_eq!(normalize_email(" John@Example.COM ").unwrap(), "john@example.com");
-        for bad in ["", "john", "john@", "@example.com", "john@example", "jo hn@example.com", "a@b@c.com", "a@-b.com"] {
+        assert_eq!(
+            normalize_email(" John@Example.COM ").unwrap(),
+            "john@example.com"
+        );
+        for bad in [
+            "",
+            "john",
+            "john@",
+            "@example.com",
+            "john@example",
+            "jo hn@example.com",
+            "a@b@c.com",
+            "a@-b.com",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -69,7 +69,12 @@ async fn register(
     state.store.create(&user, &password_hash).await?;
     state.registered.inc();
     let location = format!("/users/{}", user.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(user)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(user),
+    )
+        .into_response())
 }
 
 async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
@@ -88,8 +93,10 @@ async fn get_user_by_query(
 ) -> AppResult<Response> {
     match params.id.filter(|id| !id.is_empty()) {
         Some(id) => find(&state, &id).await,
-        None => Err(AppError::bad_request("missing_parameter", "query parameter id is required")
-            .with_field("id")),
+        None => Err(
+            AppError::bad_request("missing_parameter", "query parameter id is required")
+                .with_field("id"),
+        ),
     }
 }
 

@@ -1,0 +1,436 @@
+//! Router tests: every endpoint through the production middleware stack, via `oneshot`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{Method, StatusCode, header};
+use serde_json::json;
+use shop_platform::server::stack;
+use shop_platform::testing::{TestBody, TestResponse, call, temp_dir};
+use shop_platform::{Metrics, ServerConfig, StorageConfig};
+use shop_product::storage::MIGRATOR;
+use shop_product::{AppState, SqliteProductStore, app, seed_demo_products};
+use tempfile::TempDir;
+
+struct Harness {
+    router: Router,
+    _dir: TempDir,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let dir = temp_dir();
+        let pool = StorageConfig::in_dir(dir.path())
+            .open_sqlite("product", &MIGRATOR)
+            .await
+            .unwrap();
+        let store = Arc::new(SqliteProductStore::new(pool));
+        seed_demo_products(store.as_ref()).await.unwrap();
+        let metrics = Metrics::new("product");
+        let router = stack(
+            app(AppState::new(store, &metrics)),
+            &ServerConfig::ephemeral(),
+            metrics,
+        );
+        Self { router, _dir: dir }
+    }
+
+    async fn get(&self, uri: &str) -> TestResponse {
+        call(&self.router, Method::GET, uri, ()).await
+    }
+
+    async fn post(&self, uri: &str, body: impl Into<TestBody>) -> TestResponse {
+        call(&self.router, Method::POST, uri, body).await
+    }
+
+    async fn patch(&self, uri: &str, body: impl Into<TestBody>) -> TestResponse {
+        call(&self.router, Method::PATCH, uri, body).await
+    }
+
+    async fn stock(&self, id: &str) -> i64 {
+        self.get(&format!("/products/{id}")).await.body["quantity"]
+            .as_i64()
+            .unwrap()
+    }
+
+    async fn count(&self) -> usize {
+        self.get("/products").await.body.as_array().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn lists_the_seed_products_with_exact_prices() {
+    let h = Harness::new().await;
+    let r = h.get("/products").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.body,
+        json!([
+            {"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10},
+            {"id": "2", "name": "Mouse", "price": 24.99, "quantity": 100}
+        ])
+    );
+    assert!(r.headers.get(header::LINK).is_none());
+}
+
+#[tokio::test]
+async fn pages_with_cursor_and_link_header() {
+    let h = Harness::new().await;
+    let first = h.get("/products?limit=1").await;
+    assert_eq!(first.body.as_array().unwrap().len(), 1);
+    assert_eq!(first.body[0]["id"], "1");
+    let link = first.headers[header::LINK].to_str().unwrap().to_owned();
+    assert!(link.ends_with("; rel=\"next\""), "{link}");
+    let cursor = first.headers["x-next-cursor"].to_str().unwrap();
+    let second = h.get(&format!("/products?limit=1&cursor={cursor}")).await;
+    assert_eq!(second.body[0]["id"], "2");
+    assert!(
+        second.headers.get(header::LINK).is_none(),
+        "no page after the last"
+    );
+    // The Link target itself is followable.
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    assert_eq!(h.get(next).await.body, second.body);
+}
+
+#[tokio::test]
+async fn rejects_bad_list_parameters() {
+    let h = Harness::new().await;
+    let r = h.get("/products?limit=0").await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "limit")
+    );
+    assert_eq!(
+        h.get("/products?limit=500").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let r = h.get("/products?limit=lots").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+    let r = h.get("/products?cursor=forged").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_cursor")
+    );
+}
+
+#[tokio::test]
+async fn gets_one_product_by_path_or_seed_query() {
+    let h = Harness::new().await;
+    assert_eq!(h.get("/products/2").await.body["name"], "Mouse");
+    assert_eq!(h.get("/product?id=1").await.body["name"], "Laptop");
+    let r = h.get("/products/404").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    assert_eq!(h.get("/product?id=404").await.status, StatusCode::NOT_FOUND);
+    let r = h.get("/product").await;
+    assert_eq!((r.status, r.error_field()), (StatusCode::BAD_REQUEST, "id"));
+}
+
+#[tokio::test]
+async fn creates_a_product() {
+    let h = Harness::new().await;
+    let r = h
+        .post(
+            "/products",
+            json!({"name": " Keyboard ", "price": 49.9, "quantity": 5}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["name"], "Keyboard");
+    assert_eq!(r.body["price"], json!(49.9));
+    let id = r.body["id"].as_str().unwrap();
+    assert_eq!(r.headers[header::LOCATION], format!("/products/{id}"));
+    assert_eq!(h.get(&format!("/products/{id}")).await.body, r.body);
+
+    let r = h
+        .post(
+            "/products",
+            json!({"id": "kb-2", "name": "Pad", "price": "0.10"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["price"], json!(0.1));
+    assert_eq!(r.body["quantity"], 0);
+    let r = h
+        .post(
+            "/products",
+            json!({"id": "kb-2", "name": "Again", "price": 1}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "product_exists")
+    );
+}
+
+#[tokio::test]
+async fn bad_product_input_is_refused_and_writes_nothing() {
+    let h = Harness::new().await;
+    let cases: Vec<(TestBody, StatusCode, &str)> = vec![
+        ("{\"name\": \"x\", ".into(), StatusCode::BAD_REQUEST, ""),
+        ("[1, 2]".into(), StatusCode::UNPROCESSABLE_ENTITY, "body"),
+        (
+            json!({"name": "x", "price": "abc"}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "price",
+        ),
+        (
+            json!({"name": "x", "price": 1.005}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "price",
+        ),
+        (
+            json!({"name": "x", "price": -1}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "price",
+        ),
+        (
+            json!({"name": "   ", "price": 1}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name",
+        ),
+        (
+            json!({"name": 5, "price": 1}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name",
+        ),
+        (
+            json!({"price": 1}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name",
+        ),
+        (
+            json!({"name": "x", "price": 1, "quantity": -2}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quantity",
+        ),
+        (
+            json!({"name": "x", "price": 1, "quantity": 1.5}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quantity",
+        ),
+        (
+            json!({"name": "x", "price": 1, "colour": "red"}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "colour",
+        ),
+        ("".into(), StatusCode::BAD_REQUEST, ""),
+        (
+            json!({"id": "has space", "name": "x", "price": 1}).into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id",
+        ),
+        (
+            TestBody::Raw(Some("text/plain"), b"{}".to_vec()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "",
+        ),
+        (
+            TestBody::Raw(None, b"{}".to_vec()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "",
+        ),
+    ];
+    for (body, status, field) in cases {
+        let r = h.post("/products", body).await;
+        assert_eq!(r.status, status, "{:?}", r.body);
+        assert!(r.body["error"]["message"].is_string(), "{:?}", r.body);
+        if !field.is_empty() {
+            assert_eq!(r.error_field(), field, "{:?}", r.body);
+        }
+    }
+    assert_eq!(h.count().await, 2, "nothing was written");
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_json() {
+    let h = Harness::new().await;
+    let huge = format!("{{\"name\":\"{}\",\"price\":1}}", "x".repeat(2 << 20));
+    let r = h.post("/products", huge.as_str()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+}
+
+#[tokio::test]
+async fn patches_a_product() {
+    let h = Harness::new().await;
+    let r = h
+        .patch("/products/2", json!({"price": 19.99, "quantity": 7}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.body,
+        json!({"id": "2", "name": "Mouse", "price": 19.99, "quantity": 7})
+    );
+    let r = h.patch("/products/2", json!({})).await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "body")
+    );
+    let r = h.patch("/products/2", json!({"quantity": -1})).await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "quantity")
+    );
+    let r = h.patch("/products/2", json!({"id": "3"})).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "id is immutable"
+    );
+    assert_eq!(
+        h.patch("/products/nope", json!({"name": "x"})).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.stock("2").await, 7);
+}
+
+#[tokio::test]
+async fn reserves_all_lines_or_none_and_releases_once() {
+    let h = Harness::new().await;
+    let r = h
+        .post(
+            "/reservations",
+            json!({"order_id": "o1", "items": [
+            {"product_id": "1", "quantity": 2}, {"product_id": "2", "quantity": 3}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["items"][0]["unit_price"], json!(999.99));
+    let reservation = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!((h.stock("1").await, h.stock("2").await), (8, 97));
+
+    // The second line cannot be met: the first must not be taken either.
+    let r = h
+        .post(
+            "/reservations",
+            json!({"items": [
+            {"product_id": "2", "quantity": 1}, {"product_id": "1", "quantity": 9}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "insufficient_stock")
+    );
+    assert_eq!((h.stock("1").await, h.stock("2").await), (8, 97));
+
+    let r = h
+        .post(
+            "/reservations",
+            json!({"items": [{"product_id": "ghost", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "items[0].product_id")
+    );
+    let r = h.post("/reservations", json!({"items": []})).await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "items")
+    );
+    let r = h
+        .post(
+            "/reservations",
+            json!({"items": [{"product_id": "1", "quantity": 0}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "items[0].quantity")
+    );
+
+    let uri = format!("/reservations/{reservation}");
+    assert_eq!(
+        call(&h.router, Method::DELETE, &uri, ()).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!((h.stock("1").await, h.stock("2").await), (10, 100));
+    assert_eq!(
+        call(&h.router, Method::DELETE, &uri, ()).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        (h.stock("1").await, h.stock("2").await),
+        (10, 100),
+        "released only once"
+    );
+    let r = call(&h.router, Method::DELETE, "/reservations/unknown", ()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn concurrent_reservations_never_oversell() {
+    let h = Harness::new().await;
+    let attempts = (0..30).map(|_| {
+        let router = h.router.clone();
+        tokio::spawn(async move {
+            call(
+                &router,
+                Method::POST,
+                "/reservations",
+                json!({"items": [{"product_id": "1", "quantity": 1}]}),
+            )
+            .await
+            .status
+        })
+    });
+    let statuses: Vec<StatusCode> = futures_join(attempts).await;
+    let won = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CONFLICT)
+        .count();
+    assert_eq!((won, refused), (10, 20), "{statuses:?}");
+    assert_eq!(h.stock("1").await, 0);
+}
+
+async fn futures_join(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<StatusCode>>,
+) -> Vec<StatusCode> {
+    let mut out = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn framework_errors_are_json_and_request_ids_are_echoed() {
+    let h = Harness::new().await;
+    let r = h.get("/nowhere").await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    assert!(
+        !r.headers["x-request-id"].is_empty(),
+        "generated when missing"
+    );
+    let r = call(&h.router, Method::DELETE, "/products", ()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    assert!(r.headers.contains_key(header::ALLOW));
+
+    let request = axum::http::Request::get("/products/1")
+        .header("x-request-id", "abc-123")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(h.router.clone(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+}
