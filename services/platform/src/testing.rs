@@ -145,3 +145,115 @@ pub fn closed_port_url() -> String {
     drop(listener);
     format!("http://{addr}")
 }
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parsed `/metrics` output: `# TYPE` per family and every sample.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    pub types: std::collections::BTreeMap<String, String>,
+    pub samples: Vec<Sample>,
+}
+
+impl Exposition {
+    pub fn samples_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| s.name == name)
+    }
+
+    pub fn label_values(&self, name: &str, label: &str) -> std::collections::BTreeSet<String> {
+        self.samples_of(name)
+            .filter_map(|s| s.labels.get(label).cloned())
+            .collect()
+    }
+}
+
+/// A strict parser for the Prometheus text exposition format (0.0.4): label values may
+/// hold any character (route templates contain braces), escapes are `\\`, `\"`, `\n`.
+pub fn parse_exposition(text: &str) -> Result<Exposition, String> {
+    let mut out = Exposition::default();
+    for (number, line) in text.lines().enumerate() {
+        let fail = |why: &str| format!("line {}: {why}: {line}", number + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').ok_or_else(|| fail("bad TYPE"))?;
+            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                return Err(fail("unknown type"));
+            }
+            out.types.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name_end = line
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .ok_or_else(|| fail("no value"))?;
+        let name = &line[..name_end];
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(fail("bad metric name"));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = std::collections::BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            loop {
+                while chars.peek().is_some_and(|(_, c)| *c == ',' || *c == ' ') {
+                    chars.next();
+                }
+                match chars.peek() {
+                    Some((i, '}')) => {
+                        rest = &body[i + 1..];
+                        break;
+                    }
+                    None => return Err(fail("unterminated labels")),
+                    _ => {}
+                }
+                let mut key = String::new();
+                for (_, c) in chars.by_ref() {
+                    if c == '=' {
+                        break;
+                    }
+                    key.push(c);
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(fail("label value not quoted"));
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, c @ ('\\' | '"'))) => value.push(c),
+                            _ => return Err(fail("bad escape")),
+                        },
+                        Some((_, '"')) => break,
+                        Some((_, c)) => value.push(c),
+                        None => return Err(fail("unterminated label value")),
+                    }
+                }
+                labels.insert(key, value);
+            }
+        }
+        let value_text = rest.split_whitespace().next().ok_or_else(|| fail("no value"))?;
+        let value = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().map_err(|_| fail("bad value"))?,
+        };
+        out.samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}

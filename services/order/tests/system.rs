@@ -1,0 +1,138 @@
+//! The three services running for real on port 0, talking HTTP: persistence across a
+//! restart, readiness following dependencies, and the metrics every binary exports.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+
+use common::{Peers, order_config};
+use serde_json::{Value, json};
+use shop_platform::testing::{RunningApp, parse_exposition, temp_dir};
+
+async fn start_order(peers: &Peers, dir: &tempfile::TempDir) -> RunningApp {
+    RunningApp::start(shop_order::build(peers.order_config(dir)).await.unwrap())
+}
+
+#[tokio::test]
+async fn orders_survive_a_restart_on_the_same_data_dir() {
+    let peers = Peers::start().await;
+    let dir = temp_dir();
+    let order = start_order(&peers, &dir).await;
+    let created: Value = peers
+        .http
+        .post(format!("{}/orders", order.url))
+        .json(&json!({"id": "keep-me", "user_id": "1", "products": ["1", "2"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    order.stop().await.unwrap();
+
+    let order = start_order(&peers, &dir).await;
+    let fetched: Value = peers
+        .http
+        .get(format!("{}/orders/keep-me", order.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fetched, created);
+    order.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readiness_names_each_failing_dependency() {
+    let peers = Peers::start().await;
+    let dir = temp_dir();
+    let order = start_order(&peers, &dir).await;
+    let ready = peers.http.get(format!("{}/ready", order.url)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let Peers { product, user, http, .. } = peers;
+    user.stop().await.unwrap();
+    let ready = http.get(format!("{}/ready", order.url)).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["user"]["status"], "failing", "{body}");
+    assert_eq!(body["checks"]["product"]["status"], "ok", "{body}");
+    assert_eq!(body["checks"]["database"]["status"], "ok", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("user"), "{body}");
+    // Liveness does not follow dependencies.
+    assert_eq!(http.get(format!("{}/health", order.url)).send().await.unwrap().status(), 200);
+    order.stop().await.unwrap();
+    product.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_use_route_templates_and_the_shared_names() {
+    let peers = Peers::start().await;
+    let dir = temp_dir();
+    let order = start_order(&peers, &dir).await;
+    let http = &peers.http;
+    let placed = http
+        .post(format!("{}/orders", order.url))
+        .json(&json!({"id": "m1", "user_id": "1", "products": ["1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 201);
+    let refused = http
+        .post(format!("{}/orders", order.url))
+        .json(&json!({"user_id": "1", "products": ["1"], "total": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    for path in ["/orders/m1", "/orders/nope", "/random/a1", "/random/b2", "/x/../y"] {
+        http.get(format!("{}{path}", order.url)).send().await.unwrap();
+    }
+
+    let text = http.get(format!("{}/metrics", order.url)).send().await.unwrap().text().await.unwrap();
+    let metrics = parse_exposition(&text).unwrap();
+    let families: HashSet<&str> = metrics.types.keys().map(String::as_str).collect();
+    for family in [
+        "http_server_requests_total",
+        "http_server_request_duration_seconds",
+        "http_server_requests_in_flight",
+        "http_client_requests_total",
+        "http_client_request_duration_seconds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "build_info",
+        "orders_created_total",
+        "orders_failed_total",
+    ] {
+        assert!(families.contains(family), "{family} missing");
+    }
+    let routes = metrics.label_values("http_server_requests_total", "route");
+    let expected: BTreeSet<String> = ["/orders", "/orders/{id}", "unmatched"].map(String::from).into();
+    assert_eq!(routes, expected, "raw paths must never become label values");
+    assert_eq!(metrics.label_values("http_server_requests_total", "service"), BTreeSet::from(["order".to_owned()]));
+    assert_eq!(
+        metrics.label_values("http_server_request_duration_seconds_count", "status_class"),
+        ["2xx", "4xx"].map(String::from).into()
+    );
+    assert_eq!(
+        metrics.label_values("http_client_requests_total", "peer"),
+        ["product", "user"].map(String::from).into()
+    );
+    assert_eq!(metrics.types["http_server_request_duration_seconds"], "histogram");
+    let created = metrics.samples_of("orders_created_total").next().unwrap();
+    assert_eq!(created.value, 1.0);
+    let failed = metrics
+        .samples_of("orders_failed_total")
+        .find(|s| s.labels.get("reason").map(String::as_str) == Some("validation_failed"))
+        .expect("refusal counted by reason");
+    assert_eq!(failed.value, 1.0);
+    let build = metrics.samples_of("build_info").next().unwrap();
+    assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!build.labels["revision"].is_empty());
+    let in_flight = metrics.samples_of("http_server_requests_in_flight").next().unwrap();
+    assert_eq!(in_flight.value, 1.0, "only the scrape itself is in flight");
+    order.stop().await.unwrap();
+}
