@@ -49,20 +49,44 @@ async fn readiness_names_each_failing_dependency() {
     let peers = Peers::start().await;
     let dir = temp_dir();
     let order = start_order(&peers, &dir).await;
-    let ready = peers.http.get(format!("{}/ready", order.url)).send().await.unwrap();
+    let ready = peers
+        .http
+        .get(format!("{}/ready", order.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
 
-    let Peers { product, user, http, .. } = peers;
+    let Peers {
+        product,
+        user,
+        http,
+        ..
+    } = peers;
     user.stop().await.unwrap();
-    let ready = http.get(format!("{}/ready", order.url)).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/ready", order.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["checks"]["user"]["status"], "failing", "{body}");
     assert_eq!(body["checks"]["product"]["status"], "ok", "{body}");
     assert_eq!(body["checks"]["database"]["status"], "ok", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("user"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("user"),
+        "{body}"
+    );
     // Liveness does not follow dependencies.
-    assert_eq!(http.get(format!("{}/health", order.url)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{}/health", order.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     order.stop().await.unwrap();
     product.stop().await.unwrap();
 }
@@ -87,11 +111,27 @@ async fn metrics_use_route_templates_and_the_shared_names() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 422);
-    for path in ["/orders/m1", "/orders/nope", "/random/a1", "/random/b2", "/x/../y"] {
-        http.get(format!("{}{path}", order.url)).send().await.unwrap();
+    for path in [
+        "/orders/m1",
+        "/orders/nope",
+        "/random/a1",
+        "/random/b2",
+        "/x/../y",
+    ] {
+        http.get(format!("{}{path}", order.url))
+            .send()
+            .await
+            .unwrap();
     }
 
-    let text = http.get(format!("{}/metrics", order.url)).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(format!("{}/metrics", order.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let metrics = parse_exposition(&text).unwrap();
     let families: HashSet<&str> = metrics.types.keys().map(String::as_str).collect();
     for family in [
@@ -110,9 +150,14 @@ async fn metrics_use_route_templates_and_the_shared_names() {
         assert!(families.contains(family), "{family} missing");
     }
     let routes = metrics.label_values("http_server_requests_total", "route");
-    let expected: BTreeSet<String> = ["/orders", "/orders/{id}", "unmatched"].map(String::from).into();
+    let expected: BTreeSet<String> = ["/orders", "/orders/{id}", "unmatched"]
+        .map(String::from)
+        .into();
     assert_eq!(routes, expected, "raw paths must never become label values");
-    assert_eq!(metrics.label_values("http_server_requests_total", "service"), BTreeSet::from(["order".to_owned()]));
+    assert_eq!(
+        metrics.label_values("http_server_requests_total", "service"),
+        BTreeSet::from(["order".to_owned()])
+    );
     assert_eq!(
         metrics.label_values("http_server_request_duration_seconds_count", "status_class"),
         ["2xx", "4xx"].map(String::from).into()
@@ -121,7 +166,10 @@ async fn metrics_use_route_templates_and_the_shared_names() {
         metrics.label_values("http_client_requests_total", "peer"),
         ["product", "user"].map(String::from).into()
     );
-    assert_eq!(metrics.types["http_server_request_duration_seconds"], "histogram");
+    assert_eq!(
+        metrics.types["http_server_request_duration_seconds"],
+        "histogram"
+    );
     let created = metrics.samples_of("orders_created_total").next().unwrap();
     assert_eq!(created.value, 1.0);
     let failed = metrics
@@ -132,7 +180,10 @@ async fn metrics_use_route_templates_and_the_shared_names() {
     let build = metrics.samples_of("build_info").next().unwrap();
     assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
     assert!(!build.labels["revision"].is_empty());
-    let in_flight = metrics.samples_of("http_server_requests_in_flight").next().unwrap();
+    let in_flight = metrics
+        .samples_of("http_server_requests_in_flight")
+        .next()
+        .unwrap();
     assert_eq!(in_flight.value, 1.0, "only the scrape itself is in flight");
     order.stop().await.unwrap();
 }

@@ -23,27 +23,42 @@ async fn recording_peer(seen: Seen) -> String {
     let app = Router::new()
         .route(
             "/users/{id}",
-            get(|| async { axum::Json(json!({"id": "1", "name": "T", "email": "t@example.com", "created_at": "x"})) }),
+            get(|| async {
+                axum::Json(
+                    json!({"id": "1", "name": "T", "email": "t@example.com", "created_at": "x"}),
+                )
+            }),
         )
         .route(
             "/products/{id}",
-            get(|| async { axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10})) }),
+            get(|| async {
+                axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10}))
+            }),
         )
         .route(
             "/reservations",
             post(|| async {
-                let body = json!({"id": "r1", "items": [{"product_id": "1", "unit_price": 999.99}]});
+                let body =
+                    json!({"id": "r1", "items": [{"product_id": "1", "unit_price": 999.99}]});
                 (StatusCode::CREATED, axum::Json(body))
             }),
         )
-        .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
-            let seen = seen.clone();
-            async move {
-                let kind = request.uri().path().split('/').nth(1).unwrap_or_default().to_owned();
-                seen.lock().unwrap().push((kind, request.headers().clone()));
-                next.run(request).await
-            }
-        }));
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let seen = seen.clone();
+                async move {
+                    let kind = request
+                        .uri()
+                        .path()
+                        .split('/')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock().unwrap().push((kind, request.headers().clone()));
+                    next.run(request).await
+                }
+            },
+        ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -102,7 +117,10 @@ async fn traceparent_flows_to_peers_and_into_logs() {
         let traceparent = headers["traceparent"].to_str().unwrap();
         let parts: Vec<&str> = traceparent.split('-').collect();
         assert_eq!(parts[1], TRACE_ID, "{kind}: {traceparent}");
-        assert_ne!(parts[2], PARENT_SPAN, "{kind}: each call is a new child span");
+        assert_ne!(
+            parts[2], PARENT_SPAN,
+            "{kind}: each call is a new child span"
+        );
         parents.insert(parts[2].to_owned());
         assert_eq!(headers["x-request-id"], "trace-test-1", "{kind}");
     }
@@ -111,17 +129,27 @@ async fn traceparent_flows_to_peers_and_into_logs() {
     // The request's log lines carry the inbound trace id.
     let deadline = Instant::now() + Duration::from_secs(5);
     let completed = loop {
-        let entry = logs.recv_timeout(deadline - Instant::now()).expect("request log line");
+        let entry = logs
+            .recv_timeout(deadline - Instant::now())
+            .expect("request log line");
         if entry["message"] == "request completed" {
             break entry;
         }
     };
     assert_eq!(completed["trace_id"], TRACE_ID, "{completed}");
-    assert_eq!(completed["span_id"].as_str().unwrap().len(), 16, "{completed}");
+    assert_eq!(
+        completed["span_id"].as_str().unwrap().len(),
+        16,
+        "{completed}"
+    );
     assert_eq!(completed["request_id"], "trace-test-1");
     assert_eq!(completed["http.route"], "/orders");
     assert_eq!(completed["status"], 201);
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(child.wait().unwrap().success());
 }

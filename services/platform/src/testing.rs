@@ -242,7 +242,10 @@ pub fn parse_exposition(text: &str) -> Result<Exposition, String> {
                 labels.insert(key, value);
             }
         }
-        let value_text = rest.split_whitespace().next().ok_or_else(|| fail("no value"))?;
+        let value_text = rest
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| fail("no value"))?;
         let value = match value_text {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,

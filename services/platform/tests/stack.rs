@@ -20,7 +20,10 @@ fn routes() -> Router {
                 "done"
             }),
         )
-        .route("/echo", post(|ApiJson(v): ApiJson<Value>| async move { axum::Json(v) }))
+        .route(
+            "/echo",
+            post(|ApiJson(v): ApiJson<Value>| async move { axum::Json(v) }),
+        )
 }
 
 async fn panics() -> &'static str {
@@ -36,11 +39,17 @@ fn router(config: ServerConfig) -> (Router, Metrics) {
 async fn a_panic_is_a_500_json_error_without_details() {
     let (router, metrics) = router(ServerConfig::ephemeral());
     let r = call(&router, Method::GET, "/panic", ()).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+    );
     assert!(!r.body.to_string().contains("hunter2"));
     assert!(r.headers.contains_key("x-request-id"));
     let text = metrics.render();
-    assert!(text.contains(r#"route="/panic""#) && text.contains(r#"status="500""#), "{text}");
+    assert!(
+        text.contains(r#"route="/panic""#) && text.contains(r#"status="500""#),
+        "{text}"
+    );
     // The panic did not poison anything: the next request is served.
     let r = call(&router, Method::POST, "/echo", json!({"ok": true})).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -55,11 +64,20 @@ async fn a_request_over_the_timeout_is_a_504_json_error() {
     let (router, metrics) = router(config);
     let started = std::time::Instant::now();
     let r = call(&router, Method::GET, "/slow", ()).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::GATEWAY_TIMEOUT, "timeout"));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::GATEWAY_TIMEOUT, "timeout")
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     let exposition = parse_exposition(&metrics.render()).unwrap();
-    let in_flight = exposition.samples_of("http_server_requests_in_flight").next().unwrap();
-    assert_eq!(in_flight.value, 0.0, "an abandoned request leaves the in-flight gauge");
+    let in_flight = exposition
+        .samples_of("http_server_requests_in_flight")
+        .next()
+        .unwrap();
+    assert_eq!(
+        in_flight.value, 0.0,
+        "an abandoned request leaves the in-flight gauge"
+    );
 }
 
 #[tokio::test]
@@ -71,8 +89,17 @@ async fn the_body_limit_is_configurable_and_answers_413_json() {
     let (router, _) = router(config);
     let small = call(&router, Method::POST, "/echo", json!({"a": 1})).await;
     assert_eq!(small.status, StatusCode::OK);
-    let big = call(&router, Method::POST, "/echo", json!({"a": "x".repeat(100)})).await;
-    assert_eq!((big.status, big.error_code()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    let big = call(
+        &router,
+        Method::POST,
+        "/echo",
+        json!({"a": "x".repeat(100)}),
+    )
+    .await;
+    assert_eq!(
+        (big.status, big.error_code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
 }
 
 #[tokio::test]
@@ -103,15 +130,26 @@ async fn readiness_reports_each_check_and_health_stays_up() {
     let running = RunningApp::start(app);
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();
-    let ready = http.get(format!("{}/ready", running.url)).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/ready", running.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
-    assert!(started.elapsed() < Duration::from_secs(4), "a stuck check is bounded");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a stuck check is bounded"
+    );
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["checks"]["always"]["status"], "ok");
     assert_eq!(body["checks"]["flaky"]["error"], "connection refused");
     assert_eq!(body["checks"]["stuck"]["status"], "failing");
     assert_eq!(body["error"]["code"], "not_ready");
-    let health = http.get(format!("{}/health", running.url)).send().await.unwrap();
+    let health = http
+        .get(format!("{}/health", running.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     running.stop().await.unwrap();
 }

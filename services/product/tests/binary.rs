@@ -40,13 +40,20 @@ fn start(env: &[(&str, &str)]) -> Service {
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr = loop {
-        let line = logs.recv_timeout(deadline - Instant::now()).expect("service logs its address");
+        let line = logs
+            .recv_timeout(deadline - Instant::now())
+            .expect("service logs its address");
         let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
         if entry["message"] == "listening" {
             break entry["address"].as_str().unwrap().parse().unwrap();
         }
     };
-    Service { child, addr, logs, _dir: dir }
+    Service {
+        child,
+        addr,
+        logs,
+        _dir: dir,
+    }
 }
 
 impl Service {
@@ -67,7 +74,11 @@ impl Service {
 
     fn status_of(&self, path: &str) -> u16 {
         let mut stream = TcpStream::connect(self.addr).unwrap();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
         response[9..12].parse().unwrap()
@@ -105,8 +116,16 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let signalled = Instant::now();
     service.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(service.status_of("/ready"), 503, "not ready from the first moment of shutdown");
-    assert_eq!(service.status_of("/health"), 200, "still alive while draining");
+    assert_eq!(
+        service.status_of("/ready"),
+        503,
+        "not ready from the first moment of shutdown"
+    );
+    assert_eq!(
+        service.status_of("/health"),
+        200,
+        "still alive while draining"
+    );
 
     // Finish the request after the delay, while the server is draining.
     std::thread::sleep(Duration::from_millis(1500));
@@ -135,7 +154,12 @@ fn a_second_signal_exits_at_once_with_failure() {
 
 #[test]
 fn an_invalid_setting_exits_2_with_one_line_naming_it() {
-    for (var, value) in [("PORT", "http"), ("SHUTDOWN_TIMEOUT", "soon"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://x")] {
+    for (var, value) in [
+        ("PORT", "http"),
+        ("SHUTDOWN_TIMEOUT", "soon"),
+        ("LOG_FORMAT", "xml"),
+        ("DATABASE_URL", "mysql://x"),
+    ] {
         let output = Command::new(env!("CARGO_BIN_EXE_product"))
             .env_clear()
             .env(var, value)
@@ -150,12 +174,31 @@ fn an_invalid_setting_exits_2_with_one_line_naming_it() {
 
 #[test]
 fn help_documents_every_variable() {
-    let output = Command::new(env!("CARGO_BIN_EXE_product")).arg("--help").output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_product"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    for var in ["HOST", "PORT", "SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "REQUEST_TIMEOUT", "BODY_LIMIT", "DATA_DIR", "DATABASE_URL", "SEED_PRODUCTS", "LOG_FORMAT", "RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+    for var in [
+        "HOST",
+        "PORT",
+        "SHUTDOWN_DELAY",
+        "SHUTDOWN_TIMEOUT",
+        "REQUEST_TIMEOUT",
+        "BODY_LIMIT",
+        "DATA_DIR",
+        "DATABASE_URL",
+        "SEED_PRODUCTS",
+        "LOG_FORMAT",
+        "RUST_LOG",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
         assert!(help.contains(var), "{var} missing from --help");
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_product")).arg("--frobnicate").output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_product"))
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }

@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use prometheus::IntCounter;
 use serde::Deserialize;
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics};
+use tokio::sync::Semaphore;
 
 use crate::domain::{NewUser, User, hash_password};
 use crate::storage::{StoreError, UserStore};
@@ -18,13 +19,18 @@ use crate::storage::{StoreError, UserStore};
 pub struct AppState {
     pub store: Arc<dyn UserStore>,
     registered: IntCounter,
+    /// One argon2 job per core: each takes ~19 MiB and tens of milliseconds, so a burst of
+    /// registrations queues here instead of exhausting memory.
+    hashing: Arc<Semaphore>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn UserStore>, metrics: &Metrics) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             store,
             registered: metrics.counter("users_registered_total", "Accounts created."),
+            hashing: Arc::new(Semaphore::new(cores)),
         }
     }
 }
@@ -54,12 +60,30 @@ async fn register(
     ApiJson(body): ApiJson<NewUser>,
 ) -> AppResult<Response> {
     let registration = body.validate()?;
+    // Refuse known conflicts before paying for a hash; the unique constraints still
+    // decide races.
+    if let Some(conflict) = state
+        .store
+        .conflict(&registration.id, &registration.email)
+        .await?
+    {
+        return Err(conflict.into());
+    }
     let password = registration.password;
-    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
-    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
+    let permit = state
+        .hashing
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(AppError::internal)?
         .map_err(AppError::internal)?;
+    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
+    let password_hash = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        hash_password(&password)
+    })
+    .await
+    .map_err(AppError::internal)?
+    .map_err(AppError::internal)?;
     let user = User {
         id: registration.id,
         name: registration.name,

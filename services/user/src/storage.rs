@@ -21,6 +21,9 @@ pub enum StoreError {
 #[async_trait]
 pub trait UserStore: Send + Sync + 'static {
     async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError>;
+    /// Which uniqueness rule a new user would break, if any: the id first, so a retried
+    /// registration hears "exists" rather than "email taken".
+    async fn conflict(&self, id: &str, email: &str) -> Result<Option<StoreError>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError>;
 }
 
@@ -37,7 +40,7 @@ impl SqliteUserStore {
 #[async_trait]
 impl UserStore for SqliteUserStore {
     async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
-        sqlx::query(
+        let result = sqlx::query(
             "INSERT INTO users (id, name, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(&user.id)
@@ -49,15 +52,33 @@ impl UserStore for SqliteUserStore {
         .await
         .map_err(|err| match &err {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
-                if db.message().contains("users.email") {
-                    StoreError::DuplicateEmail
-                } else {
-                    StoreError::DuplicateId(user.id.clone())
-                }
+                StoreError::DuplicateEmail
             }
             _ => err.into(),
-        })?;
-        Ok(())
+        });
+        match result {
+            // Lost a race with a concurrent registration: name the rule it broke.
+            Err(StoreError::DuplicateEmail) => Err(self
+                .conflict(&user.id, &user.email)
+                .await?
+                .unwrap_or(StoreError::DuplicateEmail)),
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn conflict(&self, id: &str, email: &str) -> Result<Option<StoreError>, StoreError> {
+        let taken: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT MAX(id = ?1), MAX(email = ?2) FROM users WHERE id = ?1 OR email = ?2 HAVING COUNT(*) > 0",
+        )
+        .bind(id)
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match taken {
+            Some((true, _)) => Some(StoreError::DuplicateId(id.to_owned())),
+            Some((false, true)) => Some(StoreError::DuplicateEmail),
+            _ => None,
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
