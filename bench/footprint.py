@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Startup time to ready and idle memory of each release binary.
+
+Starts every binary several times on a fresh data directory, measures the time from
+exec until GET /ready answers 200, then the resident memory after a short idle period
+(and after a burst of requests), and prints medians. Loopback only; bounded in time.
+
+    cargo build --release --bins && python3 bench/footprint.py [--runs 5]
+"""
+
+import argparse
+import http.client
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status(port, path, method="GET", body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        headers = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def measure(binary, runs, peers):
+    ready_ms, idle_rss, busy_rss = [], [], []
+    for _ in range(runs):
+        port = free_port()
+        with tempfile.TemporaryDirectory() as data:
+            env = {"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": data,
+                   "SHUTDOWN_DELAY": "0s", "RUST_LOG": "warn", **peers}
+            started = time.perf_counter()
+            proc = subprocess.Popen([os.path.join(BIN, binary)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = started + 10
+                while status(port, "/ready") != 200:
+                    if time.perf_counter() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"{binary} never became ready")
+                    time.sleep(0.002)
+                ready_ms.append((time.perf_counter() - started) * 1000)
+                time.sleep(1.0)
+                idle_rss.append(rss_kib(proc.pid))
+                path = {"product": "/products", "user": "/users/1", "order": "/orders"}[binary]
+                for _ in range(500):
+                    status(port, path)
+                busy_rss.append(rss_kib(proc.pid))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+    return ready_ms, idle_rss, busy_rss
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    # The order service's readiness includes its peers: give it live ones.
+    with tempfile.TemporaryDirectory() as data:
+        pp, up = free_port(), free_port()
+        peers = []
+        for binary, port in (("product", pp), ("user", up)):
+            peers.append(subprocess.Popen(
+                [os.path.join(BIN, binary)],
+                env={"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": data, "RUST_LOG": "warn",
+                     "SHUTDOWN_DELAY": "0s"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        try:
+            for port in (pp, up):
+                deadline = time.time() + 10
+                while status(port, "/ready") != 200:
+                    if time.time() > deadline:
+                        raise RuntimeError("peers did not start")
+                    time.sleep(0.01)
+            order_peers = {"PRODUCT_URL": f"http://127.0.0.1:{pp}", "USER_URL": f"http://127.0.0.1:{up}"}
+            print(f"{'binary':8} {'size MiB':>9} {'ready ms (median)':>18} {'idle RSS MiB':>13} {'RSS after 500 req':>18}   runs={args.runs}")
+            for binary in ("product", "order", "user"):
+                ready, idle, busy = measure(binary, args.runs, order_peers if binary == "order" else {})
+                size = os.path.getsize(os.path.join(BIN, binary)) / 2**20
+                print(f"{binary:8} {size:9.1f} {statistics.median(ready):18.1f} "
+                      f"{statistics.median(idle) / 1024:13.1f} {statistics.median(busy) / 1024:18.1f}"
+                      f"   (ready min {min(ready):.1f}, max {max(ready):.1f})")
+        finally:
+            for proc in peers:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
