@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeSet, HashSet};
 
-use common::{Peers, order_config};
+use common::Peers;
 use serde_json::{Value, json};
 use shop_platform::testing::{RunningApp, parse_exposition, temp_dir};
 
