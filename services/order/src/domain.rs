@@ -2,7 +2,7 @@
 //! here from the product service's prices; a client-sent total is only checked.
 
 use serde::{Deserialize, Serialize};
-use shop_platform::{AppError, Money};
+use shop_platform::{AppError, Money, validate};
 
 pub const MAX_LINE_QUANTITY: i64 = 10_000;
 pub const MAX_LINES: usize = 100;
@@ -67,31 +67,10 @@ pub struct Order {
     pub reservation_id: String,
 }
 
-pub fn validate_id(field: &str, id: &str) -> Result<(), AppError> {
-    if id.is_empty()
-        || id.len() > 64
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(AppError::validation(
-            field,
-            "must be 1 to 64 letters, digits, '-' or '_'",
-        ));
-    }
-    Ok(())
-}
-
 impl NewOrder {
     pub fn validate(self) -> Result<OrderRequest, AppError> {
-        let id = match self.id {
-            Some(id) => {
-                validate_id("id", &id)?;
-                id
-            }
-            None => uuid::Uuid::now_v7().to_string(),
-        };
-        validate_id("user_id", &self.user_id)?;
+        let id = validate::id_or_new("id", self.id)?;
+        validate::id("user_id", &self.user_id)?;
         let requested: Vec<(String, String, i64)> = match (self.products, self.items) {
             (Some(_), Some(_)) => {
                 return Err(AppError::validation(
@@ -132,7 +111,7 @@ impl NewOrder {
             } else {
                 field.clone()
             };
-            validate_id(&id_field, &product_id)?;
+            validate::id(&id_field, &product_id)?;
             if !(1..=MAX_LINE_QUANTITY).contains(&quantity) {
                 return Err(AppError::validation(
                     format!("{field}.quantity"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{
-    Application, Binary, Metrics, ServiceClient, ServiceParts, Shutdown, StorageConfig, db,
+    Application, Binary, Metrics, ServiceClient, ServiceParts, Shutdown, StorageConfig,
 };
 
 pub use routes::{AppState, app};
@@ -96,7 +96,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     )?;
     let state = AppState::new(store, products.clone(), users.clone(), &metrics);
     ServiceParts::new(NAME, config.server, metrics)
-        .readiness_check("database", db::ping(pool.clone()))
+        .database(pool)
         .readiness_check("product", move || {
             let products = products.clone();
             async move { products.check_health().await }
@@ -105,7 +105,6 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
             let users = users.clone();
             async move { users.check_health().await }
         })
-        .on_close(async move { pool.close().await })
         .bind(app(state))
         .await
 }

@@ -14,7 +14,7 @@ use shop_platform::{
 };
 
 use crate::checkout::place_order;
-use crate::domain::{NewOrder, validate_id};
+use crate::domain::NewOrder;
 use crate::storage::{OrderStore, StoreError};
 
 #[derive(Clone)]
@@ -105,7 +105,7 @@ async fn list_orders(
     let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
     let user_id = params.user_id.filter(|u| !u.is_empty());
     if let Some(user_id) = &user_id {
-        validate_id("user_id", user_id)?;
+        shop_platform::validate::id("user_id", user_id)?;
     }
     let rows = state.store.list(user_id.as_deref(), page).await?;
     let query = match &user_id {

@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod validate;
 
 pub use cli::Binary;
 pub use client::{PeerResponse, ServiceClient};

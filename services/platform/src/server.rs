@@ -53,6 +53,13 @@ impl ServiceParts {
         self
     }
 
+    /// The service's own database: `/ready` pings it, and the pool closes after the drain.
+    pub fn database(self, pool: sqlx::SqlitePool) -> Self {
+        let ping = crate::db::ping(pool.clone());
+        self.readiness_check("database", ping)
+            .on_close(async move { pool.close().await })
+    }
+
     /// Runs after the last request has drained (closing pools, flushing buffers).
     pub fn on_close(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
         self.close_hooks.push(Box::pin(hook));

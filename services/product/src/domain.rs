@@ -1,7 +1,7 @@
 //! Products and stock reservations, with the validation rules the API enforces.
 
 use serde::{Deserialize, Serialize};
-use shop_platform::{AppError, Money};
+use shop_platform::{AppError, Money, validate};
 
 pub const MAX_QUANTITY: i64 = 1_000_000_000;
 
@@ -64,22 +64,6 @@ pub struct Reservation {
     pub items: Vec<ReservedLine>,
 }
 
-pub fn validate_id(field: &str, id: &str) -> Result<(), AppError> {
-    if id.is_empty() || id.len() > 64 {
-        return Err(AppError::validation(field, "must be 1 to 64 characters"));
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(AppError::validation(
-            field,
-            "may contain only letters, digits, '-' and '_'",
-        ));
-    }
-    Ok(())
-}
-
 fn validate_name(name: &str) -> Result<String, AppError> {
     let name = name.trim();
     if name.is_empty() {
@@ -120,15 +104,8 @@ fn validate_stock(quantity: i64) -> Result<i64, AppError> {
 impl NewProduct {
     /// Checks every field and returns the product to store.
     pub fn validate(self) -> Result<Product, AppError> {
-        let id = match self.id {
-            Some(id) => {
-                validate_id("id", &id)?;
-                id
-            }
-            None => uuid::Uuid::now_v7().to_string(),
-        };
         Ok(Product {
-            id,
+            id: validate::id_or_new("id", self.id)?,
             name: validate_name(&self.name)?,
             price: validate_price(self.price)?,
             quantity: validate_stock(self.quantity)?,
@@ -163,7 +140,7 @@ impl ReservationRequest {
         }
         let mut merged: Vec<ReservationLine> = Vec::new();
         for (i, line) in self.items.into_iter().enumerate() {
-            validate_id(&format!("items[{i}].product_id"), &line.product_id)?;
+            validate::id(&format!("items[{i}].product_id"), &line.product_id)?;
             if !(1..=MAX_QUANTITY).contains(&line.quantity) {
                 return Err(AppError::validation(
                     format!("items[{i}].quantity"),
@@ -176,7 +153,7 @@ impl ReservationRequest {
             }
         }
         if let Some(order_id) = &self.order_id {
-            validate_id("order_id", order_id)?;
+            validate::id("order_id", order_id)?;
         }
         Ok((self.order_id, merged))
     }

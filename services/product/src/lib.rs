@@ -8,7 +8,7 @@ pub mod storage;
 use std::sync::Arc;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Application, Binary, Metrics, ServiceParts, Shutdown, StorageConfig, db};
+use shop_platform::{Application, Binary, Metrics, ServiceParts, Shutdown, StorageConfig};
 
 pub use routes::{AppState, app};
 pub use storage::{ProductStore, SqliteProductStore};
@@ -57,8 +57,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         seed_demo_products(store.as_ref()).await?;
     }
     ServiceParts::new(NAME, config.server, metrics.clone())
-        .readiness_check("database", db::ping(pool.clone()))
-        .on_close(async move { pool.close().await })
+        .database(pool)
         .bind(app(AppState::new(store, &metrics)))
         .await
 }

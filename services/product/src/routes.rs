@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
+use shop_platform::validate::IdQuery;
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest};
 
 use crate::domain::{NewProduct, ProductPatch, ReservationRequest};
@@ -89,23 +90,12 @@ async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> A
     find(&state, &id).await
 }
 
-#[derive(Debug, Deserialize)]
-struct IdParam {
-    id: Option<String>,
-}
-
 /// Seed route: `GET /product?id=1`.
 async fn get_product_by_query(
     State(state): State<AppState>,
-    ApiQuery(params): ApiQuery<IdParam>,
+    ApiQuery(query): ApiQuery<IdQuery>,
 ) -> AppResult<Response> {
-    match params.id.filter(|id| !id.is_empty()) {
-        Some(id) => find(&state, &id).await,
-        None => Err(
-            AppError::bad_request("missing_parameter", "query parameter id is required")
-                .with_field("id"),
-        ),
-    }
+    find(&state, &query.required()?).await
 }
 
 async fn find(state: &AppState, id: &str) -> AppResult<Response> {

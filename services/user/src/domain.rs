@@ -5,7 +5,7 @@ use std::fmt;
 
 use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version};
 use serde::{Deserialize, Serialize};
-use shop_platform::AppError;
+use shop_platform::{AppError, validate};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
@@ -51,23 +51,7 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 
 impl NewUser {
     pub fn validate(self) -> Result<Registration, AppError> {
-        let id = match self.id {
-            Some(id) => {
-                if id.is_empty()
-                    || id.len() > 64
-                    || !id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                {
-                    return Err(AppError::validation(
-                        "id",
-                        "must be 1 to 64 letters, digits, '-' or '_'",
-                    ));
-                }
-                id
-            }
-            None => uuid::Uuid::now_v7().to_string(),
-        };
+        let id = validate::id_or_new("id", self.id)?;
         let name = self.name.trim();
         if name.is_empty() {
             return Err(AppError::validation("name", "must not be empty"));

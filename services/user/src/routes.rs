@@ -8,7 +8,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus::IntCounter;
-use serde::Deserialize;
+use shop_platform::validate::IdQuery;
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics};
 use tokio::sync::Semaphore;
 
@@ -105,23 +105,12 @@ async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> AppR
     find(&state, &id).await
 }
 
-#[derive(Debug, Deserialize)]
-struct IdParam {
-    id: Option<String>,
-}
-
 /// Seed route: `GET /users?id=1`.
 async fn get_user_by_query(
     State(state): State<AppState>,
-    ApiQuery(params): ApiQuery<IdParam>,
+    ApiQuery(query): ApiQuery<IdQuery>,
 ) -> AppResult<Response> {
-    match params.id.filter(|id| !id.is_empty()) {
-        Some(id) => find(&state, &id).await,
-        None => Err(
-            AppError::bad_request("missing_parameter", "query parameter id is required")
-                .with_field("id"),
-        ),
-    }
+    find(&state, &query.required()?).await
 }
 
 async fn find(state: &AppState, id: &str) -> AppResult<Response> {
