@@ -56,10 +56,10 @@ pub struct Config {
 
 fn http_url(value: &str) -> Result<String, String> {
     let v = value.trim();
+    // In-cluster calls are plain HTTP (a mesh adds mTLS); the client has no TLS stack.
     let rest = v
         .strip_prefix("http://")
-        .or_else(|| v.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
+        .ok_or("must start with http:// (service-to-service calls are plain HTTP)")?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err("must name a host".to_owned());
     }
@@ -111,4 +111,20 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     build(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_are_checked_at_startup() {
+        let env = |url: &str| Env::from_pairs([("PRODUCT_URL", url.to_owned())]);
+        let ok = Config::from_env(&env("http://product:8081/")).unwrap();
+        assert_eq!(ok.product_url, "http://product:8081");
+        for bad in ["product:8081", "https://product", "http://", "ftp://x"] {
+            let err = Config::from_env(&env(bad)).unwrap_err();
+            assert_eq!(err.var, "PRODUCT_URL", "{bad}");
+        }
+    }
 }
