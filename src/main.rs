@@ -1,5 +1,5 @@
-//! `cargo run --release`: every shop service in one process on localhost, with embedded
-//! storage under `DATA_DIR`. Each service is configured exactly as its own binary would
+//! `cargo run --release`: the gateway and every shop service in one process on localhost,
+//! with embedded storage under `DATA_DIR`. Each service is configured exactly as its own binary would
 //! be (same variables), except for the launcher's port and address settings below.
 
 use std::net::IpAddr;
@@ -17,6 +17,11 @@ const PRODUCT_PORT: Var = Var::new(
     "PRODUCT_PORT",
     "8081",
     "Product service port (0 = any free port).",
+);
+const GATEWAY_PORT: Var = Var::new(
+    "GATEWAY_PORT",
+    "8080",
+    "Gateway port: the front door (0 = any free port).",
 );
 const ORDER_PORT: Var = Var::new(
     "ORDER_PORT",
@@ -36,11 +41,18 @@ const SHUTDOWN_DELAY: Var = Var::new(
 
 const BINARY: Binary = Binary {
     name: "shop",
-    about: "Local launcher: runs the product, order and user services together.",
+    about: "Local launcher: runs the gateway and the product, order and user services together.",
     vars: &[
         (
             "Launcher",
-            &[HOST, PRODUCT_PORT, ORDER_PORT, USER_PORT, SHUTDOWN_DELAY],
+            &[
+                HOST,
+                GATEWAY_PORT,
+                PRODUCT_PORT,
+                ORDER_PORT,
+                USER_PORT,
+                SHUTDOWN_DELAY,
+            ],
         ),
         (
             "Storage (shared by all services, one database file each)",
@@ -60,6 +72,7 @@ const BINARY: Binary = Binary {
 };
 
 struct Config {
+    gateway: shop_gateway::Config,
     product: shop_product::Config,
     order: shop_order::Config,
     user: shop_user::Config,
@@ -83,7 +96,9 @@ impl Config {
             .with("PRODUCT_URL", url(host, product.server.port))
             .with("USER_URL", url(host, user.server.port));
         let order = shop_order::Config::from_env(&order_env)?;
+        let gateway = shop_gateway::Config::from_env(&service_env(&GATEWAY_PORT)?)?;
         Ok(Self {
+            gateway,
             product,
             order,
             user,
@@ -107,19 +122,26 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     config.order.product_url = url(host, product.port());
     config.order.user_url = url(host, user.port());
     let order = shop_order::build(config.order).await?;
+    let mut gateway_config = config.gateway;
+    for app in [&product, &order, &user] {
+        gateway_config.set_upstream(app.name(), vec![url(host, app.port())]);
+    }
+    let gateway = shop_gateway::build(gateway_config)?;
 
     println!("shop is running (Ctrl-C to stop):");
+    println!("  {:<8} {}", "gateway", url(host, gateway.port()));
     for app in [&product, &order, &user] {
         println!("  {:<8} {}", app.name(), url(host, app.port()));
     }
-    println!("  try: curl {}/products", url(host, product.port()));
+    println!("  try: curl {}/api/products", url(host, gateway.port()));
 
-    let (product, order, user) = tokio::join!(
+    let (gateway, product, order, user) = tokio::join!(
+        gateway.run(shutdown.clone()),
         product.run(shutdown.clone()),
         order.run(shutdown.clone()),
         user.run(shutdown.clone()),
     );
-    product.and(order).and(user)
+    gateway.and(product).and(order).and(user)
 }
 
 fn main() -> ExitCode {

@@ -40,15 +40,24 @@ impl Var {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {var}={value:?}: {reason}")]
 pub struct ConfigError {
-    pub var: &'static str,
+    pub var: std::borrow::Cow<'static, str>,
     pub value: String,
     pub reason: String,
 }
 
 impl ConfigError {
     pub fn new(var: &Var, value: impl Into<String>, reason: impl fmt::Display) -> Self {
+        Self::named(var.name, value, reason)
+    }
+
+    /// For variables whose name is built at runtime (e.g. one per upstream).
+    pub fn named(
+        var: impl Into<std::borrow::Cow<'static, str>>,
+        value: impl Into<String>,
+        reason: impl fmt::Display,
+    ) -> Self {
         Self {
-            var: var.name,
+            var: var.into(),
             value: value.into(),
             reason: reason.to_string(),
         }

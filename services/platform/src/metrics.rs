@@ -125,6 +125,27 @@ impl Metrics {
         counter
     }
 
+    /// Pre-resolved handles for one (method, route, status), for servers that cache them
+    /// instead of paying a label lookup per request.
+    pub fn server_handles(
+        &self,
+        method: &str,
+        route: &str,
+        status: u16,
+    ) -> (IntCounter, prometheus::Histogram) {
+        let code = status.to_string();
+        (
+            self.requests
+                .with_label_values(&[method, route, code.as_str()]),
+            self.duration
+                .with_label_values(&[method, route, status_class(status)]),
+        )
+    }
+
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

@@ -1,0 +1,256 @@
+//! Gateway configuration: the standard server variables, the route table (a YAML file or
+//! the built-in default), per-upstream endpoint overrides, and resilience settings.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shop_platform::Binary;
+use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+
+use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
+use crate::upstream::Endpoint;
+
+pub const PORT: Var = Var::new("PORT", "8080", "Port to listen on.");
+pub const ROUTES: Var = Var::optional(
+    "GATEWAY_ROUTES",
+    "YAML route table file (upstreams + routes); the built-in table routes the seed and /api/v1 paths.",
+);
+pub const UPSTREAM_URLS: Var = Var::optional(
+    "<UPSTREAM>_URL",
+    "Endpoints of an upstream, comma-separated, e.g. PRODUCT_URL=http://10.0.0.5:8081,http://10.0.0.6:8081 (ORDER_URL, USER_URL likewise).",
+);
+pub const WORKERS: Var = Var::new(
+    "GATEWAY_WORKERS",
+    "0",
+    "Worker threads, each with its own listener and upstream pool; 0 = one per CPU.",
+);
+pub const CONNECT_TIMEOUT: Var = Var::new(
+    "CONNECT_TIMEOUT",
+    "1s",
+    "Longest wait for a TCP connection to an upstream endpoint.",
+);
+pub const UPSTREAM_IDLE_TIMEOUT: Var = Var::new(
+    "UPSTREAM_IDLE_TIMEOUT",
+    "60s",
+    "Pooled upstream connections idle this long are closed.",
+);
+pub const UPSTREAM_MAX_IDLE: Var = Var::new(
+    "UPSTREAM_MAX_IDLE",
+    "256",
+    "Idle connections kept per endpoint and worker.",
+);
+pub const HEADER_READ_TIMEOUT: Var = Var::new(
+    "HEADER_READ_TIMEOUT",
+    "10s",
+    "A client must send its request headers within this time, so slow clients cannot pin connections.",
+);
+pub const RETRY_BUDGET: Var = Var::new(
+    "RETRY_BUDGET",
+    "0.2",
+    "Retries may add at most this fraction of requests per upstream (idempotent, bodyless requests; on connect failure or 503 only).",
+);
+pub const BREAKER_FAILURES: Var = Var::new(
+    "BREAKER_FAILURES",
+    "5",
+    "Consecutive failures (connect errors, timeouts, 502-504) that open an upstream's circuit.",
+);
+pub const BREAKER_COOLDOWN: Var = Var::new(
+    "BREAKER_COOLDOWN",
+    "5s",
+    "How long an open circuit answers 503 before letting one trial request through.",
+);
+pub const EJECT_BACKOFF: Var = Var::new(
+    "EJECT_BACKOFF",
+    "1s",
+    "An endpoint that refuses connections gets no traffic for this long, doubling per repeat (max 30s).",
+);
+pub const RATE_LIMIT: Var = Var::new(
+    "RATE_LIMIT",
+    "0",
+    "Requests per second allowed per client IP; 0 turns rate limiting off.",
+);
+pub const RATE_LIMIT_BURST: Var = Var::new(
+    "RATE_LIMIT_BURST",
+    "100",
+    "Requests a client IP may send at once before the rate applies.",
+);
+pub const ACCESS_LOG: Var = Var::new(
+    "ACCESS_LOG",
+    "true",
+    "Log one JSON line per proxied request.",
+);
+
+pub const BINARY: Binary = Binary {
+    name: crate::NAME,
+    about: "API gateway: routes /api/... to the product, order and user services.",
+    vars: &[
+        ("Server", &ServerConfig::vars(PORT)),
+        ("Routing", &[ROUTES, UPSTREAM_URLS, WORKERS]),
+        (
+            "Upstream connections and resilience",
+            &[
+                CONNECT_TIMEOUT,
+                UPSTREAM_IDLE_TIMEOUT,
+                UPSTREAM_MAX_IDLE,
+                HEADER_READ_TIMEOUT,
+                RETRY_BUDGET,
+                BREAKER_FAILURES,
+                BREAKER_COOLDOWN,
+                EJECT_BACKOFF,
+            ],
+        ),
+        ("Clients", &[RATE_LIMIT, RATE_LIMIT_BURST, ACCESS_LOG]),
+    ],
+};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Upstream name -> endpoint URLs, in a stable order.
+    pub upstreams: BTreeMap<String, Vec<String>>,
+    pub routes: Vec<RouteSpec>,
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+    pub header_read_timeout: Duration,
+    pub retry_budget: f64,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub eject_backoff: Duration,
+    pub rate_limit: Option<(f64, u32)>,
+    pub access_log: bool,
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let table_text = match env.parse_opt::<PathBuf>(&ROUTES)? {
+            Some(path) => std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new(
+                    &ROUTES,
+                    path.display().to_string(),
+                    format!("cannot read: {e}"),
+                )
+            })?,
+            None => DEFAULT_TABLE.to_owned(),
+        };
+        let table: TableFile = serde_yaml::from_str(&table_text)
+            .map_err(|e| ConfigError::new(&ROUTES, "", format!("route table: {e}")))?;
+        let mut upstreams: BTreeMap<String, Vec<String>> = table.upstreams.into_iter().collect();
+        for (name, endpoints) in upstreams.iter_mut() {
+            let var_name = format!("{}_URL", name.to_ascii_uppercase().replace('-', "_"));
+            if let Some(list) = env.raw(&var_name).filter(|v| !v.trim().is_empty()) {
+                *endpoints = list.split(',').map(|s| s.trim().to_owned()).collect();
+            }
+            for url in endpoints.iter() {
+                Endpoint::parse(url)
+                    .map_err(|reason| ConfigError::named(var_name.clone(), url.as_str(), reason))?;
+            }
+            if endpoints.is_empty() {
+                return Err(ConfigError::named(
+                    var_name,
+                    "",
+                    "an upstream needs at least one endpoint",
+                ));
+            }
+        }
+        let names: Vec<String> = upstreams.keys().cloned().collect();
+        RouteTable::compile(&table.routes, &names).map_err(|e| ConfigError::new(&ROUTES, "", e))?;
+
+        let workers = match env.parse::<usize>(&WORKERS)? {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let retry_budget = env.parse::<f64>(&RETRY_BUDGET)?;
+        if !(0.0..=1.0).contains(&retry_budget) {
+            return Err(ConfigError::new(
+                &RETRY_BUDGET,
+                retry_budget.to_string(),
+                "must be between 0 and 1",
+            ));
+        }
+        let rate = env.parse::<f64>(&RATE_LIMIT)?;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(ConfigError::new(
+                &RATE_LIMIT,
+                rate.to_string(),
+                "must be 0 or more",
+            ));
+        }
+        Ok(Self {
+            server: ServerConfig::from_env(env, &PORT)?,
+            upstreams,
+            routes: table.routes,
+            workers,
+            connect_timeout: env.duration(&CONNECT_TIMEOUT)?,
+            idle_timeout: env.duration(&UPSTREAM_IDLE_TIMEOUT)?,
+            max_idle: env.parse(&UPSTREAM_MAX_IDLE)?,
+            header_read_timeout: env.duration(&HEADER_READ_TIMEOUT)?,
+            retry_budget,
+            breaker_failures: env.parse(&BREAKER_FAILURES)?,
+            breaker_cooldown: env.duration(&BREAKER_COOLDOWN)?,
+            eject_backoff: env.duration(&EJECT_BACKOFF)?,
+            rate_limit: (rate > 0.0)
+                .then(|| env.parse::<u32>(&RATE_LIMIT_BURST).map(|b| (rate, b)))
+                .transpose()?,
+            access_log: env.flag(&ACCESS_LOG)?,
+        })
+    }
+
+    /// Points an upstream at the given endpoints (the launcher, tests).
+    pub fn set_upstream(&mut self, name: &str, endpoints: Vec<String>) {
+        self.upstreams.insert(name.to_owned(), endpoints);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_route_the_seed_and_rest_paths() {
+        let config = Config::from_env(&Env::from_pairs::<&str, &str>([])).unwrap();
+        assert_eq!(config.upstreams["product"], vec!["http://127.0.0.1:8081"]);
+        assert_eq!(config.server.port, 8080);
+        assert!(config.rate_limit.is_none(), "off by default");
+        assert!(config.workers >= 1);
+    }
+
+    #[test]
+    fn endpoint_lists_come_from_upstream_url_variables() {
+        let env = Env::from_pairs([
+            ("PRODUCT_URL", "http://a:1, http://b:2"),
+            ("RATE_LIMIT", "50"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        assert_eq!(
+            config.upstreams["product"],
+            vec!["http://a:1", "http://b:2"]
+        );
+        assert_eq!(config.rate_limit, Some((50.0, 100)));
+    }
+
+    #[test]
+    fn invalid_settings_name_the_variable() {
+        let err =
+            Config::from_env(&Env::from_pairs([("ORDER_URL", "https://secure")])).unwrap_err();
+        assert_eq!(err.var, "ORDER_URL");
+        let err = Config::from_env(&Env::from_pairs([("RETRY_BUDGET", "3")])).unwrap_err();
+        assert_eq!(err.var, "RETRY_BUDGET");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.yaml");
+        std::fs::write(
+            &file,
+            "upstreams: {a: [http://x:1]}\nroutes: [{prefix: /a, upstream: b}]",
+        )
+        .unwrap();
+        let err = Config::from_env(&Env::from_pairs([(
+            "GATEWAY_ROUTES",
+            file.to_str().unwrap(),
+        )]))
+        .unwrap_err();
+        assert_eq!(err.var, "GATEWAY_ROUTES");
+        assert!(err.to_string().contains("unknown upstream"), "{err}");
+    }
+}

@@ -1,0 +1,500 @@
+//! One request through the gateway: admin endpoints, path safety, rate limit, route,
+//! circuit breaker, endpoint choice, forward (retrying only what is safe to retry), and a
+//! streamed response. Bodies are never buffered in either direction.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use prometheus::{Histogram, IntCounter};
+use shop_platform::AppError;
+
+use crate::Shared;
+use crate::upstream::{Admission, InFlight, Upstream};
+
+pub type ResponseBody = Either<Streamed, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpConnector, OutboundBody>;
+
+/// Retries after the first attempt, when retrying is allowed at all.
+const MAX_RETRIES: u32 = 2;
+
+/// Per-worker state: the upstream connection pool and metric handles resolved once.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub client: UpstreamClient,
+    handles: RefCell<HashMap<(usize, Method, u16), Handles>>,
+}
+
+#[derive(Clone)]
+struct Handles {
+    server_requests: IntCounter,
+    server_duration: Histogram,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, client: UpstreamClient) -> Self {
+        Self {
+            shared,
+            client,
+            handles: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Label lookups cost a hash and a lock in the prometheus crate; a worker pays them
+    /// once per (route, method, status) and then only increments atomics.
+    fn observe(&self, route: usize, method: &Method, status: StatusCode, elapsed: Duration) {
+        let key = (route, method.clone(), status.as_u16());
+        let mut handles = self.handles.borrow_mut();
+        let h = handles.entry(key).or_insert_with(|| {
+            let label = self.shared.route_label(route);
+            let (requests, duration) =
+                self.shared
+                    .metrics
+                    .server_handles(method.as_str(), label, status.as_u16());
+            Handles {
+                server_requests: requests,
+                server_duration: duration,
+            }
+        });
+        h.server_requests.inc();
+        h.server_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let started = Instant::now();
+        let shared = &self.shared;
+        shared.metrics.in_flight().inc();
+        let mut request = request;
+        let method = request.method().clone();
+        let request_id = crate::ensure_request_id(request.headers_mut());
+        let trace = crate::trace::propagate(request.headers_mut());
+        let (route, mut response) = self.route_and_forward(request, peer, started).await;
+        shared.metrics.in_flight().dec();
+        let status = response.status();
+        self.observe(route, &method, status, started.elapsed());
+        if shared.options.access_log && route != crate::ADMIN_ROUTE {
+            tracing::info!(
+                target: "shop_gateway::access",
+                method = %method,
+                route = shared.route_label(route),
+                status = status.as_u16(),
+                latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
+                request_id = request_id.to_str().unwrap_or_default(),
+                trace_id = %format_args!("{:032x}", trace.trace_id),
+                span_id = %format_args!("{:016x}", trace.span_id),
+                client = %peer.ip(),
+                "request completed"
+            );
+        }
+        strip_hop_by_hop(response.headers_mut());
+        if route != crate::ADMIN_ROUTE {
+            response.headers_mut().insert(crate::REQUEST_ID, request_id);
+        }
+        Ok(response)
+    }
+
+    async fn route_and_forward(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        started: Instant,
+    ) -> (usize, Response<ResponseBody>) {
+        let shared = &self.shared;
+        let path = request.uri().path();
+        if let Some(response) = shared.admin(path, request.method()).await {
+            return (crate::ADMIN_ROUTE, response);
+        }
+        if !crate::routes::path_is_safe(path) {
+            return (
+                crate::UNMATCHED_ROUTE,
+                error(AppError::bad_request(
+                    "invalid_path",
+                    "the path is not allowed",
+                )),
+            );
+        }
+        if let Some(limiter) = &shared.limiter
+            && let Err(wait) = limiter.check(peer.ip(), started)
+        {
+            shared.metrics_gw.rate_limited.inc();
+            let mut err = AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this address",
+            );
+            err.retry_after_secs = Some(wait);
+            return (crate::UNMATCHED_ROUTE, error(err));
+        }
+        let Some((route_id, route)) = shared.table.find(path) else {
+            return (
+                crate::UNMATCHED_ROUTE,
+                error(AppError::not_found("no route for this path")),
+            );
+        };
+        if let Some(length) = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && length > shared.options.body_limit
+        {
+            return (route_id, error(too_large()));
+        }
+        let upstream = &shared.upstreams[route.upstream];
+        let target = route.rewrite(path, request.uri().query());
+        (
+            route_id,
+            self.forward(request, upstream, &target, peer).await,
+        )
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        upstream: &Upstream,
+        target: &str,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let shared = &self.shared;
+        let upstream_metrics = &shared.metrics_gw;
+        let admission = upstream.breaker.admit();
+        if let Admission::Rejected(retry_after) = admission {
+            upstream_metrics.count(&upstream.name, "circuit_open");
+            let mut err = AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                format!(
+                    "{} is failing; not sending requests for a moment",
+                    upstream.name
+                ),
+            );
+            err.retry_after_secs = Some(retry_after);
+            return error(err);
+        }
+        upstream.budget.on_request();
+
+        let (mut parts, body) = request.into_parts();
+        let original_host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarded(&mut parts.headers, peer, original_host);
+
+        let bodyless = body.is_end_stream();
+        let retryable = bodyless && is_idempotent(&parts.method);
+        let retry_headers = retryable.then(|| parts.headers.clone());
+        let mut body = Some(if bodyless {
+            OutboundBody::Empty
+        } else {
+            OutboundBody::Limited {
+                inner: body,
+                remaining: shared.options.body_limit,
+            }
+        });
+        let mut headers = Some(parts.headers);
+        let mut avoid = None;
+        let mut attempt = 0;
+        loop {
+            let Some(endpoint) = upstream.pick(avoid.as_ref()) else {
+                upstream.breaker.record_failure();
+                upstream_metrics.count(&upstream.name, "no_endpoint");
+                return error(AppError::unavailable(&upstream.name, "no healthy endpoint"));
+            };
+            let slot = InFlight::new(endpoint.clone());
+            let uri = Uri::builder()
+                .scheme(endpoint.scheme.clone())
+                .authority(endpoint.authority.clone())
+                .path_and_query(target)
+                .build();
+            let Ok(uri) = uri else {
+                upstream.breaker.record_success();
+                return error(AppError::bad_request(
+                    "invalid_path",
+                    "the path is not allowed",
+                ));
+            };
+            let mut outbound = Request::new(body.take().unwrap_or(OutboundBody::Empty));
+            *outbound.method_mut() = parts.method.clone();
+            *outbound.uri_mut() = uri;
+            *outbound.headers_mut() = match headers.take() {
+                Some(h) => h,
+                None => retry_headers.clone().unwrap_or_default(),
+            };
+            outbound.headers_mut().insert(
+                header::HOST,
+                HeaderValue::from_str(endpoint.authority.as_str())
+                    .expect("authority is a valid header"),
+            );
+
+            let sent = Instant::now();
+            let outcome = tokio::time::timeout(
+                shared.options.upstream_timeout,
+                self.client.request(outbound),
+            )
+            .await;
+            let elapsed = sent.elapsed();
+            let can_retry = retryable && attempt < MAX_RETRIES;
+            match outcome {
+                Err(_) => {
+                    upstream.breaker.record_failure();
+                    upstream_metrics.observe(&upstream.name, "timeout", elapsed);
+                    return error(AppError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "{} did not answer within {:?}",
+                            upstream.name, shared.options.upstream_timeout
+                        ),
+                    ));
+                }
+                Ok(Err(err)) if err.is_connect() => {
+                    endpoint.eject(upstream.eject_backoff);
+                    upstream.breaker.record_failure();
+                    upstream_metrics.observe(&upstream.name, "connect_error", elapsed);
+                    if can_retry && upstream.budget.try_withdraw() {
+                        attempt += 1;
+                        avoid = Some(endpoint);
+                        continue;
+                    }
+                    return error(AppError::unavailable(&upstream.name, "connection refused"));
+                }
+                Ok(Err(err)) => {
+                    if body_limit_exceeded(&err) {
+                        upstream.breaker.record_success();
+                        return error(too_large());
+                    }
+                    upstream.breaker.record_failure();
+                    upstream_metrics.observe(&upstream.name, "error", elapsed);
+                    tracing::warn!(upstream = %upstream.name, error = %err, "upstream exchange failed");
+                    return error(AppError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_gateway",
+                        format!("{} closed the connection without answering", upstream.name),
+                    ));
+                }
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    endpoint.mark_healthy();
+                    upstream_metrics.observe(&upstream.name, status.as_str(), elapsed);
+                    let failed = matches!(status.as_u16(), 502..=504);
+                    if failed {
+                        upstream.breaker.record_failure();
+                    } else {
+                        upstream.breaker.record_success();
+                    }
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        && can_retry
+                        && upstream.budget.try_withdraw()
+                    {
+                        attempt += 1;
+                        avoid = Some(endpoint);
+                        continue;
+                    }
+                    let (head, incoming) = response.into_parts();
+                    let body = Streamed {
+                        inner: incoming,
+                        _slot: slot,
+                        stream_errors: upstream_metrics.stream_errors(&upstream.name),
+                    };
+                    return Response::from_parts(head, Either::Left(body));
+                }
+            }
+        }
+    }
+}
+
+fn too_large() -> AppError {
+    AppError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body is larger than the configured limit",
+    )
+}
+
+pub fn error(err: AppError) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(err.body_json()))));
+    *response.status_mut() = err.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = err.retry_after_secs {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+pub fn local(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(body.into())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// Connection-level headers are for one hop only (RFC 9110 7.6.1), including any the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    const HOP: [HeaderName; 6] = [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ];
+    if let Some(named) = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
+        for name in named.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
+    let ip = peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host);
+    }
+}
+
+/// The client's request body on its way upstream, cut off at the body limit.
+pub enum OutboundBody {
+    Empty,
+    Limited { inner: Incoming, remaining: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit")]
+pub struct BodyLimitExceeded;
+
+fn body_limit_exceeded(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<BodyLimitExceeded>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl Body for OutboundBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutboundBody::Empty => Poll::Ready(None),
+            OutboundBody::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let len = data.len() as u64;
+                        if len > *remaining {
+                            return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
+                        }
+                        *remaining -= len;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutboundBody::Empty => true,
+            OutboundBody::Limited { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutboundBody::Empty => SizeHint::with_exact(0),
+            OutboundBody::Limited { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The upstream's response body on its way to the client. Holds the endpoint's in-flight
+/// slot until the last byte (or the client going away); counts streams cut mid-way.
+pub struct Streamed {
+    inner: Incoming,
+    _slot: InFlight,
+    stream_errors: IntCounter,
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.stream_errors.inc();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

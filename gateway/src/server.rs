@@ -1,0 +1,253 @@
+//! Thread-per-core serving. Each worker is an OS thread running a single-threaded Tokio
+//! runtime with its own `SO_REUSEPORT` listener (the kernel spreads connections) and its
+//! own upstream connection pool, so a request is accepted, proxied and answered on one
+//! thread without synchronisation beyond atomics.
+//!
+//! Shutdown follows the platform's sequence: `/ready` -> 503 at once, keep serving for
+//! `SHUTDOWN_DELAY`, stop accepting, drain connections for at most `SHUTDOWN_TIMEOUT`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use shop_platform::probes::Readiness;
+use shop_platform::{Metrics, Shutdown};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::GatewayMetrics;
+use crate::proxy::{UpstreamClient, Worker};
+use crate::ratelimit::RateLimiter;
+use crate::routes::RouteTable;
+use crate::upstream::{Breaker, Endpoint, RetryBudget, Upstream};
+use crate::{NAME, Options, Shared};
+
+pub struct Gateway {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    local_addr: SocketAddr,
+    config: Config,
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+impl Gateway {
+    /// Compiles routes, creates upstream state and binds one listener per worker (the
+    /// first picks the port when it is 0; the rest share it).
+    pub fn bind(config: Config) -> anyhow::Result<Self> {
+        let names: Vec<String> = config.upstreams.keys().cloned().collect();
+        let table = RouteTable::compile(&config.routes, &names)?;
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|(name, urls)| {
+                let endpoints = urls
+                    .iter()
+                    .map(|u| Endpoint::parse(u).map_err(anyhow::Error::msg))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok(Upstream::new(
+                    name.clone(),
+                    endpoints,
+                    Breaker::new(config.breaker_failures, config.breaker_cooldown),
+                    RetryBudget::new(config.retry_budget),
+                    config.eject_backoff,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let metrics = Metrics::new(NAME);
+        let shared = Arc::new(Shared {
+            table,
+            upstreams,
+            options: Options {
+                body_limit: config.server.body_limit as u64,
+                upstream_timeout: config.server.request_timeout,
+                access_log: config.access_log,
+            },
+            limiter: config
+                .rate_limit
+                .map(|(rate, burst)| RateLimiter::new(rate, burst)),
+            metrics_gw: GatewayMetrics::new(&metrics),
+            metrics,
+            readiness: Readiness::default(),
+        });
+
+        let requested = SocketAddr::new(config.server.host, config.server.port);
+        let first = reuseport_listener(requested)
+            .map_err(|e| anyhow::anyhow!("{NAME}: cannot listen on {requested}: {e}"))?;
+        let local_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..config.workers {
+            listeners.push(reuseport_listener(local_addr)?);
+        }
+        Ok(Self {
+            shared,
+            listeners,
+            local_addr,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let Gateway {
+            shared,
+            listeners,
+            local_addr,
+            config,
+        } = self;
+        let stop_accepting = CancellationToken::new();
+        let cut_off = CancellationToken::new();
+        let mut workers = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let worker = WorkerSpec {
+                shared: shared.clone(),
+                listener,
+                stop_accepting: stop_accepting.clone(),
+                cut_off: cut_off.clone(),
+                config: config.clone(),
+            };
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("gateway-{index}"))
+                    .spawn(move || worker.run())?,
+            );
+        }
+        shared.readiness.set_started();
+        tracing::info!(service = NAME, address = %local_addr, workers = workers.len(), "listening");
+
+        shutdown.wait().await;
+        shared.readiness.set_shutting_down();
+        tracing::info!(
+            service = NAME,
+            delay_ms = config.server.shutdown_delay.as_millis() as u64,
+            "not ready; serving on while load balancers catch up"
+        );
+        tokio::time::sleep(config.server.shutdown_delay).await;
+        tracing::info!(
+            service = NAME,
+            timeout_ms = config.server.shutdown_timeout.as_millis() as u64,
+            "no longer accepting connections; draining in-flight requests"
+        );
+        stop_accepting.cancel();
+        let joined = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        });
+        tokio::pin!(joined);
+        tokio::select! {
+            _ = &mut joined => {}
+            () = tokio::time::sleep(config.server.shutdown_timeout) => {
+                tracing::warn!(service = NAME, "drain timed out; cutting remaining connections");
+                cut_off.cancel();
+                let _ = joined.await;
+            }
+        }
+        tracing::info!(service = NAME, "stopped");
+        Ok(())
+    }
+}
+
+struct WorkerSpec {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop_accepting: CancellationToken,
+    cut_off: CancellationToken,
+    config: Config,
+}
+
+fn upstream_client(config: &Config) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.idle_timeout)
+        .pool_max_idle_per_host(config.max_idle)
+        .build(connector)
+}
+
+impl WorkerSpec {
+    fn run(self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("worker runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, self.serve());
+    }
+
+    async fn serve(self) {
+        let listener = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::error!(error = %err, "worker cannot use its listener");
+                return;
+            }
+        };
+        let worker = Rc::new(Worker::new(self.shared, upstream_client(&self.config)));
+        let graceful = GracefulShutdown::new();
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .keep_alive(true);
+
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = self.stop_accepting.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let worker = worker.clone();
+            let service = service_fn(move |request| {
+                let worker = worker.clone();
+                async move { worker.handle(request, peer).await }
+            });
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::task::spawn_local(async move {
+                let _ = connection.await;
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = self.cut_off.cancelled() => {}
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! W3C trace context through the gateway without a tracing span per request: the
+//! gateway continues the caller's trace (or starts one) with a fresh span id of its own,
+//! so upstream spans are children of the gateway hop.
+
+use http::HeaderMap;
+use http::header::HeaderValue;
+
+pub const TRACEPARENT: &str = "traceparent";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: u128,
+    pub parent_span_id: Option<u64>,
+    pub span_id: u64,
+    pub sampled: bool,
+}
+
+/// Parses `00-<32 hex>-<16 hex>-<2 hex>`; all-zero ids and version `ff` are invalid.
+pub fn parse(value: &str) -> Option<(u128, u64, u8)> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2
+        || version.eq_ignore_ascii_case("ff")
+        || trace.len() != 32
+        || span.len() != 16
+        || flags.len() != 2
+    {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !(hex(version) && hex(trace) && hex(span) && hex(flags)) {
+        return None;
+    }
+    let trace_id = u128::from_str_radix(trace, 16).ok()?;
+    let span_id = u64::from_str_radix(span, 16).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    (trace_id != 0 && span_id != 0).then_some((trace_id, span_id, flags))
+}
+
+fn nonzero_u64() -> u64 {
+    fastrand::u64(1..)
+}
+
+/// Rewrites `traceparent` for the upstream hop and returns the ids used.
+pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
+    let inbound = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse);
+    let ids = match inbound {
+        Some((trace_id, parent, flags)) => TraceIds {
+            trace_id,
+            parent_span_id: Some(parent),
+            span_id: nonzero_u64(),
+            sampled: flags & 1 == 1,
+        },
+        None => {
+            // A new trace drops any orphaned vendor state.
+            headers.remove("tracestate");
+            TraceIds {
+                trace_id: fastrand::u128(1..),
+                parent_span_id: None,
+                span_id: nonzero_u64(),
+                sampled: true,
+            }
+        }
+    };
+    let value = format!(
+        "00-{:032x}-{:016x}-{:02x}",
+        ids.trace_id,
+        ids.span_id,
+        u8::from(ids.sampled)
+    );
+    headers.insert(
+        TRACEPARENT,
+        HeaderValue::from_str(&value).expect("hex is a valid header"),
+    );
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_a_valid_trace_with_a_new_span() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let ids = propagate(&mut headers);
+        assert_eq!(ids.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(ids.parent_span_id, Some(0x00f067aa0ba902b7));
+        let out = headers[TRACEPARENT].to_str().unwrap();
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(!out.contains("00f067aa0ba902b7"));
+        assert!(out.ends_with("-01"));
+    }
+
+    #[test]
+    fn starts_a_trace_when_the_inbound_one_is_missing_or_invalid() {
+        for bad in [
+            None,
+            Some("garbage"),
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = bad {
+                headers.insert(TRACEPARENT, HeaderValue::from_str(v).unwrap());
+            }
+            headers.insert("tracestate", HeaderValue::from_static("vendor=x"));
+            let ids = propagate(&mut headers);
+            assert_eq!(ids.parent_span_id, None, "{bad:?}");
+            assert!(parse(headers[TRACEPARENT].to_str().unwrap()).is_some());
+            assert!(!headers.contains_key("tracestate"));
+        }
+    }
+}
