@@ -1,0 +1,688 @@
+//! The gateway against stub upstreams: routing, headers, failure handling, resilience.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{any, get, post};
+use common::{Hits, RunningGateway, client, closed_port_url, stub};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Echoes the method, path, query and headers it received.
+async fn echo_upstream() -> String {
+    stub(Router::new().fallback(any(|request: Request| async move {
+        let headers: serde_json::Map<String, Value> = request
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value::String(v.to_str().unwrap_or("").to_owned()),
+                )
+            })
+            .collect();
+        axum::Json(json!({
+            "method": request.method().as_str(),
+            "uri": request.uri().to_string(),
+            "headers": headers,
+        }))
+    })))
+    .await
+}
+
+#[tokio::test]
+async fn routes_rewrite_paths_and_keep_queries() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("USER_URL", &upstream)]);
+    let http = client();
+    for (path, expected) in [
+        ("/api/products", "/products"),
+        ("/api/product?id=2", "/product?id=2"),
+        ("/api/v1/products", "/products"),
+        ("/api/v1/products/7?x=1&y=2", "/products/7?x=1&y=2"),
+        ("/api/users?id=1", "/users?id=1"),
+        ("/api/v1/users/1", "/users/1"),
+    ] {
+        let body: Value = http
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["uri"], expected, "{path}");
+    }
+    // Sent raw: HTTP client libraries normalise dot segments before sending.
+    for (path, status) in [
+        ("/api/v1/reservations", 404),
+        ("/api/products/1", 404),
+        ("/api/v1/productsX", 404),
+        ("/nothing", 404),
+        ("/api/v1/products/../orders", 400),
+        ("/api/v1/products/../../api/v1/users/1", 400),
+        ("/api/v1/products/%2e%2e/orders", 400),
+        ("/api/v1/products%2F..%2Forders", 400),
+        ("/api/v1/products/%252e%252e", 400),
+        ("/api/v1/products//1", 400),
+    ] {
+        let (code, body) = raw_get(gw.addr, path).await;
+        assert_eq!(code, status, "{path}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert!(body["error"]["code"].is_string(), "{path}: {body}");
+    }
+    gw.stop().await;
+}
+
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let code = response[9..12].parse().unwrap();
+    (
+        code,
+        response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn forwards_the_right_headers_and_strips_hop_by_hop_ones() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let response = client()
+        .get(format!("{}/api/v1/products/1", gw.url))
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-request-id", "req-42")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-42");
+    let body: Value = response.json().await.unwrap();
+    let seen = &body["headers"];
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(seen.get(hop).is_none(), "{hop} leaked: {seen}");
+    }
+    assert_eq!(seen["x-custom"], "kept");
+    assert_eq!(seen["x-request-id"], "req-42");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], gw.addr.to_string());
+    assert_eq!(seen["host"], upstream.trim_start_matches("http://"));
+    let traceparent = seen["traceparent"].as_str().unwrap();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "the gateway hop is a new span"
+    );
+
+    // Without ids, the gateway makes them.
+    let body: Value = client()
+        .get(format!("{}/api/v1/products/1", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["headers"]["x-request-id"].as_str().unwrap().len(), 36);
+    assert!(
+        body["headers"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .starts_with("00-")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_is_a_quick_503_and_opens_the_circuit() {
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &closed_port_url()),
+        ("BREAKER_FAILURES", "3"),
+        ("BREAKER_COOLDOWN", "1s"),
+        ("EJECT_BACKOFF", "10ms"),
+    ]);
+    let http = client();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = http
+            .post(format!("{}/api/v1/products", gw.url))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let response = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "circuit_open");
+    assert_eq!(
+        gw.metric("gateway_circuit_state", &[("upstream", "product")])
+            .await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_circuit_half_opens_after_the_cooldown_and_closes_on_success() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    // Fails (503) for the first three requests, then recovers.
+    let upstream = stub(Router::new().route(
+        "/products",
+        post(move || {
+            let n = h.bump();
+            async move {
+                if n <= 3 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("BREAKER_FAILURES", "3"),
+        ("BREAKER_COOLDOWN", "300ms"),
+    ]);
+    let http = client();
+    let post = || {
+        http.post(format!("{}/api/v1/products", gw.url))
+            .body("{}")
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            post().await.unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    let rejected = post().await.unwrap();
+    assert_eq!(rejected.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        rejected.json::<Value>().await.unwrap()["error"]["code"],
+        "circuit_open"
+    );
+    assert_eq!(hits.get(), 3, "an open circuit sends nothing upstream");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        post().await.unwrap().status(),
+        StatusCode::CREATED,
+        "the half-open trial"
+    );
+    assert_eq!(
+        gw.metric("gateway_circuit_state", &[("upstream", "product")])
+            .await,
+        0.0
+    );
+    assert_eq!(post().await.unwrap().status(), StatusCode::CREATED);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn gets_are_retried_on_another_endpoint_and_the_dead_one_is_ejected() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    let alive = stub(Router::new().route(
+        "/products",
+        get(move || {
+            h.bump();
+            async { "ok" }
+        }),
+    ))
+    .await;
+    let dead = closed_port_url();
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &format!("{dead},{alive}")),
+        ("EJECT_BACKOFF", "30s"),
+    ]);
+    let http = client();
+    for _ in 0..40 {
+        let response = http
+            .get(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(hits.get(), 40);
+    let refused = gw
+        .metric(
+            "gateway_upstream_requests_total",
+            &[("upstream", "product"), ("status", "connect_error")],
+        )
+        .await;
+    assert_eq!(
+        refused, 1.0,
+        "after one refusal the dead endpoint gets nothing"
+    );
+    assert_eq!(
+        gw.metric(
+            "gateway_upstream_endpoints",
+            &[("upstream", "product"), ("state", "ejected")]
+        )
+        .await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_is_never_sent_twice_but_a_get_is_retried_on_503() {
+    let posts = Hits::default();
+    let gets = Hits::default();
+    let (p, g) = (posts.clone(), gets.clone());
+    let upstream = stub(
+        Router::new().route(
+            "/orders",
+            post(move || {
+                p.bump();
+                async { StatusCode::SERVICE_UNAVAILABLE }
+            })
+            .get(move || {
+                let n = g.bump();
+                async move {
+                    if n == 1 {
+                        (StatusCode::SERVICE_UNAVAILABLE, "busy")
+                    } else {
+                        (StatusCode::OK, "fine")
+                    }
+                }
+            }),
+        ),
+    )
+    .await;
+    // Two endpoints, both the same stub, so a retry has somewhere to go.
+    let gw = RunningGateway::start(&[(
+        "ORDER_URL",
+        &format!("{upstream},{}", upstream.replace("127.0.0.1", "localhost")),
+    )]);
+    let http = client();
+    let response = http
+        .post(format!("{}/api/v1/orders", gw.url))
+        .json(&json!({"user_id": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(posts.get(), 1, "a POST is never repeated");
+    let response = http
+        .get(format!("{}/api/v1/orders", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.unwrap(), "fine");
+    assert_eq!(gets.get(), 2, "the GET was retried once");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn load_is_spread_across_endpoints() {
+    let (a, b) = (Hits::default(), Hits::default());
+    let (ha, hb) = (a.clone(), b.clone());
+    let up_a = stub(Router::new().route(
+        "/products",
+        get(move || {
+            ha.bump();
+            async { "a" }
+        }),
+    ))
+    .await;
+    let up_b = stub(Router::new().route(
+        "/products",
+        get(move || {
+            hb.bump();
+            async { "b" }
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &format!("{up_a},{up_b}"))]);
+    let http = client();
+    for _ in 0..200 {
+        http.get(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.get() + b.get(), 200);
+    assert!(a.get() > 40 && b.get() > 40, "a={} b={}", a.get(), b.get());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_a_504_after_the_timeout() {
+    let upstream = stub(Router::new().route(
+        "/products",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "late"
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("REQUEST_TIMEOUT", "300ms")]);
+    let started = Instant::now();
+    let response = client()
+        .get(format!("{}/api/v1/products", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "upstream_timeout"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reset_mid_response_reaches_the_client_as_a_broken_stream_and_is_counted() {
+    // Promises 100000 bytes, sends 10, then closes the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\ncontent-type: text/plain\r\n\r\n0123456789")
+                .await;
+            drop(socket);
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let response = client()
+        .get(format!("{}/api/v1/products", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "headers were already sent"
+    );
+    assert!(
+        response.bytes().await.is_err(),
+        "the client must see a broken body, not a short one"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        gw.metric(
+            "gateway_upstream_stream_errors_total",
+            &[("upstream", "product")]
+        )
+        .await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_bodies_are_413_whether_declared_or_streamed() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    let upstream = stub(Router::new().route(
+        "/products",
+        post(move |body: axum::body::Bytes| {
+            h.bump();
+            async move { body.len().to_string() }
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("BODY_LIMIT", "1KiB")]);
+    let http = client();
+    let small = http
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.text().await.unwrap(), "1000");
+    let declared = http
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        hits.get(),
+        1,
+        "a declared oversize body never goes upstream"
+    );
+    let chunks = futures_stream(vec![vec![b'x'; 800], vec![b'y'; 800]]);
+    let streamed = http
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        streamed.json::<Value>().await.unwrap()["error"]["code"],
+        "payload_too_large"
+    );
+    gw.stop().await;
+}
+
+fn futures_stream(
+    chunks: Vec<Vec<u8>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::iter(chunks.into_iter().map(Ok))
+}
+
+#[tokio::test]
+async fn clients_over_the_rate_limit_get_429_with_retry_after() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("RATE_LIMIT", "1"),
+        ("RATE_LIMIT_BURST", "5"),
+    ]);
+    let http = client();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let response = http
+            .get(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+    }
+    assert_eq!(&statuses[..5], &[200; 5]);
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(gw.metric("gateway_rate_limited_total", &[]).await, 3.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let gw = RunningGateway::start(&[("HEADER_READ_TIMEOUT", "300ms")]);
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), socket.read_to_end(&mut buf))
+        .await
+        .expect("connection closed by the gateway");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_metrics() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let http = client();
+    http.get(format!("{}/api/v1/products/3", gw.url))
+        .send()
+        .await
+        .unwrap();
+    http.get(format!("{}/random/path", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        http.get(format!("{}/health", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready: Value = http
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["upstreams"]["product"]["healthy"], 1);
+    assert_eq!(
+        http.post(format!("{}/health", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+
+    let text = http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics = shop_platform::testing::parse_exposition(&text).unwrap();
+    for family in [
+        "http_server_requests_total",
+        "http_server_request_duration_seconds",
+        "http_server_requests_in_flight",
+        "gateway_upstream_requests_total",
+        "gateway_upstream_request_duration_seconds",
+        "gateway_upstream_endpoints",
+        "gateway_circuit_state",
+        "gateway_rate_limited_total",
+        "build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.types.contains_key(family), "{family} missing");
+    }
+    let routes = metrics.label_values("http_server_requests_total", "route");
+    assert!(
+        routes.contains("/api/v1/products/*") && routes.contains("unmatched"),
+        "{routes:?}"
+    );
+    assert!(
+        !routes
+            .iter()
+            .any(|r| r.contains("random") || r.contains("/3")),
+        "{routes:?}"
+    );
+    assert_eq!(
+        gw.metric(
+            "gateway_upstream_requests_total",
+            &[("upstream", "product"), ("status", "200")]
+        )
+        .await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_and_response_headers_from_upstream_are_passed_back() {
+    let upstream = stub(Router::new().route(
+        "/products",
+        get(|headers: HeaderMap| async move {
+            let mut out = HeaderMap::new();
+            out.insert("x-upstream", "yes".parse().unwrap());
+            out.insert("connection", "close".parse().unwrap());
+            out.insert("etag", "\"v1\"".parse().unwrap());
+            (
+                out,
+                headers
+                    .get("accept")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default(),
+            )
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let response = client()
+        .get(format!("{}/api/v1/products", gw.url))
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-upstream"], "yes");
+    assert_eq!(response.headers()["etag"], "\"v1\"");
+    assert!(
+        response
+            .headers()
+            .get("connection")
+            .is_none_or(|v| v != "close"),
+        "hop-by-hop header leaked back"
+    );
+    assert_eq!(response.text().await.unwrap(), "text/csv");
+    gw.stop().await;
+}
