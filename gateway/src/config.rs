@@ -75,6 +75,11 @@ pub const RATE_LIMIT_BURST: Var = Var::new(
     "100",
     "Requests a client IP may send at once before the rate applies.",
 );
+pub const CACHE_SIZE: Var = Var::new(
+    "CACHE_SIZE",
+    "0",
+    "Memory for caching GET responses upstreams mark cacheable (Cache-Control: max-age), e.g. 16MiB; 0 = off.",
+);
 pub const ACCESS_LOG: Var = Var::new(
     "ACCESS_LOG",
     "true",
@@ -100,7 +105,10 @@ pub const BINARY: Binary = Binary {
                 EJECT_BACKOFF,
             ],
         ),
-        ("Clients", &[RATE_LIMIT, RATE_LIMIT_BURST, ACCESS_LOG]),
+        (
+            "Clients",
+            &[RATE_LIMIT, RATE_LIMIT_BURST, CACHE_SIZE, ACCESS_LOG],
+        ),
     ],
 };
 
@@ -120,6 +128,7 @@ pub struct Config {
     pub breaker_cooldown: Duration,
     pub eject_backoff: Duration,
     pub rate_limit: Option<(f64, u32)>,
+    pub cache_bytes: usize,
     pub access_log: bool,
 }
 
@@ -194,6 +203,10 @@ impl Config {
             rate_limit: (rate > 0.0)
                 .then(|| env.parse::<u32>(&RATE_LIMIT_BURST).map(|b| (rate, b)))
                 .transpose()?,
+            cache_bytes: env.parse_with(&CACHE_SIZE, |v| match v.trim() {
+                "0" => Ok(0),
+                size => shop_platform::config::parse_bytes(size),
+            })?,
             access_log: env.flag(&ACCESS_LOG)?,
         })
     }

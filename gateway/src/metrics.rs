@@ -15,6 +15,7 @@ pub struct GatewayMetrics {
     circuit: IntGaugeVec,
     stream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
+    cache: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -69,8 +70,17 @@ impl GatewayMetrics {
             "Requests refused with 429 by the per-client rate limit.",
         )
         .expect("valid metric");
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "gateway_cache_requests_total",
+                "Cacheable GET requests by result: hit, revalidated (304 from cache), stored.",
+            ),
+            &["upstream", "result"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(upstream_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(endpoints.clone()),
             Box::new(circuit.clone()),
@@ -88,7 +98,12 @@ impl GatewayMetrics {
             circuit,
             stream_errors,
             rate_limited,
+            cache,
         }
+    }
+
+    pub fn cache(&self, upstream: &str, result: &str) {
+        self.cache.with_label_values(&[upstream, result]).inc();
     }
 
     pub fn count(&self, upstream: &str, outcome: &str) {

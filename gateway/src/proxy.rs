@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,6 +22,7 @@ use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
 use crate::Shared;
+use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::upstream::{Admission, InFlight, Upstream};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
@@ -173,6 +174,22 @@ impl Worker {
     ) -> Response<ResponseBody> {
         let shared = &self.shared;
         let upstream_metrics = &shared.metrics_gw;
+        let if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
+        let mut cache_key = None;
+        if let Some(cache) = &shared.cache
+            && request_is_cacheable(request.method(), request.headers())
+        {
+            let key = format!("{}{}", upstream.name, target);
+            if let Some(entry) = cache.get(&key, Instant::now()) {
+                let revalidated = entry.matches(if_none_match.as_ref());
+                upstream_metrics.cache(
+                    &upstream.name,
+                    if revalidated { "revalidated" } else { "hit" },
+                );
+                return from_cache(&entry, revalidated, "hit");
+            }
+            cache_key = Some(key);
+        }
         let admission = upstream.breaker.admit();
         if let Admission::Rejected(retry_after) = admission {
             upstream_metrics.count(&upstream.name, "circuit_open");
@@ -304,6 +321,25 @@ impl Worker {
                         avoid = Some(endpoint);
                         continue;
                     }
+                    if let (Some(cache), Some(key)) = (&shared.cache, cache_key.take())
+                        && let Some((ttl, _)) =
+                            freshness(status, response.headers(), cache.max_entry())
+                    {
+                        let (mut head, incoming) = response.into_parts();
+                        // Small by construction (Content-Length within the entry limit).
+                        let Ok(collected) = incoming.collect().await else {
+                            upstream_metrics.stream_errors(&upstream.name).inc();
+                            return error(AppError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "bad_gateway",
+                                format!("{} broke off its response", upstream.name),
+                            ));
+                        };
+                        strip_hop_by_hop(&mut head.headers);
+                        let entry = cache.put(key, head.headers, collected.to_bytes(), ttl);
+                        upstream_metrics.cache(&upstream.name, "stored");
+                        return from_cache(&entry, entry.matches(if_none_match.as_ref()), "miss");
+                    }
                     let (head, incoming) = response.into_parts();
                     let body = Streamed {
                         inner: incoming,
@@ -315,6 +351,38 @@ impl Worker {
             }
         }
     }
+}
+
+/// A cached entry as a response: the stored one, or a bodiless 304 when the client
+/// already has this version.
+fn from_cache(entry: &Entry, not_modified: bool, result: &'static str) -> Response<ResponseBody> {
+    let body = if not_modified {
+        Bytes::new()
+    } else {
+        entry.body.clone()
+    };
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    if not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+    }
+    let headers = response.headers_mut();
+    if not_modified {
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::EXPIRES,
+        ] {
+            if let Some(value) = entry.headers.get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
+    } else {
+        *headers = entry.headers.clone();
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    headers.insert(header::ETAG, entry.etag.clone());
+    headers.insert("x-cache", HeaderValue::from_static(result));
+    response
 }
 
 fn too_large() -> AppError {

@@ -22,6 +22,7 @@ use shop_platform::{Metrics, Shutdown};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::metrics::GatewayMetrics;
 use crate::proxy::{UpstreamClient, Worker};
@@ -82,6 +83,7 @@ impl Gateway {
             limiter: config
                 .rate_limit
                 .map(|(rate, burst)| RateLimiter::new(rate, burst)),
+            cache: (config.cache_bytes > 0).then(|| ResponseCache::new(config.cache_bytes)),
             metrics_gw: GatewayMetrics::new(&metrics),
             metrics,
             readiness: Readiness::default(),

@@ -75,9 +75,10 @@ impl Drop for Gateway {
 }
 
 fn generated_body() -> Body {
-    let chunks = futures_util::stream::iter((0..FIFTY_MB / CHUNK).map(|i| {
-        Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![(i % 251) as u8; CHUNK]))
-    }));
+    let chunks =
+        futures_util::stream::iter((0..FIFTY_MB / CHUNK).map(|i| {
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![(i % 251) as u8; CHUNK]))
+        }));
     Body::from_stream(chunks)
 }
 
@@ -103,11 +104,18 @@ async fn fifty_megabytes_stream_through_both_ways_with_flat_memory() {
     let http = reqwest::Client::new();
     // Warm up so the baseline includes the pools and buffers of a working gateway.
     for _ in 0..20 {
-        http.get(format!("{}/health", gateway.url)).send().await.unwrap();
+        http.get(format!("{}/health", gateway.url))
+            .send()
+            .await
+            .unwrap();
     }
     let (baseline, _) = gateway.memory_kib();
 
-    let response = http.get(format!("{}/api/v1/products", gateway.url)).send().await.unwrap();
+    let response = http
+        .get(format!("{}/api/v1/products", gateway.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();
     let mut received = 0usize;
@@ -129,8 +137,15 @@ async fn fifty_megabytes_stream_through_both_ways_with_flat_memory() {
 
     let (_, peak) = gateway.memory_kib();
     let growth_mib = (peak.saturating_sub(baseline)) as f64 / 1024.0;
-    println!("gateway RSS baseline {:.1} MiB, peak {:.1} MiB", baseline as f64 / 1024.0, peak as f64 / 1024.0);
-    assert!(growth_mib < 8.0, "peak grew {growth_mib:.1} MiB while moving 100 MB: bodies were buffered");
+    println!(
+        "gateway RSS baseline {:.1} MiB, peak {:.1} MiB",
+        baseline as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    assert!(
+        growth_mib < 8.0,
+        "peak grew {growth_mib:.1} MiB while moving 100 MB: bodies were buffered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,7 +172,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = http.get(format!("{}/ready", gateway.url)).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/ready", gateway.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
     assert_eq!(slow.await.unwrap(), "finished");
     let deadline = Instant::now() + Duration::from_secs(10);

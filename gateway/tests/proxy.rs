@@ -686,3 +686,116 @@ async fn request_and_response_headers_from_upstream_are_passed_back() {
     assert_eq!(response.text().await.unwrap(), "text/csv");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn cacheable_gets_are_served_from_memory_with_etag_revalidation() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    let upstream = stub(
+        Router::new()
+            .route(
+                "/products/1",
+                get(move || {
+                    h.bump();
+                    async { ([("cache-control", "public, max-age=60")], "laptop") }
+                }),
+            )
+            .route(
+                "/products/2",
+                get(|| async { ([("cache-control", "private, max-age=60")], "mine") }),
+            ),
+    )
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("CACHE_SIZE", "1MiB")]);
+    let http = client();
+    let url = format!("{}/api/v1/products/1", gw.url);
+    let first = http.get(&url).send().await.unwrap();
+    assert_eq!(first.headers()["x-cache"], "miss");
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(first.text().await.unwrap(), "laptop");
+    let second = http.get(&url).send().await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "hit");
+    assert_eq!(second.headers()["etag"], etag.as_str());
+    assert_eq!(second.text().await.unwrap(), "laptop");
+    assert_eq!(hits.get(), 1, "the second answer came from the cache");
+
+    let revalidated = http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED);
+    assert!(revalidated.bytes().await.unwrap().is_empty());
+    let authorized = http
+        .get(&url)
+        .header("authorization", "Bearer x")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        authorized.headers().get("x-cache").is_none(),
+        "requests with credentials bypass the shared cache"
+    );
+    assert_eq!(hits.get(), 2);
+
+    for _ in 0..2 {
+        let private = http
+            .get(format!("{}/api/v1/products/2", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            private.headers().get("x-cache").is_none(),
+            "private responses are never cached"
+        );
+    }
+    assert_eq!(
+        gw.metric("gateway_cache_requests_total", &[("result", "hit")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("gateway_cache_requests_total", &[("result", "revalidated")])
+            .await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_after_the_idle_timeout() {
+    let ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ports.clone();
+    let upstream = stub(Router::new().route(
+        "/products",
+        get(
+            move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+                std::net::SocketAddr,
+            >| {
+                seen.lock().unwrap().push(peer.port());
+                async { "ok" }
+            },
+        ),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("GATEWAY_WORKERS", "1"),
+        ("UPSTREAM_IDLE_TIMEOUT", "300ms"),
+    ]);
+    let http = client();
+    let get = || http.get(format!("{}/api/v1/products", gw.url)).send();
+    get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    get().await.unwrap();
+    let ports = ports.lock().unwrap().clone();
+    assert_eq!(ports[0], ports[1], "kept alive and reused");
+    assert_ne!(
+        ports[1], ports[2],
+        "the idle connection was closed, a new one opened"
+    );
+    gw.stop().await;
+}

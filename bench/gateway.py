@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Gateway benchmark: our gateway against nginx and the seed's Go gateway, one run.
+
+Scenarios, each at fixed concurrency with wrk, `--reps` repetitions, medians reported:
+  direct  wrk -> product service                     GET /products
+  ours    wrk -> our gateway -> product service       GET /api/products
+  nginx   wrk -> nginx (same job) -> product service  GET /api/products
+  seed    wrk -> seed Go gateway -> seed Go product   GET /api/products
+
+Modes: `shared` (everything on both cores) and `pinned` (proxy on CPU 0, load generator on
+CPU 1, upstream unpinned). For each proxy: requests/s, p50, p99, peak RSS of the proxy's
+processes, and CPU time per request (user+system of the proxy's processes / requests).
+Loopback only; every run is bounded by `--duration`.
+
+Run through bench/gateway.sh, which installs nginx, wrk and Go and builds the binaries.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} never answered 200")
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        pids += kids
+        frontier += kids
+    return pids
+
+
+def cpu_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def parse_wrk(text):
+    def latency_ms(pct):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)", text)
+    return {
+        "rps": rps,
+        "requests": requests,
+        "p50": latency_ms(50),
+        "p99": latency_ms(99),
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def run_wrk(url, args, cpu, proxy_pid):
+    cmd = ["wrk", "-t2", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    pids = tree(proxy_pid) if proxy_pid else []
+    before = cpu_ticks(pids)
+    peak = rss_kib(pids)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        time.sleep(0.25)
+        peak = max(peak, rss_kib(pids))
+    out = proc.stdout.read()
+    result = parse_wrk(out)
+    if proxy_pid:
+        ticks = cpu_ticks(pids) - before
+        result["cpu_us"] = ticks / TICKS * 1e6 / max(result["requests"], 1)
+        result["rss_mib"] = peak / 1024
+    return result
+
+
+class Services:
+    """Processes started for a scenario, stopped on exit."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, env=None, cpu=None, cwd=None):
+        if cpu is not None:
+            cmd = ["taskset", "-c", str(cpu)] + cmd
+        full_env = dict(os.environ, **(env or {}))
+        p = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+
+
+NGINX_CONF = """
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    upstream product {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location = /api/products {{
+            proxy_pass http://product/products;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def scenario(name, mode, args, work):
+    """Starts what `name` needs; returns (url, pid of the proxy or None, Services)."""
+    svc = Services()
+    proxy_cpu = 0 if mode == "pinned" else None
+    workers = "1" if mode == "pinned" else "2"
+    if name == "seed":
+        svc.start([os.path.join(work, "seed-product")])
+        wait_port(8081)
+        proxy = svc.start([os.path.join(work, "seed-gateway")], cpu=proxy_cpu)
+        wait_port(8080)
+        return "http://127.0.0.1:8080/api/products", proxy.pid, svc
+
+    product_port = free_port()
+    data = tempfile.mkdtemp(dir=work)
+    svc.start([args.product], env={
+        "PORT": str(product_port), "HOST": "127.0.0.1", "DATA_DIR": data,
+        "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
+    }, cpu=0 if (mode == "pinned" and name == "direct") else None)
+    wait_ready(f"http://127.0.0.1:{product_port}/ready")
+    if name == "direct":
+        return f"http://127.0.0.1:{product_port}/products", svc.procs[-1].pid, svc
+    port = free_port()
+    if name == "ours":
+        proxy = svc.start([args.gateway], env={
+            "PORT": str(port), "HOST": "127.0.0.1", "PRODUCT_URL": f"http://127.0.0.1:{product_port}",
+            "GATEWAY_WORKERS": workers, "ACCESS_LOG": "false", "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
+        }, cpu=proxy_cpu)
+        wait_ready(f"http://127.0.0.1:{port}/ready")
+    else:
+        conf_dir = tempfile.mkdtemp(dir=work)
+        conf = os.path.join(conf_dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(workers=workers, dir=conf_dir, upstream_port=product_port, port=port))
+        proxy = svc.start(["nginx", "-c", conf, "-g", "daemon off;"], cpu=proxy_cpu)
+        wait_port(port)
+    return f"http://127.0.0.1:{port}/api/products", proxy.pid, svc
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def build_seed(work):
+    """The seed's product service and gateway, compiled from the blog post's code blocks."""
+    seed = sorted(p for p in os.listdir(os.path.join(ROOT, "..", "shared", "seeds")) if p.startswith("000_"))
+    if not seed:
+        raise RuntimeError("seed text not found in ../shared/seeds")
+    text = open(os.path.join(ROOT, "..", "shared", "seeds", seed[0])).read()
+    blocks = re.findall(r"```go\n(.*?)```", text, re.S)
+    sources = {}
+    for block in blocks:
+        first = block.lstrip().splitlines()[0]
+        for name in ("product", "gateway"):
+            if first.strip() == f"// {name}/main.go":
+                sources[name] = block
+    for name, source in sources.items():
+        d = os.path.join(work, f"seed-src-{name}")
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, "main.go"), "w").write(source)
+        open(os.path.join(d, "go.mod"), "w").write(f"module seed/{name}\n\ngo 1.19\n")
+        subprocess.run(["go", "build", "-o", os.path.join(work, f"seed-{name}"), "."], cwd=d, check=True,
+                       env=dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=mod"))
+    if set(sources) != {"product", "gateway"}:
+        raise RuntimeError(f"seed code blocks not found (got {sorted(sources)})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--modes", default="shared,pinned")
+    parser.add_argument("--scenarios", default="direct,ours,nginx,seed")
+    parser.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")))
+    args = parser.parse_args()
+    args.product = os.path.join(args.target_dir, "release", "product")
+    args.gateway = os.path.join(args.target_dir, "release", "gateway")
+    for tool in ("wrk", "nginx", "go", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (bench/gateway.sh installs it)")
+
+    work = tempfile.mkdtemp(prefix="gateway-bench-")
+    scenarios = args.scenarios.split(",")
+    if "seed" in scenarios:
+        build_seed(work)
+    results = {}
+    try:
+        for mode in args.modes.split(","):
+            for name in scenarios:
+                url, pid, svc = scenario(name, mode, args, work)
+                try:
+                    # Warm-up: fill connection pools and caches.
+                    subprocess.run(["wrk", "-t2", f"-c{args.connections}", "-d2s", url], capture_output=True)
+                    runs = [run_wrk(url, args, 1 if mode == "pinned" else None, pid if name != "direct" else pid)
+                            for _ in range(args.reps)]
+                finally:
+                    svc.stop()
+                results[(mode, name)] = runs
+                med = lambda k: statistics.median(r[k] for r in runs)
+                errors = sum(r["non2xx"] for r in runs)
+                print(f"[{mode:6}] {name:6} rps {med('rps'):9.0f}  p50 {med('p50'):6.2f} ms  p99 {med('p99'):6.2f} ms"
+                      f"  cpu {med('cpu_us'):5.1f} us/req  rss {med('rss_mib'):5.1f} MiB"
+                      f"  non-2xx {errors}  {runs[0]['socket_errors']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmedians of {args.reps} runs, {args.connections} connections, {args.duration}s each")
+    print(f"{'mode':7} {'proxy':6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>11} {'peak RSS MiB':>13}")
+    for (mode, name), runs in results.items():
+        med = lambda k: statistics.median(r[k] for r in runs)
+        print(f"{mode:7} {name:6} {med('rps'):9.0f} {med('p50'):7.2f} {med('p99'):7.2f} {med('cpu_us'):11.1f} {med('rss_mib'):13.1f}")
+    print("\nratios (ours / other):")
+    for mode in args.modes.split(","):
+        ours = results.get((mode, "ours"))
+        if not ours:
+            continue
+        med = lambda runs, k: statistics.median(r[k] for r in runs)
+        for other in ("nginx", "seed", "direct"):
+            if (mode, other) in results:
+                o = results[(mode, other)]
+                print(f"  {mode:7} vs {other:6}: throughput {med(ours, 'rps') / med(o, 'rps'):.2f}x, "
+                      f"p99 {med(ours, 'p99') / med(o, 'p99'):.2f}x"
+                      + (f", CPU/req {med(ours, 'cpu_us') / med(o, 'cpu_us'):.2f}x" if other != "direct" else ""))
+
+
+if __name__ == "__main__":
+    main()
