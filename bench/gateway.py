@@ -2,10 +2,14 @@
 """Gateway benchmark: our gateway against nginx and the seed's Go gateway, one run.
 
 Scenarios, each at fixed concurrency with wrk, `--reps` repetitions, medians reported:
-  direct  wrk -> product service                     GET /products
-  ours    wrk -> our gateway -> product service       GET /api/products
-  nginx   wrk -> nginx (same job) -> product service  GET /api/products
-  seed    wrk -> seed Go gateway -> seed Go product   GET /api/products
+  direct  wrk -> upstream                             GET /products
+  ours    wrk -> our gateway -> upstream              GET /api/products
+  nginx   wrk -> nginx (same job) -> upstream         GET /api/products
+  seed    wrk -> seed Go gateway -> upstream          GET /api/products
+
+Every proxy fronts the same upstream, so the differences are the proxies': by default the
+seed's Go product service (in memory, cheap, the service the seed's gateway was written
+for); `--upstream shop` uses our product service instead (SQLite on every request).
 
 Modes: `shared` (everything on both cores) and `pinned` (proxy on CPU 0, load generator on
 CPU 1, upstream unpinned). For each proxy: requests/s, p50, p99, peak RSS of the proxy's
@@ -180,27 +184,34 @@ http {{
 """
 
 
+def start_upstream(svc, args, work, cpu):
+    """The upstream every proxy fronts. The seed's gateway hard-codes :8081."""
+    if args.upstream == "seed":
+        svc.start([os.path.join(work, "seed-product")], cpu=cpu)
+        wait_port(8081)
+        return 8081
+    port = 8081
+    data = tempfile.mkdtemp(dir=work)
+    svc.start([args.product], env={
+        "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": data,
+        "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
+    }, cpu=cpu)
+    wait_ready(f"http://127.0.0.1:{port}/ready")
+    return port
+
+
 def scenario(name, mode, args, work):
-    """Starts what `name` needs; returns (url, pid of the proxy or None, Services)."""
+    """Starts what `name` needs; returns (url, pid of the measured process, Services)."""
     svc = Services()
     proxy_cpu = 0 if mode == "pinned" else None
     workers = "1" if mode == "pinned" else "2"
+    product_port = start_upstream(svc, args, work, proxy_cpu if name == "direct" else None)
+    if name == "direct":
+        return f"http://127.0.0.1:{product_port}/products", svc.procs[-1].pid, svc
     if name == "seed":
-        svc.start([os.path.join(work, "seed-product")])
-        wait_port(8081)
         proxy = svc.start([os.path.join(work, "seed-gateway")], cpu=proxy_cpu)
         wait_port(8080)
         return "http://127.0.0.1:8080/api/products", proxy.pid, svc
-
-    product_port = free_port()
-    data = tempfile.mkdtemp(dir=work)
-    svc.start([args.product], env={
-        "PORT": str(product_port), "HOST": "127.0.0.1", "DATA_DIR": data,
-        "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
-    }, cpu=0 if (mode == "pinned" and name == "direct") else None)
-    wait_ready(f"http://127.0.0.1:{product_port}/ready")
-    if name == "direct":
-        return f"http://127.0.0.1:{product_port}/products", svc.procs[-1].pid, svc
     port = free_port()
     if name == "ours":
         proxy = svc.start([args.gateway], env={
@@ -259,6 +270,7 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--modes", default="shared,pinned")
     parser.add_argument("--scenarios", default="direct,ours,nginx,seed")
+    parser.add_argument("--upstream", choices=["seed", "shop"], default="seed")
     parser.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")))
     args = parser.parse_args()
     args.product = os.path.join(args.target_dir, "release", "product")
@@ -269,8 +281,11 @@ def main():
 
     work = tempfile.mkdtemp(prefix="gateway-bench-")
     scenarios = args.scenarios.split(",")
-    if "seed" in scenarios:
-        build_seed(work)
+    build_seed(work)
+    for port in (8080, 8081):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                sys.exit(f"port {port} is in use; the seed's services need it")
     results = {}
     try:
         for mode in args.modes.split(","):
@@ -292,7 +307,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nmedians of {args.reps} runs, {args.connections} connections, {args.duration}s each")
+    print(f"\nmedians of {args.reps} runs, {args.connections} connections, {args.duration}s each, upstream: {args.upstream}")
     print(f"{'mode':7} {'proxy':6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>11} {'peak RSS MiB':>13}")
     for (mode, name), runs in results.items():
         med = lambda k: statistics.median(r[k] for r in runs)

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Binary, Shutdown, StorageConfig};
+use shop_platform::{Binary, Runtime, Shutdown, StorageConfig};
 
 const HOST: Var = Var::new(
     "HOST",
@@ -69,6 +69,7 @@ const BINARY: Binary = Binary {
             ],
         ),
     ],
+    runtime: Runtime::MultiThread,
 };
 
 struct Config {

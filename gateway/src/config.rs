@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shop_platform::Binary;
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+use shop_platform::{Binary, Runtime};
 
 use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
 use crate::upstream::Endpoint;
@@ -110,6 +110,7 @@ pub const BINARY: Binary = Binary {
             &[RATE_LIMIT, RATE_LIMIT_BURST, CACHE_SIZE, ACCESS_LOG],
         ),
     ],
+    runtime: Runtime::CurrentThread,
 };
 
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ pub mod server;
 pub mod trace;
 pub mod upstream;
 
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use serde_json::json;
 use shop_platform::probes::Readiness;
@@ -31,7 +31,7 @@ use crate::routes::RouteTable;
 use crate::upstream::{CircuitState, Upstream};
 
 pub const NAME: &str = "gateway";
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Route ids for requests that matched no route, and for the admin endpoints; real routes
 /// are numbered from 0.
@@ -123,7 +123,7 @@ impl Shared {
 
 /// Keeps a well-formed inbound `x-request-id`, or sets a fresh one; returns it.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(REQUEST_ID)
+    if let Some(id) = headers.get(&REQUEST_ID)
         && !id.is_empty()
         && id.len() <= 128
         && id.as_bytes().iter().all(u8::is_ascii_graphic)
@@ -131,7 +131,9 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         return id.clone();
     }
     let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-    let value = HeaderValue::from_str(&id.to_string()).expect("uuid is ASCII");
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let value = HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
+        .expect("uuid is ASCII");
     headers.insert(REQUEST_ID, value.clone());
     value
 }

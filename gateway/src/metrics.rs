@@ -119,6 +119,15 @@ impl GatewayMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Pre-resolved (count, duration) handles for one upstream outcome.
+    pub fn handles(&self, upstream: &str, outcome: &str) -> (IntCounter, prometheus::Histogram) {
+        (
+            self.upstream_requests
+                .with_label_values(&[upstream, outcome]),
+            self.upstream_duration.with_label_values(&[upstream]),
+        )
+    }
+
     pub fn stream_errors(&self, upstream: &str) -> IntCounter {
         self.stream_errors.with_label_values(&[upstream])
     }

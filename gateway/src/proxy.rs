@@ -23,7 +23,7 @@ use shop_platform::AppError;
 
 use crate::Shared;
 use crate::cache::{Entry, freshness, request_is_cacheable};
-use crate::upstream::{Admission, InFlight, Upstream};
+use crate::upstream::{Admission, InFlight};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
 pub type UpstreamClient = Client<HttpConnector, OutboundBody>;
@@ -36,6 +36,7 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub client: UpstreamClient,
     handles: RefCell<HashMap<(usize, Method, u16), Handles>>,
+    upstream_handles: RefCell<HashMap<(usize, u16), (IntCounter, Histogram)>>,
 }
 
 #[derive(Clone)]
@@ -50,7 +51,22 @@ impl Worker {
             shared,
             client,
             handles: RefCell::new(HashMap::new()),
+            upstream_handles: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// An upstream answered with `status`: the common case, so its handles are cached.
+    fn observe_upstream(&self, upstream: usize, status: StatusCode, elapsed: Duration) {
+        let mut handles = self.upstream_handles.borrow_mut();
+        let (count, duration) = handles
+            .entry((upstream, status.as_u16()))
+            .or_insert_with(|| {
+                self.shared
+                    .metrics_gw
+                    .handles(&self.shared.upstreams[upstream].name, status.as_str())
+            });
+        count.inc();
+        duration.observe(elapsed.as_secs_f64());
     }
 
     /// Label lookups cost a hash and a lock in the prometheus crate; a worker pays them
@@ -157,22 +173,22 @@ impl Worker {
         {
             return (route_id, error(too_large()));
         }
-        let upstream = &shared.upstreams[route.upstream];
         let target = route.rewrite(path, request.uri().query());
         (
             route_id,
-            self.forward(request, upstream, &target, peer).await,
+            self.forward(request, route.upstream, &target, peer).await,
         )
     }
 
     async fn forward(
         &self,
         request: Request<Incoming>,
-        upstream: &Upstream,
+        upstream_id: usize,
         target: &str,
         peer: SocketAddr,
     ) -> Response<ResponseBody> {
         let shared = &self.shared;
+        let upstream = &shared.upstreams[upstream_id];
         let upstream_metrics = &shared.metrics_gw;
         let if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
         let mut cache_key = None;
@@ -251,11 +267,9 @@ impl Worker {
                 Some(h) => h,
                 None => retry_headers.clone().unwrap_or_default(),
             };
-            outbound.headers_mut().insert(
-                header::HOST,
-                HeaderValue::from_str(endpoint.authority.as_str())
-                    .expect("authority is a valid header"),
-            );
+            outbound
+                .headers_mut()
+                .insert(header::HOST, endpoint.host_header.clone());
 
             let sent = Instant::now();
             let outcome = tokio::time::timeout(
@@ -306,7 +320,7 @@ impl Worker {
                 Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.mark_healthy();
-                    upstream_metrics.observe(&upstream.name, status.as_str(), elapsed);
+                    self.observe_upstream(upstream_id, status, elapsed);
                     let failed = matches!(status.as_u16(), 502..=504);
                     if failed {
                         upstream.breaker.record_failure();
@@ -344,7 +358,7 @@ impl Worker {
                     let body = Streamed {
                         inner: incoming,
                         _slot: slot,
-                        stream_errors: upstream_metrics.stream_errors(&upstream.name),
+                        stream_errors: upstream.stream_errors.clone(),
                     };
                     return Response::from_parts(head, Either::Left(body));
                 }
@@ -381,7 +395,7 @@ fn from_cache(entry: &Entry, not_modified: bool, result: &'static str) -> Respon
         headers.remove(header::CONTENT_LENGTH);
     }
     headers.insert(header::ETAG, entry.etag.clone());
-    headers.insert("x-cache", HeaderValue::from_static(result));
+    headers.insert(X_CACHE, HeaderValue::from_static(result));
     response
 }
 
@@ -427,9 +441,30 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Connection-level headers are for one hop only (RFC 9110 7.6.1), including any the
-/// `Connection` header names.
+/// `Connection` header names. Most messages carry none, so look once before removing.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     const HOP: [HeaderName; 6] = [
         header::CONNECTION,
         header::TE,
@@ -452,22 +487,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
 }
 
 fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
     let ip = peer.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
         None => ip,
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
 }
 

@@ -52,6 +52,8 @@ impl Gateway {
     /// Compiles routes, creates upstream state and binds one listener per worker (the
     /// first picks the port when it is 0; the rest share it).
     pub fn bind(config: Config) -> anyhow::Result<Self> {
+        let metrics = Metrics::new(NAME);
+        let metrics_gw = GatewayMetrics::new(&metrics);
         let names: Vec<String> = config.upstreams.keys().cloned().collect();
         let table = RouteTable::compile(&config.routes, &names)?;
         let upstreams = config
@@ -68,10 +70,10 @@ impl Gateway {
                     Breaker::new(config.breaker_failures, config.breaker_cooldown),
                     RetryBudget::new(config.retry_budget),
                     config.eject_backoff,
+                    metrics_gw.stream_errors(name),
                 ))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let metrics = Metrics::new(NAME);
         let shared = Arc::new(Shared {
             table,
             upstreams,
@@ -84,7 +86,7 @@ impl Gateway {
                 .rate_limit
                 .map(|(rate, burst)| RateLimiter::new(rate, burst)),
             cache: (config.cache_bytes > 0).then(|| ResponseCache::new(config.cache_bytes)),
-            metrics_gw: GatewayMetrics::new(&metrics),
+            metrics_gw,
             metrics,
             readiness: Readiness::default(),
         });

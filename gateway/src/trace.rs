@@ -3,9 +3,10 @@
 //! so upstream spans are children of the gateway hop.
 
 use http::HeaderMap;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceIds {
@@ -13,6 +14,31 @@ pub struct TraceIds {
     pub parent_span_id: Option<u64>,
     pub span_id: u64,
     pub sampled: bool,
+}
+
+impl TraceIds {
+    /// `00-<trace id>-<span id>-<flags>`, written without the formatting machinery
+    /// (this runs on every request).
+    pub fn traceparent(&self) -> HeaderValue {
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        write_hex(&mut out[3..35], self.trace_id);
+        out[35] = b'-';
+        write_hex(&mut out[36..52], u128::from(self.span_id));
+        out[52] = b'-';
+        out[53] = b'0';
+        out[54] = if self.sampled { b'1' } else { b'0' };
+        HeaderValue::from_bytes(&out).expect("hex is a valid header")
+    }
+}
+
+/// Lower-case hex of the low `out.len() * 4` bits of `value`, zero-padded.
+pub fn write_hex(out: &mut [u8], mut value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in out.iter_mut().rev() {
+        *byte = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
 }
 
 /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; all-zero ids and version `ff` are invalid.
@@ -53,7 +79,7 @@ fn nonzero_u64() -> u64 {
 /// Rewrites `traceparent` for the upstream hop and returns the ids used.
 pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
     let inbound = headers
-        .get(TRACEPARENT)
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse);
     let ids = match inbound {
@@ -65,7 +91,7 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
         },
         None => {
             // A new trace drops any orphaned vendor state.
-            headers.remove("tracestate");
+            headers.remove(&TRACESTATE);
             TraceIds {
                 trace_id: fastrand::u128(1..),
                 parent_span_id: None,
@@ -101,13 +127,24 @@ mod tests {
         let ids = propagate(&mut headers);
         assert_eq!(ids.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(ids.parent_span_id, Some(0x00f067aa0ba902b7));
-        let out = headers[TRACEPARENT].to_str().unwrap();
+        let out = headers[&TRACEPARENT].to_str().unwrap();
         assert!(
             out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{out}"
         );
         assert!(!out.contains("00f067aa0ba902b7"));
         assert!(out.ends_with("-01"));
+    }
+
+    #[test]
+    fn traceparent_is_formatted_exactly() {
+        let ids = TraceIds { trace_id: 0xab, parent_span_id: None, span_id: 0x1f, sampled: true };
+        assert_eq!(
+            ids.traceparent(),
+            "00-000000000000000000000000000000ab-000000000000001f-01"
+        );
+        let ids = TraceIds { sampled: false, ..ids };
+        assert!(ids.traceparent().to_str().unwrap().ends_with("-00"));
     }
 
     #[test]
@@ -123,11 +160,11 @@ mod tests {
             if let Some(v) = bad {
                 headers.insert(TRACEPARENT, HeaderValue::from_str(v).unwrap());
             }
-            headers.insert("tracestate", HeaderValue::from_static("vendor=x"));
+            headers.insert(TRACESTATE, HeaderValue::from_static("vendor=x"));
             let ids = propagate(&mut headers);
             assert_eq!(ids.parent_span_id, None, "{bad:?}");
-            assert!(parse(headers[TRACEPARENT].to_str().unwrap()).is_some());
-            assert!(!headers.contains_key("tracestate"));
+            assert!(parse(headers[&TRACEPARENT].to_str().unwrap()).is_some());
+            assert!(!headers.contains_key(&TRACESTATE));
         }
     }
 }

@@ -23,6 +23,8 @@ pub fn now_ms() -> u64 {
 pub struct Endpoint {
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `Host` for requests sent here, built once.
+    pub host_header: http::HeaderValue,
     in_flight: AtomicU32,
     ejected_until: AtomicU64,
     ejections: AtomicU32,
@@ -41,8 +43,11 @@ impl Endpoint {
             .authority()
             .cloned()
             .ok_or_else(|| format!("{url:?}: no host"))?;
+        let host_header =
+            http::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("{url:?}: {e}"))?;
         Ok(Self {
             scheme: Scheme::HTTP,
+            host_header,
             authority,
             in_flight: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -168,7 +173,10 @@ impl Breaker {
     }
 
     pub fn record_success(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        // Read first: a store on every success would bounce this cache line between cores.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
         if self.state() != CircuitState::Closed {
             self.state
                 .store(CircuitState::Closed as u8, Ordering::Release);
@@ -229,6 +237,8 @@ impl RetryBudget {
 
 pub struct Upstream {
     pub name: String,
+    /// Responses cut off mid-body, counted where the body is streamed.
+    pub stream_errors: prometheus::IntCounter,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     pub breaker: Breaker,
     pub budget: RetryBudget,
@@ -242,9 +252,11 @@ impl Upstream {
         breaker: Breaker,
         budget: RetryBudget,
         eject_backoff: Duration,
+        stream_errors: prometheus::IntCounter,
     ) -> Self {
         Self {
             name,
+            stream_errors,
             endpoints: ArcSwap::from_pointee(endpoints.into_iter().map(Arc::new).collect()),
             breaker,
             budget,
@@ -314,6 +326,7 @@ mod tests {
             Breaker::new(3, Duration::from_millis(50)),
             RetryBudget::new(0.2),
             Duration::from_millis(50),
+            prometheus::IntCounter::new("x", "x").unwrap(),
         )
     }
 

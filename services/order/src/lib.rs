@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{
-    Application, Binary, Metrics, ServiceClient, ServiceParts, Shutdown, StorageConfig,
+    Application, Binary, Metrics, Runtime, ServiceClient, ServiceParts, Shutdown, StorageConfig,
 };
 
 pub use routes::{AppState, app};
@@ -43,6 +43,7 @@ pub const BINARY: Binary = Binary {
         ("Storage", StorageConfig::VARS),
         ("Dependencies", &[PRODUCT_URL, USER_URL, UPSTREAM_TIMEOUT]),
     ],
+    runtime: Runtime::MultiThread,
 };
 
 #[derive(Debug, Clone)]

@@ -13,6 +13,17 @@ pub struct Binary {
     pub name: &'static str,
     pub about: &'static str,
     pub vars: &'static [(&'static str, &'static [Var])],
+    pub runtime: Runtime,
+}
+
+/// The runtime `main` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// A worker thread per CPU: for servers that serve on it.
+    MultiThread,
+    /// One thread: for binaries that run their own worker threads (the gateway) and
+    /// only wait for signals here.
+    CurrentThread,
 }
 
 const LOG_FORMAT: Var = TELEMETRY_VARS[0];
@@ -69,10 +80,11 @@ impl Binary {
             }
         };
 
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let mut builder = match self.runtime {
+            Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+            Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        };
+        let runtime = match builder.enable_all().build() {
             Ok(runtime) => runtime,
             Err(err) => {
                 eprintln!("{}: cannot start the async runtime: {err}", self.name);

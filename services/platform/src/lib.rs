@@ -19,7 +19,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod validate;
 
-pub use cli::Binary;
+pub use cli::{Binary, Runtime};
 pub use client::{PeerResponse, ServiceClient};
 pub use config::{ConfigError, Env, ServerConfig, Var};
 pub use db::StorageConfig;

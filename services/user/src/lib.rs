@@ -8,7 +8,7 @@ pub mod storage;
 use std::sync::Arc;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Application, Binary, Metrics, ServiceParts, Shutdown, StorageConfig};
+use shop_platform::{Application, Binary, Metrics, Runtime, ServiceParts, Shutdown, StorageConfig};
 
 pub use routes::{AppState, app};
 pub use storage::{SqliteUserStore, UserStore};
@@ -23,6 +23,7 @@ pub const BINARY: Binary = Binary {
         ("Server", &ServerConfig::vars(PORT)),
         ("Storage", StorageConfig::VARS),
     ],
+    runtime: Runtime::MultiThread,
 };
 
 #[derive(Debug, Clone)]
