@@ -138,12 +138,20 @@ mod tests {
 
     #[test]
     fn traceparent_is_formatted_exactly() {
-        let ids = TraceIds { trace_id: 0xab, parent_span_id: None, span_id: 0x1f, sampled: true };
+        let ids = TraceIds {
+            trace_id: 0xab,
+            parent_span_id: None,
+            span_id: 0x1f,
+            sampled: true,
+        };
         assert_eq!(
             ids.traceparent(),
             "00-000000000000000000000000000000ab-000000000000001f-01"
         );
-        let ids = TraceIds { sampled: false, ..ids };
+        let ids = TraceIds {
+            sampled: false,
+            ..ids
+        };
         assert!(ids.traceparent().to_str().unwrap().ends_with("-00"));
     }
 
