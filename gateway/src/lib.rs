@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,17 +17,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
 use crate::Shared;
 use crate::cache::{Entry, freshness, request_is_cacheable};
+use crate::pool::{Lease, Pool, SendError};
 use crate::upstream::{Admission, InFlight};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
-pub type UpstreamClient = Client<HttpConnector, OutboundBody>;
 
 /// Retries after the first attempt, when retrying is allowed at all.
 const MAX_RETRIES: u32 = 2;
@@ -34,7 +33,7 @@ const MAX_RETRIES: u32 = 2;
 /// Per-worker state: the upstream connection pool and metric handles resolved once.
 pub struct Worker {
     pub shared: Arc<Shared>,
-    pub client: UpstreamClient,
+    pool: Rc<Pool>,
     handles: RefCell<HashMap<(usize, Method, u16), Handles>>,
     upstream_handles: RefCell<HashMap<(usize, u16), (IntCounter, Histogram)>>,
 }
@@ -46,10 +45,10 @@ struct Handles {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, client: UpstreamClient) -> Self {
+    pub fn new(shared: Arc<Shared>, pool: Rc<Pool>) -> Self {
         Self {
             shared,
-            client,
+            pool,
             handles: RefCell::new(HashMap::new()),
             upstream_handles: RefCell::new(HashMap::new()),
         }
@@ -248,12 +247,8 @@ impl Worker {
                 return error(AppError::unavailable(&upstream.name, "no healthy endpoint"));
             };
             let slot = InFlight::new(endpoint.clone());
-            let uri = Uri::builder()
-                .scheme(endpoint.scheme.clone())
-                .authority(endpoint.authority.clone())
-                .path_and_query(target)
-                .build();
-            let Ok(uri) = uri else {
+            // Origin form (`/path?query`): the connection already names the endpoint.
+            let Ok(uri) = Uri::try_from(target) else {
                 upstream.breaker.record_success();
                 return error(AppError::bad_request(
                     "invalid_path",
@@ -274,7 +269,7 @@ impl Worker {
             let sent = Instant::now();
             let outcome = tokio::time::timeout(
                 shared.options.upstream_timeout,
-                self.client.request(outbound),
+                self.pool.send(&endpoint, outbound),
             )
             .await;
             let elapsed = sent.elapsed();
@@ -292,7 +287,7 @@ impl Worker {
                         ),
                     ));
                 }
-                Ok(Err(err)) if err.is_connect() => {
+                Ok(Err(SendError::Connect(_))) => {
                     endpoint.eject(upstream.eject_backoff);
                     upstream.breaker.record_failure();
                     upstream_metrics.observe(&upstream.name, "connect_error", elapsed);
@@ -303,7 +298,7 @@ impl Worker {
                     }
                     return error(AppError::unavailable(&upstream.name, "connection refused"));
                 }
-                Ok(Err(err)) => {
+                Ok(Err(SendError::Exchange(err))) => {
                     if body_limit_exceeded(&err) {
                         upstream.breaker.record_success();
                         return error(too_large());
@@ -317,7 +312,7 @@ impl Worker {
                         format!("{} closed the connection without answering", upstream.name),
                     ));
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok((response, lease))) => {
                     let status = response.status();
                     endpoint.mark_healthy();
                     self.observe_upstream(upstream_id, status, elapsed);
@@ -355,11 +350,7 @@ impl Worker {
                         return from_cache(&entry, entry.matches(if_none_match.as_ref()), "miss");
                     }
                     let (head, incoming) = response.into_parts();
-                    let body = Streamed {
-                        inner: incoming,
-                        _slot: slot,
-                        stream_errors: upstream.stream_errors.clone(),
-                    };
+                    let body = Streamed::new(incoming, slot, upstream.stream_errors.clone(), lease);
                     return Response::from_parts(head, Either::Left(body));
                 }
             }
@@ -516,7 +507,7 @@ pub enum OutboundBody {
 #[error("request body exceeds the limit")]
 pub struct BodyLimitExceeded;
 
-fn body_limit_exceeded(err: &hyper_util::client::legacy::Error) -> bool {
+fn body_limit_exceeded(err: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(err);
     while let Some(e) = source {
         if e.is::<BodyLimitExceeded>() {
@@ -576,6 +567,41 @@ pub struct Streamed {
     inner: Incoming,
     _slot: InFlight,
     stream_errors: IntCounter,
+    /// The upstream connection, returned to the pool when the body has ended.
+    lease: Option<Lease>,
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        self.release_if_done();
+    }
+}
+
+impl Streamed {
+    /// Hands the connection back once the whole body has been read; a connection whose
+    /// body was abandoned mid-way is closed (dropped) instead.
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
+    }
+
+    fn new(inner: Incoming, slot: InFlight, stream_errors: IntCounter, lease: Lease) -> Self {
+        let lease = if inner.is_end_stream() {
+            lease.release();
+            None
+        } else {
+            Some(lease)
+        };
+        Self {
+            inner,
+            _slot: slot,
+            stream_errors,
+            lease,
+        }
+    }
 }
 
 impl Body for Streamed {
@@ -587,8 +613,15 @@ impl Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.stream_errors.inc();
+        match &polled {
+            Poll::Ready(Some(Err(_))) => {
+                self.stream_errors.inc();
+                self.lease = None;
+            }
+            Poll::Ready(None) => self.release_if_done(),
+            // A known length can end with a data frame; the server may not poll again.
+            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
+            Poll::Pending => {}
         }
         polled
     }

@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use shop_platform::probes::Readiness;
 use shop_platform::{Metrics, Shutdown};
@@ -25,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::metrics::GatewayMetrics;
-use crate::proxy::{UpstreamClient, Worker};
+use crate::pool::Pool;
+use crate::proxy::Worker;
 use crate::ratelimit::RateLimiter;
 use crate::routes::RouteTable;
 use crate::upstream::{Breaker, Endpoint, RetryBudget, Upstream};
@@ -187,18 +186,6 @@ struct WorkerSpec {
     config: Config,
 }
 
-fn upstream_client(config: &Config) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.idle_timeout)
-        .pool_max_idle_per_host(config.max_idle)
-        .build(connector)
-}
-
 impl WorkerSpec {
     fn run(self) {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -217,7 +204,13 @@ impl WorkerSpec {
                 return;
             }
         };
-        let worker = Rc::new(Worker::new(self.shared, upstream_client(&self.config)));
+        let pool = Pool::new(
+            self.config.max_idle,
+            self.config.idle_timeout,
+            self.config.connect_timeout,
+        );
+        pool.spawn_sweeper();
+        let worker = Rc::new(Worker::new(self.shared, pool));
         let graceful = GracefulShutdown::new();
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
