@@ -141,16 +141,16 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let key = key(endpoint);
         let mut request = request;
-        if let Some(mut sender) = self.take(key) {
-            if sender.ready().await.is_ok() {
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok((response, self.lease(key, sender))),
-                    Err(mut err) => match err.take_message() {
-                        // Never written: the upstream closed this idle connection.
-                        Some(unsent) => request = unsent,
-                        None => return Err(SendError::Exchange(err.into_error())),
-                    },
-                }
+        if let Some(mut sender) = self.take(key)
+            && sender.ready().await.is_ok()
+        {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, self.lease(key, sender))),
+                Err(mut err) => match err.take_message() {
+                    // Never written: the upstream closed this idle connection.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Exchange(err.into_error())),
+                },
             }
         }
         let mut sender = self.connect(endpoint).await?;
