@@ -114,10 +114,6 @@ impl Gateway {
         self.local_addr.port()
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let Gateway {
             shared,

@@ -21,7 +21,6 @@ pub fn now_ms() -> u64 {
 
 #[derive(Debug)]
 pub struct Endpoint {
-    pub scheme: Scheme,
     pub authority: Authority,
     /// `Host` for requests sent here, built once.
     pub host_header: http::HeaderValue,
@@ -46,7 +45,6 @@ impl Endpoint {
         let host_header =
             http::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("{url:?}: {e}"))?;
         Ok(Self {
-            scheme: Scheme::HTTP,
             host_header,
             authority,
             in_flight: AtomicU32::new(0),
@@ -87,10 +85,6 @@ impl InFlight {
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(endpoint)
-    }
-
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.0
     }
 }
 

@@ -43,12 +43,6 @@ impl PeerResponse {
         })
     }
 
-    /// The `error.code` of a JSON error body, if the peer sent one.
-    pub fn error_code(&self) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v.pointer("/error/code")?.as_str().map(str::to_owned)
-    }
-
     pub fn error_message(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
         v.pointer("/error/message")?.as_str().map(str::to_owned)
@@ -86,10 +80,6 @@ impl ServiceClient {
             timeout,
             metrics,
         })
-    }
-
-    pub fn peer(&self) -> &'static str {
-        self.peer
     }
 
     /// Readiness check: the peer's `/health` answers 200. Deliberately neither traced nor
