@@ -350,6 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn replacing_endpoints_keeps_the_state_of_those_that_stay() {
+        let u = upstream(&["http://a:1", "http://b:2"]);
+        u.endpoints()[1].eject(Duration::from_secs(10));
+        u.set_endpoints(vec![
+            Endpoint::parse("http://b:2").unwrap(),
+            Endpoint::parse("http://c:3").unwrap(),
+        ]);
+        let now = now_ms();
+        let eps = u.endpoints();
+        let names: Vec<&str> = eps.iter().map(|e| e.authority.as_str()).collect();
+        assert_eq!(names, ["b:2", "c:3"]);
+        assert!(eps[0].is_ejected(now), "b keeps its ejection");
+        assert!(!eps[1].is_ejected(now));
+        for _ in 0..20 {
+            assert_eq!(
+                u.pick(None).unwrap().authority.as_str(),
+                "c:3",
+                "a is gone, b is ejected"
+            );
+        }
+    }
+
+    #[test]
     fn spreads_load_across_equal_endpoints() {
         let u = upstream(&["http://a:1", "http://b:2", "http://c:3"]);
         let mut counts = std::collections::HashMap::new();
