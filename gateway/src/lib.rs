@@ -125,9 +125,7 @@ impl Shared {
 /// Keeps a well-formed inbound `x-request-id`, or sets a fresh one; returns it.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&REQUEST_ID)
-        && !id.is_empty()
-        && id.len() <= 128
-        && id.as_bytes().iter().all(u8::is_ascii_graphic)
+        && shop_platform::middleware::is_acceptable_request_id(id)
     {
         return id.clone();
     }

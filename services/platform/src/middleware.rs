@@ -129,7 +129,9 @@ pub(crate) async fn observe(
     response
 }
 
-fn is_acceptable_request_id(value: &HeaderValue) -> bool {
+/// An inbound `x-request-id` worth keeping: short, printable ASCII (it lands in logs and
+/// headers verbatim). Anything else is replaced with a fresh id.
+pub fn is_acceptable_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
 }
