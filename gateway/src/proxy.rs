@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -30,12 +31,64 @@ pub type ResponseBody = Either<Streamed, Full<Bytes>>;
 /// Retries after the first attempt, when retrying is allowed at all.
 const MAX_RETRIES: u32 = 2;
 
+/// The client end of one inbound connection, resolved once per connection rather than
+/// once per request (formatting an address is one of the costlier things a proxy does).
+pub struct Client {
+    pub addr: SocketAddr,
+    /// The peer address as an `X-Forwarded-For` element.
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        let forwarded_for =
+            HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is a valid header");
+        Self {
+            addr,
+            forwarded_for,
+        }
+    }
+}
+
 /// Per-worker state: the upstream connection pool and metric handles resolved once.
 pub struct Worker {
     pub shared: Arc<Shared>,
     pool: Rc<Pool>,
-    handles: RefCell<HashMap<(usize, Method, u16), Handles>>,
-    upstream_handles: RefCell<HashMap<(usize, u16), (IntCounter, Histogram)>>,
+    handles: RefCell<HandleMap<Handles>>,
+    upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
+}
+
+/// Metric handles by a key packed into a `u64`: a SipHash of a tuple per request costs
+/// more than the counter increments it guards.
+type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
+
+#[derive(Default)]
+struct PackedKeyHasher(u64);
+
+impl Hasher for PackedKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        // Fibonacci hashing spreads the packed fields into the high bits hashbrown uses.
+        self.0 = (self.0 ^ key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+fn pack(route: usize, method: &Method, status: StatusCode) -> u64 {
+    let method = shop_platform::metrics::method_label(method);
+    // The label is one of a fixed set of static strings; its first bytes tell them apart.
+    let tag = method.as_bytes()[..2]
+        .iter()
+        .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+    ((route as u64) << 32) | (tag << 16) | u64::from(status.as_u16())
 }
 
 #[derive(Clone)]
@@ -49,8 +102,8 @@ impl Worker {
         Self {
             shared,
             pool,
-            handles: RefCell::new(HashMap::new()),
-            upstream_handles: RefCell::new(HashMap::new()),
+            handles: RefCell::default(),
+            upstream_handles: RefCell::default(),
         }
     }
 
@@ -58,7 +111,7 @@ impl Worker {
     fn observe_upstream(&self, upstream: usize, status: StatusCode, elapsed: Duration) {
         let mut handles = self.upstream_handles.borrow_mut();
         let (count, duration) = handles
-            .entry((upstream, status.as_u16()))
+            .entry(((upstream as u64) << 16) | u64::from(status.as_u16()))
             .or_insert_with(|| {
                 self.shared
                     .metrics_gw
@@ -71,19 +124,21 @@ impl Worker {
     /// Label lookups cost a hash and a lock in the prometheus crate; a worker pays them
     /// once per (route, method, status) and then only increments atomics.
     fn observe(&self, route: usize, method: &Method, status: StatusCode, elapsed: Duration) {
-        let key = (route, method.clone(), status.as_u16());
         let mut handles = self.handles.borrow_mut();
-        let h = handles.entry(key).or_insert_with(|| {
-            let label = self.shared.route_label(route);
-            let (requests, duration) =
-                self.shared
-                    .metrics
-                    .server_handles(method.as_str(), label, status.as_u16());
-            Handles {
-                server_requests: requests,
-                server_duration: duration,
-            }
-        });
+        let h = handles
+            .entry(pack(route, method, status))
+            .or_insert_with(|| {
+                let label = self.shared.route_label(route);
+                let method = shop_platform::metrics::method_label(method);
+                let (requests, duration) =
+                    self.shared
+                        .metrics
+                        .server_handles(method, label, status.as_u16());
+                Handles {
+                    server_requests: requests,
+                    server_duration: duration,
+                }
+            });
         h.server_requests.inc();
         h.server_duration.observe(elapsed.as_secs_f64());
     }
@@ -91,7 +146,7 @@ impl Worker {
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &Client,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let shared = &self.shared;
@@ -100,7 +155,7 @@ impl Worker {
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
         let trace = crate::trace::propagate(request.headers_mut());
-        let (route, mut response) = self.route_and_forward(request, peer, started).await;
+        let (route, mut response) = self.route_and_forward(request, client, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
@@ -114,7 +169,7 @@ impl Worker {
                 request_id = request_id.to_str().unwrap_or_default(),
                 trace_id = %format_args!("{:032x}", trace.trace_id),
                 span_id = %format_args!("{:016x}", trace.span_id),
-                client = %peer.ip(),
+                client = %client.addr.ip(),
                 "request completed"
             );
         }
@@ -128,7 +183,7 @@ impl Worker {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &Client,
         started: Instant,
     ) -> (usize, Response<ResponseBody>) {
         let shared = &self.shared;
@@ -146,7 +201,7 @@ impl Worker {
             );
         }
         if let Some(limiter) = &shared.limiter
-            && let Err(wait) = limiter.check(peer.ip(), started)
+            && let Err(wait) = limiter.check(client.addr.ip(), started)
         {
             shared.metrics_gw.rate_limited.inc();
             let mut err = AppError::new(
@@ -175,7 +230,7 @@ impl Worker {
         let target = route.rewrite(path, request.uri().query());
         (
             route_id,
-            self.forward(request, route.upstream, &target, peer).await,
+            self.forward(request, route.upstream, &target, client).await,
         )
     }
 
@@ -184,7 +239,7 @@ impl Worker {
         request: Request<Incoming>,
         upstream_id: usize,
         target: &str,
-        peer: SocketAddr,
+        client: &Client,
     ) -> Response<ResponseBody> {
         let shared = &self.shared;
         let upstream = &shared.upstreams[upstream_id];
@@ -224,10 +279,12 @@ impl Worker {
         let (mut parts, body) = request.into_parts();
         let original_host = parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, peer, original_host);
+        append_forwarded(&mut parts.headers, client, original_host);
 
         let bodyless = body.is_end_stream();
-        let retryable = bodyless && is_idempotent(&parts.method);
+        // Retries go to another endpoint only, so with one endpoint there is nothing to
+        // keep a copy of the headers for.
+        let retryable = bodyless && is_idempotent(&parts.method) && upstream.has_alternatives();
         let retry_headers = retryable.then(|| parts.headers.clone());
         let mut body = Some(if bodyless {
             OutboundBody::Empty
@@ -482,13 +539,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(PROXY_CONNECTION);
 }
 
-fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
-    let ip = peer.ip().to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+fn append_forwarded(headers: &mut HeaderMap, client: &Client, host: Option<HeaderValue>) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut list = Vec::with_capacity(prior.len() + 2 + client.forwarded_for.len());
+            list.extend_from_slice(prior.as_bytes());
+            list.extend_from_slice(b", ");
+            list.extend_from_slice(client.forwarded_for.as_bytes());
+            HeaderValue::from_bytes(&list).ok()
+        }
+        None => Some(client.forwarded_for.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));

@@ -176,22 +176,39 @@ fn segment_prefix(path: &str, prefix: &str) -> bool {
 /// (double encoding). Upstreams decode paths; the gateway never does, so nothing it lets
 /// through can turn into a different path after decoding.
 pub fn path_is_safe(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') || path.contains("//") {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
         return false;
     }
-    let bytes = path.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).unwrap_or(b"");
-            let lowered: Vec<u8> = hex.iter().map(u8::to_ascii_lowercase).collect();
-            if matches!(lowered.as_slice(), b"2f" | b"5c" | b"2e" | b"25") || hex.len() < 2 {
-                return false;
+    // One pass, no allocation: this runs on every request.
+    let mut segment_start = 1;
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        match b {
+            b'\\' => return false,
+            b'%' => match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(hi), Some(lo)) => {
+                    let pair = [hi.to_ascii_lowercase(), lo.to_ascii_lowercase()];
+                    if matches!(&pair, b"2f" | b"5c" | b"2e" | b"25") {
+                        return false;
+                    }
+                }
+                _ => return false,
+            },
+            b'/' => {
+                if is_empty_or_dot_segment(&bytes[segment_start..i]) {
+                    return false;
+                }
+                segment_start = i + 1;
             }
+            _ => {}
         }
     }
-    !path
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
+    !matches!(&bytes[segment_start..], b"." | b"..")
+}
+
+/// An empty segment (`//`) or a dot segment, anywhere but at the end of the path.
+fn is_empty_or_dot_segment(segment: &[u8]) -> bool {
+    matches!(segment, b"" | b"." | b"..")
 }
 
 #[cfg(test)]
@@ -275,6 +292,9 @@ mod tests {
             "/api/v1/products/%5c",
             "/api/v1/products/%",
             "/api/v1/products/%2",
+            "/api/v1/products/.",
+            "//api/v1/products",
+            "/./api",
             "relative",
         ] {
             assert!(!path_is_safe(bad), "{bad} accepted");
@@ -284,6 +304,9 @@ mod tests {
             "/api/v1/products/1",
             "/api/v1/users/a%20b",
             "/api/v1/products/x.y",
+            "/api/v1/products/",
+            "/api/v1/products/...",
+            "/api/v1/users/a%41",
         ] {
             assert!(path_is_safe(good), "{good} refused");
         }

@@ -24,7 +24,7 @@ use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
-use crate::proxy::Worker;
+use crate::proxy::{Client, Worker};
 use crate::ratelimit::RateLimiter;
 use crate::routes::RouteTable;
 use crate::upstream::{Breaker, Endpoint, RetryBudget, Upstream};
@@ -228,9 +228,11 @@ impl WorkerSpec {
             };
             let _ = stream.set_nodelay(true);
             let worker = worker.clone();
+            let client = Rc::new(Client::new(peer));
             let service = service_fn(move |request| {
                 let worker = worker.clone();
-                async move { worker.handle(request, peer).await }
+                let client = client.clone();
+                async move { worker.handle(request, &client).await }
             });
             let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::task::spawn_local(async move {

@@ -100,16 +100,7 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
             }
         }
     };
-    let value = format!(
-        "00-{:032x}-{:016x}-{:02x}",
-        ids.trace_id,
-        ids.span_id,
-        u8::from(ids.sampled)
-    );
-    headers.insert(
-        TRACEPARENT,
-        HeaderValue::from_str(&value).expect("hex is a valid header"),
-    );
+    headers.insert(TRACEPARENT, ids.traceparent());
     ids
 }
 

@@ -280,6 +280,11 @@ impl Upstream {
 
     /// Power of two choices among endpoints not ejected, skipping `avoid` (the endpoint
     /// that just failed, when retrying).
+    /// Whether a retry could go anywhere but the endpoint that just failed.
+    pub fn has_alternatives(&self) -> bool {
+        self.endpoints.load().len() > 1
+    }
+
     pub fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
         let now = now_ms();

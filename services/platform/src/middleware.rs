@@ -110,9 +110,12 @@ pub(crate) async fn observe(
     response.headers_mut().insert(REQUEST_ID, request_id);
 
     let elapsed = started.elapsed();
-    observer
-        .metrics
-        .observe_request(method.as_str(), &route, status.as_u16(), elapsed);
+    observer.metrics.observe_request(
+        crate::metrics::method_label(&method),
+        &route,
+        status.as_u16(),
+        elapsed,
+    );
     if !quiet {
         span.record("http.response.status_code", status.as_u16());
         if status.is_server_error() {
