@@ -211,7 +211,8 @@ impl WorkerSpec {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.config.header_read_timeout)
-            .keep_alive(true);
+            .keep_alive(true)
+            .writev(false);
 
         loop {
             let (stream, peer) = tokio::select! {
