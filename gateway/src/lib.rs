@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod deadline;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -23,6 +23,7 @@ use shop_platform::AppError;
 
 use crate::Shared;
 use crate::cache::{Entry, freshness, request_is_cacheable};
+use crate::deadline::Deadlines;
 use crate::pool::{Lease, Pool, SendError};
 use crate::upstream::{Admission, InFlight};
 
@@ -54,6 +55,7 @@ impl Client {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pool: Rc<Pool>,
+    deadlines: Rc<Deadlines>,
     handles: RefCell<HandleMap<Handles>>,
     upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
 }
@@ -98,10 +100,11 @@ struct Handles {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, pool: Rc<Pool>) -> Self {
+    pub fn new(shared: Arc<Shared>, pool: Rc<Pool>, deadlines: Rc<Deadlines>) -> Self {
         Self {
             shared,
             pool,
+            deadlines,
             handles: RefCell::default(),
             upstream_handles: RefCell::default(),
         }
@@ -326,12 +329,14 @@ impl Worker {
                 .headers_mut()
                 .insert(header::HOST, endpoint.host_header.clone());
 
-            let sent = Instant::now();
-            let outcome = tokio::time::timeout(
-                shared.options.upstream_timeout,
-                self.pool.send(&endpoint, outbound),
-            )
-            .await;
+            let sent = tokio::time::Instant::now();
+            let outcome = self
+                .deadlines
+                .run_until(
+                    sent + shared.options.upstream_timeout,
+                    self.pool.send(&endpoint, outbound),
+                )
+                .await;
             let elapsed = sent.elapsed();
             let can_retry = retryable && attempt < MAX_RETRIES;
             match outcome {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
 use crate::config::Config;
+use crate::deadline::Deadlines;
 use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
 use crate::proxy::{Client, Worker};
@@ -206,7 +207,11 @@ impl WorkerSpec {
             self.config.connect_timeout,
         );
         pool.spawn_sweeper();
-        let worker = Rc::new(Worker::new(self.shared, pool));
+        let deadlines = Deadlines::new(Deadlines::resolution_for(
+            self.config.server.request_timeout,
+        ));
+        deadlines.spawn_ticker();
+        let worker = Rc::new(Worker::new(self.shared, pool, deadlines));
         let graceful = GracefulShutdown::new();
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
