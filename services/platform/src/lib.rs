@@ -2,6 +2,7 @@
 //! probes, metrics, logs and traces, errors, and the service-to-service HTTP client.
 //! A service crate brings only its domain, router and storage.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
