@@ -10,6 +10,8 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+pub use crate::db::Backend;
+use crate::db::StorageConfig;
 use crate::server::Application;
 use crate::shutdown::Shutdown;
 
@@ -130,6 +132,143 @@ impl From<Value> for TestBody {
 impl From<&str> for TestBody {
     fn from(text: &str) -> Self {
         TestBody::Raw(Some("application/json"), text.as_bytes().to_vec())
+    }
+}
+
+/// PostgreSQL tests are mandatory in CI (`CI` set) and under `./scripts/test`
+/// (`SHOP_TEST_POSTGRES=required`); a developer's plain `cargo test` may lack a server.
+pub fn postgres_required() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "false");
+    set("CI") || std::env::var("SHOP_TEST_POSTGRES").is_ok_and(|v| v == "required")
+}
+
+/// The admin URL of the PostgreSQL server for tests (`TEST_DATABASE_URL`). Without one,
+/// a required run fails here; otherwise the test is skipped with the reason printed.
+pub fn postgres_admin_url(test: &str) -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if postgres_required() => panic!(
+            "{test}: PostgreSQL tests are required here (CI or SHOP_TEST_POSTGRES=required) \
+             but TEST_DATABASE_URL is not set; ./scripts/test starts a throwaway server"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED {test} on PostgreSQL: TEST_DATABASE_URL is not set \
+                 (./scripts/test starts a throwaway server and sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs each listed `async fn name(backend: Backend)` once per backend, as
+/// `sqlite::name` and `postgres::name`: one behavioural suite for both.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::testing::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if $crate::testing::postgres_admin_url(stringify!($name)).is_some() {
+                        super::$name($crate::testing::Backend::Postgres).await
+                    }
+                }
+            )+
+        }
+    };
+}
+
+/// A database of its own for one test: a temporary SQLite directory, or a fresh
+/// PostgreSQL database created from the admin URL and dropped afterwards.
+pub struct TestDatabase {
+    storage: StorageConfig,
+    _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = temp_dir();
+                Self {
+                    storage: StorageConfig::in_dir(dir.path()),
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            Backend::Postgres => {
+                use sqlx::{ConnectOptions, Connection};
+                let admin = postgres_admin_url("TestDatabase")
+                    .expect("PostgreSQL tests run only with TEST_DATABASE_URL set");
+                let name = format!("shop_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to TEST_DATABASE_URL");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create a test database");
+                conn.close().await.ok();
+                let url = admin
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .expect("TEST_DATABASE_URL parses")
+                    .database(&name)
+                    .to_url_lossy()
+                    .to_string();
+                Self {
+                    storage: StorageConfig::at_url(url),
+                    _dir: None,
+                    postgres: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    /// Settings that open this database.
+    pub fn storage(&self) -> StorageConfig {
+        self.storage.clone()
+    }
+
+    pub fn url(&self) -> String {
+        match &self.storage.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}/db.sqlite", self.storage.data_dir.display()),
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs outside any runtime guarantee; a short-lived one does the cleanup.
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
     }
 }
 
