@@ -81,7 +81,6 @@ struct ReservationLine<'a> {
 
 #[derive(Debug, Deserialize)]
 struct Reservation {
-    id: String,
     items: Vec<ReservedLine>,
 }
 
@@ -191,7 +190,7 @@ pub async fn place_order(
             .any(|(id, _, _, price)| *id == reserved.product_id && *price == reserved.unit_price)
     });
     if !repriced {
-        compensate(state, &reservation.id).await;
+        compensate(state, &checkout.reservation_id).await;
         return Err(AppError::conflict(
             "price_changed",
             "a price changed while the order was placed; review the products and retry",
@@ -206,7 +205,7 @@ pub async fn place_order(
         total,
         status: "pending".into(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        reservation_id: reservation.id,
+        reservation_id: checkout.reservation_id,
     };
     let record = match &key {
         Some(key) => Some(IdempotencyRecord {
