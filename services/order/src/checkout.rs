@@ -227,9 +227,11 @@ pub async fn place_order(
         Err(err) => {
             compensate(state, &order.reservation_id).await;
             match (err, &key) {
-                (StoreError::IdempotencyKeyTaken, Some(key)) => replay(state, key)
-                    .await?
-                    .ok_or_else(|| AppError::internal(anyhow::anyhow!("idempotency record vanished"))),
+                (StoreError::IdempotencyKeyTaken, Some(key)) => {
+                    replay(state, key).await?.ok_or_else(|| {
+                        AppError::internal(anyhow::anyhow!("idempotency record vanished"))
+                    })
+                }
                 (StoreError::DuplicateId(id), _) => Err(order_exists(&id)),
                 (other, _) => Err(other.into()),
             }
@@ -299,9 +301,12 @@ async fn reserve(
     };
     match response.status.as_u16() {
         201 => response.json().map_err(Refusal::Unknown),
-        409 if response.error_code().as_deref() == Some("insufficient_stock") => Err(Refusal::Definite(
-            AppError::conflict("insufficient_stock", message("not enough stock")),
-        )),
+        409 if response.error_code().as_deref() == Some("insufficient_stock") => {
+            Err(Refusal::Definite(AppError::conflict(
+                "insufficient_stock",
+                message("not enough stock"),
+            )))
+        }
         422 => Err(Refusal::Definite(AppError::validation(
             "products",
             message("a product no longer exists"),
@@ -350,7 +355,10 @@ pub async fn recover_abandoned(state: &AppState, timeout: Duration) -> Result<us
             Ok(()) => {
                 state.store.end_checkout(&reservation_id).await?;
                 released += 1;
-                tracing::info!(reservation_id, "released the reservation of an abandoned checkout");
+                tracing::info!(
+                    reservation_id,
+                    "released the reservation of an abandoned checkout"
+                );
             }
             Err(err) => {
                 tracing::warn!(reservation_id, error = %err, "could not release an abandoned checkout's reservation; will retry");

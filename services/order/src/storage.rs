@@ -62,8 +62,7 @@ pub trait OrderStore: Send + Sync + 'static {
     /// Claims the checkouts started before `started_before_ms` for compensation; from
     /// then on they can no longer store their order. Returns their reservation ids.
     async fn claim_abandoned(&self, started_before_ms: i64) -> Result<Vec<String>, StoreError>;
-    async fn idempotency_record(&self, key: &str)
-    -> Result<Option<IdempotencyRecord>, StoreError>;
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError>;
     async fn exists(&self, id: &str) -> Result<bool, StoreError>;
     async fn list(
@@ -152,13 +151,12 @@ impl OrderStore for SqlOrderStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         // First statement is a write, so SQLite takes its write lock up front.
-        let claimed = sqlx::query(
-            "DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'",
-        )
-        .bind(&order.reservation_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let claimed =
+            sqlx::query("DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'")
+                .bind(&order.reservation_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if claimed != 1 {
             return Err(StoreError::CheckoutAbandoned);
         }
@@ -238,10 +236,7 @@ impl OrderStore for SqlOrderStore {
         .await?)
     }
 
-    async fn idempotency_record(
-        &self,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT key, request_hash, order_id, status, response FROM idempotency_keys
              WHERE key = $1",

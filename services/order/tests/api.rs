@@ -13,7 +13,9 @@ use serde_json::json;
 use shop_order::storage::MIGRATIONS;
 use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::server::stack;
-use shop_platform::testing::{Backend, TestBody, TestDatabase, TestResponse, call, closed_port_url};
+use shop_platform::testing::{
+    Backend, TestBody, TestDatabase, TestResponse, call, closed_port_url,
+};
 use shop_platform::{Metrics, ServerConfig, ServiceClient};
 
 struct Harness {
@@ -28,12 +30,7 @@ async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> 
     let timeout = Duration::from_secs(2);
     let products = ServiceClient::new("product", product_url, timeout, metrics.clone()).unwrap();
     let users = ServiceClient::new("user", user_url, timeout, metrics.clone()).unwrap();
-    let state = AppState::new(
-        Arc::new(SqlOrderStore::new(&db)),
-        products,
-        users,
-        &metrics,
-    );
+    let state = AppState::new(Arc::new(SqlOrderStore::new(&db)), products, users, &metrics);
     stack(app(state), &ServerConfig::ephemeral(), metrics)
 }
 
@@ -417,7 +414,10 @@ async fn a_retry_with_the_same_idempotency_key_creates_nothing_new(backend: Back
     assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.body, first.body, "the first response, replayed");
     assert_eq!(again.headers["idempotent-replayed"], "true");
-    assert_eq!(again.headers[header::LOCATION], first.headers[header::LOCATION]);
+    assert_eq!(
+        again.headers[header::LOCATION],
+        first.headers[header::LOCATION]
+    );
     assert_eq!(h.order_count().await, 1);
     assert_eq!(h.stocks().await.0, 8, "stock taken once");
 
@@ -461,7 +461,11 @@ async fn concurrent_retries_with_one_idempotency_key_make_one_order(backend: Bac
         assert_eq!(r.body, responses[0].body, "every retry sees the one order");
     }
     assert_eq!(h.order_count().await, 1);
-    assert_eq!(h.stocks().await.1, 95, "the losers' reservations were released");
+    assert_eq!(
+        h.stocks().await.1,
+        95,
+        "the losers' reservations were released"
+    );
 }
 
 /// 200 buyers, 10 laptops: exactly 10 orders, stock 0, everyone else a clean 409.

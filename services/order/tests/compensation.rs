@@ -57,10 +57,7 @@ impl OrderStore for FaultyStore {
     async fn claim_abandoned(&self, started_before_ms: i64) -> Result<Vec<String>, StoreError> {
         self.0.claim_abandoned(started_before_ms).await
     }
-    async fn idempotency_record(
-        &self,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.0.idempotency_record(key).await
     }
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
@@ -178,7 +175,12 @@ async fn a_checkout_left_by_a_dead_process_is_released_after_the_timeout(backend
     assert_eq!(peers.stock("2").await, 95);
 
     // Too young: it may belong to a live checkout on another replica.
-    assert_eq!(recover_abandoned(&state, Duration::from_secs(60)).await.unwrap(), 0);
+    assert_eq!(
+        recover_abandoned(&state, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(peers.stock("2").await, 95);
     assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
     assert_eq!(peers.stock("2").await, 100);
@@ -248,7 +250,11 @@ async fn a_price_change_between_quote_and_reservation_is_refused_and_released(ba
     );
     let reserved = reserved.lock().unwrap().clone();
     assert_eq!(reserved.len(), 1);
-    assert_eq!(*released.lock().unwrap(), reserved, "the reservation made was released");
+    assert_eq!(
+        *released.lock().unwrap(),
+        reserved,
+        "the reservation made was released"
+    );
     assert!(!store.exists("o-1").await.unwrap(), "nothing stored");
 }
 

@@ -185,7 +185,67 @@ async fn metrics_use_route_templates_and_the_shared_names(backend: Backend) {
     order.stop().await.unwrap();
 }
 
+/// Replicas of each service starting at the same moment against an empty database:
+/// one applies the migrations while the other waits for the lock, and both serve.
+async fn two_replicas_start_together_on_an_empty_database(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let (product_db, user_db, order_db) = (
+        TestDatabase::new(backend).await,
+        TestDatabase::new(backend).await,
+        TestDatabase::new(backend).await,
+    );
+    let product = || {
+        shop_product::build(shop_product::Config {
+            server: shop_platform::ServerConfig::ephemeral(),
+            storage: product_db.storage(),
+            seed_products: true,
+        })
+    };
+    let user = || {
+        shop_user::build(shop_user::Config {
+            server: shop_platform::ServerConfig::ephemeral(),
+            storage: user_db.storage(),
+        })
+    };
+    let order = || shop_order::build(peers.order_config(&order_db));
+    let (p1, p2, u1, u2, o1, o2) =
+        tokio::join!(product(), product(), user(), user(), order(), order());
+    let replicas: Vec<RunningApp> = [p1, p2, u1, u2, o1, o2]
+        .into_iter()
+        .map(|built| RunningApp::start(built.expect("every replica starts")))
+        .collect();
+    for replica in &replicas {
+        let ready = peers
+            .http
+            .get(format!("{}/ready", replica.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "{}", replica.url);
+    }
+    for replica in &replicas[..2] {
+        let products: Value = peers
+            .http
+            .get(format!("{}/products", replica.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            products.as_array().unwrap().len(),
+            2,
+            "seeded once: {products}"
+        );
+    }
+    for replica in replicas {
+        replica.stop().await.unwrap();
+    }
+}
+
 shop_platform::backend_tests!(
+    two_replicas_start_together_on_an_empty_database,
     orders_survive_a_restart_on_the_same_data_dir,
     readiness_names_each_failing_dependency,
     metrics_use_route_templates_and_the_shared_names,

@@ -84,7 +84,8 @@ impl StorageConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let database_url = env.parse_opt::<String>(&Self::DATABASE_URL)?;
         if let Some(url) = &database_url {
-            let invalid = |reason: String| ConfigError::new(&Self::DATABASE_URL, redact_url(url), reason);
+            let invalid =
+                |reason: String| ConfigError::new(&Self::DATABASE_URL, redact_url(url), reason);
             match backend_of(url) {
                 Some(Backend::Sqlite) => {
                     SqliteConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
@@ -213,7 +214,9 @@ impl StorageConfig {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(err) => {
-                    return Err(anyhow::anyhow!("{service}: cannot connect to the database: {err}"));
+                    return Err(anyhow::anyhow!(
+                        "{service}: cannot connect to the database: {err}"
+                    ));
                 }
             }
         }
@@ -392,7 +395,11 @@ mod tests {
             ("sqlite://data/product.db", Backend::Sqlite),
         ] {
             let env = Env::from_pairs([("DATABASE_URL", url)]);
-            assert_eq!(StorageConfig::from_env(&env).unwrap().backend(), backend, "{url}");
+            assert_eq!(
+                StorageConfig::from_env(&env).unwrap().backend(),
+                backend,
+                "{url}"
+            );
         }
         let default = StorageConfig::from_env(&Env::from_pairs::<&str, &str>([])).unwrap();
         assert_eq!(default.backend(), Backend::Sqlite);

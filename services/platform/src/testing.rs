@@ -239,11 +239,72 @@ impl TestDatabase {
         self.storage.clone()
     }
 
-    pub fn url(&self) -> String {
+    /// The environment a service binary needs to open this database.
+    pub fn env(&self) -> (&'static str, String) {
         match &self.storage.database_url {
-            Some(url) => url.clone(),
-            None => format!("sqlite://{}/db.sqlite", self.storage.data_dir.display()),
+            Some(url) => ("DATABASE_URL", url.clone()),
+            None => ("DATA_DIR", self.storage.data_dir.display().to_string()),
         }
+    }
+}
+
+/// A private PostgreSQL server (via `scripts/pg-cluster`) that a test may stop and start,
+/// destroyed on drop. `None` (skip, reason printed) when the server binaries are
+/// missing, unless PostgreSQL tests are required.
+pub struct PgCluster {
+    dir: String,
+    pub url: String,
+}
+
+impl PgCluster {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-cluster");
+
+    pub fn start(test: &str) -> Option<Self> {
+        let output = std::process::Command::new(Self::SCRIPT)
+            .arg("start")
+            .output()
+            .expect("run scripts/pg-cluster");
+        if !output.status.success() {
+            let why = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !postgres_required(),
+                "{test}: PostgreSQL tests are required but no server could be started: {why}"
+            );
+            eprintln!("SKIPPED {test}: cannot start a PostgreSQL server: {why}");
+            return None;
+        }
+        let line = String::from_utf8(output.stdout).expect("utf-8");
+        let (dir, url) = line.trim().split_once(' ').expect("DIR URL");
+        Some(Self {
+            dir: dir.to_owned(),
+            url: url.to_owned(),
+        })
+    }
+
+    /// Fast shutdown, as in an outage: sessions are terminated, connections refused.
+    pub fn stop(&self) {
+        self.run("stop");
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn restart(&self) {
+        self.run("start");
+    }
+
+    fn run(&self, action: &str) {
+        let status = std::process::Command::new(Self::SCRIPT)
+            .args([action, &self.dir])
+            .status()
+            .expect("run scripts/pg-cluster");
+        assert!(status.success(), "pg-cluster {action} failed");
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::SCRIPT)
+            .args(["destroy", &self.dir])
+            .status();
     }
 }
 

@@ -159,10 +159,7 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-async fn take_stock(
-    conn: &mut AnyConnection,
-    line: &ReservationLine,
-) -> Result<Money, StoreError> {
+async fn take_stock(conn: &mut AnyConnection, line: &ReservationLine) -> Result<Money, StoreError> {
     // The condition makes the check and the decrement one atomic step: SQLite runs one
     // writer at a time, and PostgreSQL re-checks the condition on the row version left
     // by a concurrent writer before updating.

@@ -379,7 +379,11 @@ async fn a_retried_reservation_takes_stock_once(backend: Backend) {
     let first = h.post("/reservations", body.clone()).await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
     let again = h.post("/reservations", body).await;
-    assert_eq!(again.status, StatusCode::OK, "a retry is answered, not repeated");
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "a retry is answered, not repeated"
+    );
     assert_eq!(again.body, first.body);
     assert_eq!((h.stock("1").await, h.stock("2").await), (9, 98));
 
@@ -414,7 +418,10 @@ async fn a_retried_reservation_takes_stock_once(backend: Backend) {
         .collect();
     let statuses = futures_join(attempts.into_iter()).await;
     assert_eq!(
-        statuses.iter().filter(|s| **s == StatusCode::CREATED).count(),
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
         1,
         "{statuses:?}"
     );
