@@ -5,74 +5,30 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Peers;
 use serde_json::{Value, json};
-use shop_platform::testing::{Backend, TestDatabase};
+use shop_platform::testing::{Backend, ServiceProcess, TestDatabase};
 
 const STOCK: i64 = 100_000;
 
-struct OrderProcess {
-    child: Child,
-    url: String,
-}
-
-impl OrderProcess {
-    fn start(db: &TestDatabase, peers: &Peers) -> Self {
-        let (db_var, db_value) = db.env();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_order"))
+fn start_order(db: &TestDatabase, peers: &Peers) -> ServiceProcess {
+    let (db_var, db_value) = db.env();
+    ServiceProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_order"))
             .env_clear()
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
-            .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn,shop_platform::server=info")
             .env(db_var, db_value)
             .env("PRODUCT_URL", &peers.product.url)
             .env("USER_URL", &peers.user.url)
-            .env("CHECKOUT_TIMEOUT", "1s")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, logs) = std::sync::mpsc::channel::<String>();
-        let stdout = child.stdout.take().unwrap();
-        // Keeps draining after start-up so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("order service logs its address");
-            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
-            if entry["message"] == "listening" {
-                break entry["address"].as_str().unwrap().to_owned();
-            }
-        };
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn kill_9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for OrderProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .env("CHECKOUT_TIMEOUT", "1s"),
+    )
 }
 
 /// Every stored order, following the cursor.
@@ -106,7 +62,7 @@ async fn kill_9_mid_stream_loses_no_order_and_no_stock(backend: Backend) {
         .unwrap();
     assert_eq!(patched.status(), 200);
     let db = peers.order_db().await;
-    let mut order = OrderProcess::start(&db, &peers);
+    let mut order = start_order(&db, &peers);
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -115,7 +71,7 @@ async fn kill_9_mid_stream_loses_no_order_and_no_stock(backend: Backend) {
     let killed = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..12)
         .map(|worker| {
-            let (http, url, killed) = (http.clone(), order.url.clone(), killed.clone());
+            let (http, url, killed) = (http.clone(), order.url(), killed.clone());
             tokio::spawn(async move {
                 let (mut acknowledged, mut cut_off) = (Vec::new(), 0);
                 for n in 0.. {
@@ -140,7 +96,8 @@ async fn kill_9_mid_stream_loses_no_order_and_no_stock(backend: Backend) {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    order.kill_9();
+    order.child.kill().unwrap(); // SIGKILL
+    order.child.wait().unwrap();
     killed.store(true, Ordering::SeqCst);
     let mut acknowledged = Vec::new();
     let mut cut_off = 0;
@@ -152,10 +109,10 @@ async fn kill_9_mid_stream_loses_no_order_and_no_stock(backend: Backend) {
     assert!(!acknowledged.is_empty(), "orders flowed before the kill");
     assert!(cut_off > 0, "the kill landed mid-stream");
 
-    let order = OrderProcess::start(&db, &peers);
+    let order = start_order(&db, &peers);
     for id in &acknowledged {
         let r = http
-            .get(format!("{}/orders/{id}", order.url))
+            .get(format!("{}/orders/{id}", order.url()))
             .send()
             .await
             .unwrap();
@@ -165,7 +122,7 @@ async fn kill_9_mid_stream_loses_no_order_and_no_stock(backend: Backend) {
     // releases it; then stock plus ordered units must be exactly the starting stock.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let orders = all_orders(&http, &order.url).await;
+        let orders = all_orders(&http, &order.url()).await;
         let ordered: i64 = orders
             .iter()
             .flat_map(|o| o["items"].as_array().unwrap().clone())

@@ -333,6 +333,62 @@ impl Drop for TestDatabase {
     }
 }
 
+/// A service binary started by a test, with `LOG_FORMAT=json` on stdout.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Every stdout line after the `listening` one; read on a thread so the child never
+    /// blocks on a full pipe.
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServiceProcess {
+    /// Spawns `command` and waits (up to 30 s) for its `listening` log line.
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
+            .env("LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the service binary");
+        let (tx, logs) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let addr = loop {
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("the service logs its address");
+            let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
+            if entry["message"] == "listening" {
+                break entry["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("a socket address");
+            }
+        };
+        Self { child, addr, logs }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A fresh directory for a test's database, removed on drop.
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
