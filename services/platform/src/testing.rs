@@ -152,13 +152,20 @@ pub fn postgres_admin_url(test: &str) -> Option<String> {
              but TEST_DATABASE_URL is not set; ./scripts/test starts a throwaway server"
         ),
         _ => {
-            eprintln!(
-                "SKIPPED {test} on PostgreSQL: TEST_DATABASE_URL is not set \
+            skipped(&format!(
+                "{test} on PostgreSQL: TEST_DATABASE_URL is not set \
                  (./scripts/test starts a throwaway server and sets it)"
-            );
+            ));
             None
         }
     }
+}
+
+/// Says so on the real stderr: the test harness captures `eprintln!` of passing tests,
+/// and a skip must not pass silently.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
 }
 
 /// Runs each listed `async fn name(backend: Backend)` once per backend, as
@@ -270,7 +277,7 @@ impl PgCluster {
                 !postgres_required(),
                 "{test}: PostgreSQL tests are required but no server could be started: {why}"
             );
-            eprintln!("SKIPPED {test}: cannot start a PostgreSQL server: {why}");
+            skipped(&format!("{test}: cannot start a PostgreSQL server: {why}"));
             return None;
         }
         let line = String::from_utf8(output.stdout).expect("utf-8");
