@@ -66,6 +66,7 @@ const BINARY: Binary = Binary {
                 ServerConfig::BODY_LIMIT,
                 shop_product::SEED_PRODUCTS,
                 shop_order::UPSTREAM_TIMEOUT,
+                shop_order::CHECKOUT_TIMEOUT,
             ],
         ),
     ],

@@ -310,6 +310,27 @@ async fn gets_are_retried_on_another_endpoint_and_the_dead_one_is_ejected() {
     gw.stop().await;
 }
 
+/// The order service deduplicates retried orders by `Idempotency-Key`; the gateway
+/// must hand it on untouched, body and all.
+#[tokio::test]
+async fn idempotency_key_reaches_the_order_service() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("ORDER_URL", &upstream)]);
+    let response = client()
+        .post(format!("{}/api/v1/orders", gw.url))
+        .header("idempotency-key", "3f1c9a52-order-retry-1")
+        .json(&json!({"user_id": "1", "products": ["1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["uri"], "/orders");
+    assert_eq!(body["headers"]["idempotency-key"], "3f1c9a52-order-retry-1");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_post_is_never_sent_twice_but_a_get_is_retried_on_503() {
     let posts = Hits::default();

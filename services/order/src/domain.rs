@@ -9,7 +9,8 @@ pub const MAX_LINES: usize = 100;
 
 /// `POST /orders` body. The seed's form lists product ids, one unit each
 /// (`"products": ["1","2"]`); the REST form gives quantities (`"items"`).
-#[derive(Debug, Clone, Deserialize)]
+/// Serialised only to fingerprint a request for `Idempotency-Key`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     pub id: Option<String>,
@@ -20,7 +21,7 @@ pub struct NewOrder {
     pub total: Option<Money>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLineRequest {
     pub product_id: String,

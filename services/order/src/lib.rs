@@ -15,7 +15,7 @@ use shop_platform::{
 };
 
 pub use routes::{AppState, app};
-pub use storage::{OrderStore, SqliteOrderStore};
+pub use storage::{OrderStore, SqlOrderStore};
 
 pub const NAME: &str = "order";
 pub const PORT: Var = Var::new("PORT", "8082", "Port to listen on.");
@@ -35,6 +35,12 @@ pub const UPSTREAM_TIMEOUT: Var = Var::new(
     "Longest wait for one call to another service before answering 503.",
 );
 
+pub const CHECKOUT_TIMEOUT: Var = Var::new(
+    "CHECKOUT_TIMEOUT",
+    "30s",
+    "A checkout that has not stored its order after this long is rolled back and its reserved stock released. Must exceed REQUEST_TIMEOUT.",
+);
+
 pub const BINARY: Binary = Binary {
     name: NAME,
     about: "Order service: places orders (priced and stock-checked by the product service) and lists them.",
@@ -42,6 +48,7 @@ pub const BINARY: Binary = Binary {
         ("Server", &ServerConfig::vars(PORT)),
         ("Storage", StorageConfig::VARS),
         ("Dependencies", &[PRODUCT_URL, USER_URL, UPSTREAM_TIMEOUT]),
+        ("Orders", &[CHECKOUT_TIMEOUT]),
     ],
     runtime: Runtime::MultiThread,
 };
@@ -53,6 +60,7 @@ pub struct Config {
     pub product_url: String,
     pub user_url: String,
     pub upstream_timeout: Duration,
+    pub checkout_timeout: Duration,
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -75,14 +83,15 @@ impl Config {
             product_url: env.parse_with(&PRODUCT_URL, http_url)?,
             user_url: env.parse_with(&USER_URL, http_url)?,
             upstream_timeout: env.duration(&UPSTREAM_TIMEOUT)?,
+            checkout_timeout: env.duration(&CHECKOUT_TIMEOUT)?,
         })
     }
 }
 
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
-    let pool = config.storage.open_sqlite(NAME, &storage::MIGRATOR).await?;
-    let store = Arc::new(SqliteOrderStore::new(pool.clone()));
+    let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    let store = Arc::new(SqlOrderStore::new(&db));
     let products = ServiceClient::new(
         "product",
         &config.product_url,
@@ -96,8 +105,10 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         metrics.clone(),
     )?;
     let state = AppState::new(store, products.clone(), users.clone(), &metrics);
+    let recovery = spawn_recovery(state.clone(), config.checkout_timeout);
     ServiceParts::new(NAME, config.server, metrics)
-        .database(pool)
+        .database(db)
+        .on_close(async move { recovery.abort() })
         .readiness_check("product", move || {
             let products = products.clone();
             async move { products.check_health().await }
@@ -112,6 +123,20 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     build(config).await?.run(shutdown).await
+}
+
+/// Every replica runs the recovery loop: at start-up (a previous process may have died
+/// mid-checkout) and then a few times per `CHECKOUT_TIMEOUT`.
+fn spawn_recovery(state: AppState, timeout: Duration) -> tokio::task::JoinHandle<()> {
+    let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    tokio::spawn(async move {
+        loop {
+            if let Err(err) = checkout::recover_abandoned(&state, timeout).await {
+                tracing::warn!(error = %err.message, "checkout recovery failed; will retry");
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus::{IntCounter, IntCounterVec};
@@ -13,7 +13,7 @@ use shop_platform::{
     ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest, ServiceClient,
 };
 
-use crate::checkout::place_order;
+use crate::checkout::{IdempotencyKey, Placed, place_order};
 use crate::domain::NewOrder;
 use crate::storage::{OrderStore, StoreError};
 
@@ -51,6 +51,9 @@ impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::DuplicateId(_) => AppError::conflict("order_exists", err.to_string()),
+            StoreError::CheckoutAbandoned | StoreError::IdempotencyKeyTaken => {
+                AppError::internal(err)
+            }
             StoreError::Database(db) => db.into(),
         }
     }
@@ -64,22 +67,50 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Marks a response replayed from an earlier request with the same key.
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
 async fn create_order(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<NewOrder>,
 ) -> AppResult<Response> {
-    let outcome = match body.validate() {
-        Ok(request) => place_order(&state, request).await,
-        Err(err) => Err(err),
-    };
+    let outcome = async {
+        let key = match headers.get(IDEMPOTENCY_KEY) {
+            Some(value) => Some(IdempotencyKey::new(
+                value.to_str().map_err(|_| {
+                    AppError::validation("Idempotency-Key", "must be visible ASCII")
+                })?,
+                &body,
+            )?),
+            None => None,
+        };
+        place_order(&state, body.validate()?, key).await
+    }
+    .await;
     match outcome {
-        Ok(order) => {
+        Ok(Placed::Created(order)) => {
             state.created.inc();
             let location = format!("/orders/{}", order.id);
             Ok((
                 StatusCode::CREATED,
                 [(header::LOCATION, location)],
                 axum::Json(order),
+            )
+                .into_response())
+        }
+        Ok(Placed::Replayed(record)) => {
+            let status = StatusCode::from_u16(record.status).unwrap_or(StatusCode::CREATED);
+            let location = format!("/orders/{}", record.order_id);
+            Ok((
+                status,
+                [
+                    (header::LOCATION, location),
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                    (IDEMPOTENT_REPLAYED, "true".to_owned()),
+                ],
+                record.response,
             )
                 .into_response())
         }

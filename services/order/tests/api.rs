@@ -10,41 +10,34 @@ use axum::Router;
 use axum::http::{Method, StatusCode, header};
 use common::Peers;
 use serde_json::json;
-use shop_order::storage::MIGRATOR;
-use shop_order::{AppState, SqliteOrderStore, app};
+use shop_order::storage::MIGRATIONS;
+use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::server::stack;
-use shop_platform::testing::{TestBody, TestResponse, call, closed_port_url, temp_dir};
-use shop_platform::{Metrics, ServerConfig, ServiceClient, StorageConfig};
-use tempfile::TempDir;
+use shop_platform::testing::{
+    Backend, TestBody, TestDatabase, TestResponse, call, closed_port_url,
+};
+use shop_platform::{Metrics, ServerConfig, ServiceClient};
 
 struct Harness {
     router: Router,
     peers: Peers,
-    _dir: TempDir,
+    _dir: TestDatabase,
 }
 
-async fn order_router(dir: &TempDir, product_url: &str, user_url: &str) -> Router {
-    let pool = StorageConfig::in_dir(dir.path())
-        .open_sqlite("order", &MIGRATOR)
-        .await
-        .unwrap();
+async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> Router {
+    let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
     let metrics = Metrics::new("order");
     let timeout = Duration::from_secs(2);
     let products = ServiceClient::new("product", product_url, timeout, metrics.clone()).unwrap();
     let users = ServiceClient::new("user", user_url, timeout, metrics.clone()).unwrap();
-    let state = AppState::new(
-        Arc::new(SqliteOrderStore::new(pool)),
-        products,
-        users,
-        &metrics,
-    );
+    let state = AppState::new(Arc::new(SqlOrderStore::new(&db)), products, users, &metrics);
     stack(app(state), &ServerConfig::ephemeral(), metrics)
 }
 
 impl Harness {
-    async fn new() -> Self {
-        let peers = Peers::start().await;
-        let dir = temp_dir();
+    async fn new(backend: Backend) -> Self {
+        let peers = Peers::start(backend).await;
+        let dir = peers.order_db().await;
         let router = order_router(&dir, &peers.product.url, &peers.user.url).await;
         Self {
             router,
@@ -65,14 +58,35 @@ impl Harness {
         self.get("/orders").await.body.as_array().unwrap().len()
     }
 
+    /// POST /orders with an `Idempotency-Key`, through the same stack.
+    async fn post_with_key(&self, key: &str, body: &serde_json::Value) -> TestResponse {
+        let request = axum::http::Request::post("/orders")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key)
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let response = tower::ServiceExt::oneshot(self.router.clone(), request)
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: serde_json::from_slice(&bytes).unwrap(),
+        }
+    }
+
     async fn stocks(&self) -> (i64, i64) {
         (self.peers.stock("1").await, self.peers.stock("2").await)
     }
 }
 
-#[tokio::test]
-async fn seed_order_is_priced_by_the_server_and_listed() {
-    let h = Harness::new().await;
+async fn seed_order_is_priced_by_the_server_and_listed(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/order",
@@ -93,9 +107,8 @@ async fn seed_order_is_priced_by_the_server_and_listed() {
     assert_eq!(h.get("/orders?user_id=2").await.body, json!([]));
 }
 
-#[tokio::test]
-async fn total_is_optional_and_quantities_multiply() {
-    let h = Harness::new().await;
+async fn total_is_optional_and_quantities_multiply(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post("/orders", json!({"user_id": "1", "items": [{"product_id": "2", "quantity": 3}], "total": "74.97"}))
         .await;
@@ -109,9 +122,8 @@ async fn total_is_optional_and_quantities_multiply() {
     assert_eq!(h.stocks().await, (8, 97));
 }
 
-#[tokio::test]
-async fn a_wrong_client_total_is_refused_naming_both_values() {
-    let h = Harness::new().await;
+async fn a_wrong_client_total_is_refused_naming_both_values(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/order",
@@ -131,9 +143,8 @@ async fn a_wrong_client_total_is_refused_naming_both_values() {
     assert_eq!(h.order_count().await, 0);
 }
 
-#[tokio::test]
-async fn insufficient_stock_is_409_and_takes_nothing() {
-    let h = Harness::new().await;
+async fn insufficient_stock_is_409_and_takes_nothing(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/orders",
@@ -149,9 +160,8 @@ async fn insufficient_stock_is_409_and_takes_nothing() {
     assert_eq!(h.order_count().await, 0);
 }
 
-#[tokio::test]
-async fn unknown_user_or_product_is_422_naming_the_field() {
-    let h = Harness::new().await;
+async fn unknown_user_or_product_is_422_naming_the_field(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post("/orders", json!({"user_id": "42", "products": ["1"]}))
         .await;
@@ -180,9 +190,8 @@ async fn unknown_user_or_product_is_422_naming_the_field() {
     assert_eq!(h.order_count().await, 0);
 }
 
-#[tokio::test]
-async fn a_reused_order_id_is_409_and_reserves_nothing_more() {
-    let h = Harness::new().await;
+async fn a_reused_order_id_is_409_and_reserves_nothing_more(backend: Backend) {
+    let h = Harness::new(backend).await;
     let body = json!({"id": "o-1", "user_id": "1", "products": ["2"]});
     assert_eq!(
         h.post("/orders", body.clone()).await.status,
@@ -196,9 +205,8 @@ async fn a_reused_order_id_is_409_and_reserves_nothing_more() {
     assert_eq!(h.stocks().await, (10, 99));
 }
 
-#[tokio::test]
-async fn bad_order_input_is_refused_and_writes_nothing() {
-    let h = Harness::new().await;
+async fn bad_order_input_is_refused_and_writes_nothing(backend: Backend) {
+    let h = Harness::new(backend).await;
     let cases: Vec<(TestBody, StatusCode, &str)> = vec![
         ("{\"user_id\":".into(), StatusCode::BAD_REQUEST, ""),
         (
@@ -268,9 +276,8 @@ async fn bad_order_input_is_refused_and_writes_nothing() {
     assert_eq!(h.stocks().await, (10, 100));
 }
 
-#[tokio::test]
-async fn lists_page_by_cursor_and_filter_by_user() {
-    let h = Harness::new().await;
+async fn lists_page_by_cursor_and_filter_by_user(backend: Backend) {
+    let h = Harness::new(backend).await;
     for _ in 0..3 {
         assert_eq!(
             h.post("/orders", json!({"user_id": "1", "products": ["2"]}))
@@ -303,10 +310,9 @@ async fn lists_page_by_cursor_and_filter_by_user() {
     );
 }
 
-#[tokio::test]
-async fn a_dependency_down_is_a_quick_503_not_a_hang() {
-    let peers = Peers::start().await;
-    let dir = temp_dir();
+async fn a_dependency_down_is_a_quick_503_not_a_hang(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
     let dead = closed_port_url();
 
     let no_products = order_router(&dir, &dead, &peers.user.url).await;
@@ -337,7 +343,7 @@ async fn a_dependency_down_is_a_quick_503_not_a_hang() {
         started.elapsed()
     );
 
-    let dir2 = temp_dir();
+    let dir2 = peers.order_db().await;
     let no_users = order_router(&dir2, &peers.product.url, &dead).await;
     let r = call(
         &no_users,
@@ -362,8 +368,7 @@ async fn a_dependency_down_is_a_quick_503_not_a_hang() {
     );
 }
 
-#[tokio::test]
-async fn a_peer_that_hangs_is_cut_off_by_the_upstream_timeout() {
+async fn a_peer_that_hangs_is_cut_off_by_the_upstream_timeout(backend: Backend) {
     // Accepts connections but never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
@@ -373,8 +378,8 @@ async fn a_peer_that_hangs_is_cut_off_by_the_upstream_timeout() {
             held.push(socket);
         }
     });
-    let peers = Peers::start().await;
-    let dir = temp_dir();
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
     let router = order_router(&dir, &peers.product.url, &silent_url).await;
     let started = Instant::now();
     let r = call(
@@ -392,3 +397,120 @@ async fn a_peer_that_hangs_is_cut_off_by_the_upstream_timeout() {
     );
     hold.abort();
 }
+
+async fn a_retry_with_the_same_idempotency_key_creates_nothing_new(backend: Backend) {
+    let h = Harness::new(backend).await;
+    // No id: without the key, each attempt would be a new order.
+    let body = json!({"user_id": "1", "items": [{"product_id": "1", "quantity": 2}]});
+    let first = h.post_with_key("key-1", &body).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    // Same body in another spelling: key order and whitespace do not matter.
+    let respelled: serde_json::Value = serde_json::from_str(
+        r#"{ "items": [ {"quantity": 2, "product_id": "1"} ], "user_id": "1" }"#,
+    )
+    .unwrap();
+    let again = h.post_with_key("key-1", &respelled).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.body, first.body, "the first response, replayed");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(
+        again.headers[header::LOCATION],
+        first.headers[header::LOCATION]
+    );
+    assert_eq!(h.order_count().await, 1);
+    assert_eq!(h.stocks().await.0, 8, "stock taken once");
+
+    let other = json!({"user_id": "1", "items": [{"product_id": "1", "quantity": 3}]});
+    let r = h.post_with_key("key-1", &other).await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "Idempotency-Key"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(h.order_count().await, 1);
+    assert_eq!(h.stocks().await.0, 8);
+
+    for bad in ["", &"k".repeat(256)] {
+        let r = h.post_with_key(bad, &body).await;
+        assert_eq!(r.error_field(), "Idempotency-Key", "{bad:?}");
+    }
+    // A refusal is not stored: nothing was created, so a retry is judged afresh.
+    let too_many = json!({"user_id": "1", "items": [{"product_id": "1", "quantity": 9}]});
+    let r = h.post_with_key("key-2", &too_many).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(h.order_count().await, 1);
+}
+
+async fn concurrent_retries_with_one_idempotency_key_make_one_order(backend: Backend) {
+    let h = Arc::new(Harness::new(backend).await);
+    let body = json!({"user_id": "1", "items": [{"product_id": "2", "quantity": 5}]});
+    let attempts: Vec<_> = (0..10)
+        .map(|_| {
+            let (h, body) = (h.clone(), body.clone());
+            tokio::spawn(async move { h.post_with_key("same-key", &body).await })
+        })
+        .collect();
+    let mut responses = Vec::new();
+    for attempt in attempts {
+        responses.push(attempt.await.unwrap());
+    }
+    for r in &responses {
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        assert_eq!(r.body, responses[0].body, "every retry sees the one order");
+    }
+    assert_eq!(h.order_count().await, 1);
+    assert_eq!(
+        h.stocks().await.1,
+        95,
+        "the losers' reservations were released"
+    );
+}
+
+/// 200 buyers, 10 laptops: exactly 10 orders, stock 0, everyone else a clean 409.
+async fn two_hundred_concurrent_orders_for_ten_units_sell_exactly_ten(backend: Backend) {
+    let h = Arc::new(Harness::new(backend).await);
+    let attempts: Vec<_> = (0..200)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.post(
+                    "/orders",
+                    json!({"id": format!("rush-{i}"), "user_id": "1", "products": ["1"]}),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut refused = 0;
+    for attempt in attempts {
+        let r = attempt.await.unwrap();
+        match (r.status, r.error_code()) {
+            (StatusCode::CREATED, _) => created += 1,
+            (StatusCode::CONFLICT, "insufficient_stock") => refused += 1,
+            other => panic!("unexpected answer {other:?}: {:?}", r.body),
+        }
+    }
+    assert_eq!((created, refused), (10, 190));
+    assert_eq!(h.stocks().await.0, 0);
+    let listed = h.get("/orders?limit=100").await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 10);
+}
+
+shop_platform::backend_tests!(
+    a_retry_with_the_same_idempotency_key_creates_nothing_new,
+    concurrent_retries_with_one_idempotency_key_make_one_order,
+    two_hundred_concurrent_orders_for_ten_units_sell_exactly_ten,
+    seed_order_is_priced_by_the_server_and_listed,
+    total_is_optional_and_quantities_multiply,
+    a_wrong_client_total_is_refused_naming_both_values,
+    insufficient_stock_is_409_and_takes_nothing,
+    unknown_user_or_product_is_422_naming_the_field,
+    a_reused_order_id_is_409_and_reserves_nothing_more,
+    bad_order_input_is_refused_and_writes_nothing,
+    lists_page_by_cursor_and_filter_by_user,
+    a_dependency_down_is_a_quick_503_not_a_hang,
+    a_peer_that_hangs_is_cut_off_by_the_upstream_timeout,
+);

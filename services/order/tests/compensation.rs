@@ -1,4 +1,6 @@
-//! When an order cannot be completed after stock was reserved, the reservation is released.
+//! When an order cannot be completed after stock was reserved, the reservation is
+//! released: at once by the request (compensation), or later by the recovery loop when
+//! the request's process died or its compensation could not be delivered.
 
 mod common;
 
@@ -11,21 +13,52 @@ use axum::http::{Method, StatusCode};
 use axum::routing::{delete, get, post};
 use common::Peers;
 use serde_json::json;
+use shop_order::checkout::recover_abandoned;
 use shop_order::domain::Order;
-use shop_order::storage::{MIGRATOR, OrderStore, StoreError};
-use shop_order::{AppState, SqliteOrderStore, app};
+use shop_order::storage::{Checkout, IdempotencyRecord, MIGRATIONS, OrderStore, StoreError};
+use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::pagination::PageRequest;
 use shop_platform::server::stack;
-use shop_platform::testing::{call, temp_dir};
-use shop_platform::{Metrics, ServerConfig, ServiceClient, StorageConfig};
+use shop_platform::testing::{Backend, TestDatabase, call};
+use shop_platform::{Metrics, ServerConfig, ServiceClient};
 
-/// Reads work; storing an order fails as if the database went away mid-request.
-struct StoreThatCannotWrite(SqliteOrderStore);
+/// How a wrapped store misbehaves when the order is stored.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Fails as if the database went away mid-request.
+    CannotWrite,
+    /// Takes so long that the recovery loop takes the checkout over first.
+    TooSlow,
+}
+
+struct FaultyStore(Arc<SqlOrderStore>, Fault);
 
 #[async_trait]
-impl OrderStore for StoreThatCannotWrite {
-    async fn create(&self, _order: &Order) -> Result<(), StoreError> {
-        Err(StoreError::Database(sqlx::Error::PoolClosed))
+impl OrderStore for FaultyStore {
+    async fn create(
+        &self,
+        order: &Order,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<(), StoreError> {
+        match self.1 {
+            Fault::CannotWrite => Err(StoreError::Database(sqlx::Error::PoolClosed)),
+            Fault::TooSlow => {
+                self.0.claim_abandoned(i64::MAX).await?;
+                self.0.create(order, idempotency).await
+            }
+        }
+    }
+    async fn begin_checkout(&self, checkout: &Checkout) -> Result<(), StoreError> {
+        self.0.begin_checkout(checkout).await
+    }
+    async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {
+        self.0.end_checkout(reservation_id).await
+    }
+    async fn claim_abandoned(&self, started_before_ms: i64) -> Result<Vec<String>, StoreError> {
+        self.0.claim_abandoned(started_before_ms).await
+    }
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.0.idempotency_record(key).await
     }
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
         self.0.get(id).await
@@ -42,28 +75,30 @@ impl OrderStore for StoreThatCannotWrite {
     }
 }
 
-fn router(store: Arc<dyn OrderStore>, product_url: &str, user_url: &str) -> axum::Router {
+fn state(store: Arc<dyn OrderStore>, product_url: &str, user_url: &str) -> AppState {
     let metrics = Metrics::new("order");
     let timeout = Duration::from_secs(2);
     let products = ServiceClient::new("product", product_url, timeout, metrics.clone()).unwrap();
     let users = ServiceClient::new("user", user_url, timeout, metrics.clone()).unwrap();
-    stack(
-        app(AppState::new(store, products, users, &metrics)),
-        &ServerConfig::ephemeral(),
-        metrics,
-    )
+    AppState::new(store, products, users, &metrics)
 }
 
-#[tokio::test]
-async fn a_failed_write_gives_the_reserved_stock_back() {
-    let peers = Peers::start().await;
-    let dir = temp_dir();
-    let pool = StorageConfig::in_dir(dir.path())
-        .open_sqlite("order", &MIGRATOR)
-        .await
-        .unwrap();
-    let store = Arc::new(StoreThatCannotWrite(SqliteOrderStore::new(pool)));
-    let router = router(store, &peers.product.url, &peers.user.url);
+fn router(state: AppState) -> axum::Router {
+    let metrics = Metrics::new("order");
+    stack(app(state), &ServerConfig::ephemeral(), metrics)
+}
+
+async fn open_store(dir: &TestDatabase) -> Arc<SqlOrderStore> {
+    let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
+    Arc::new(SqlOrderStore::new(&db))
+}
+
+async fn a_failed_write_gives_the_reserved_stock_back(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
+    let inner = open_store(&dir).await;
+    let store = Arc::new(FaultyStore(inner.clone(), Fault::CannotWrite));
+    let router = router(state(store, &peers.product.url, &peers.user.url));
 
     let r = call(
         &router,
@@ -77,18 +112,115 @@ async fn a_failed_write_gives_the_reserved_stock_back() {
         (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable")
     );
     assert_eq!(peers.stock("1").await, 10, "the reservation was released");
+    assert!(
+        inner.claim_abandoned(i64::MAX).await.unwrap().is_empty(),
+        "the compensated checkout is forgotten"
+    );
 }
 
-#[tokio::test]
-async fn a_price_change_between_quote_and_reservation_is_refused_and_released() {
+/// A checkout that outlives CHECKOUT_TIMEOUT loses to the recovery loop: its order is
+/// not stored, and its stock comes back exactly once.
+async fn a_checkout_overtaken_by_recovery_stores_nothing(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
+    let inner = open_store(&dir).await;
+    let store = Arc::new(FaultyStore(inner.clone(), Fault::TooSlow));
+    let state = state(store, &peers.product.url, &peers.user.url);
+    let router = router(state.clone());
+
+    let r = call(
+        &router,
+        Method::POST,
+        "/orders",
+        json!({"id": "slow-1", "user_id": "1", "items": [{"product_id": "1", "quantity": 3}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
+        "{:?}",
+        r.body
+    );
+    assert!(!inner.exists("slow-1").await.unwrap(), "no order stored");
+    assert_eq!(peers.stock("1").await, 7, "held until recovery releases it");
+    assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(peers.stock("1").await, 10);
+    assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 0);
+    assert_eq!(peers.stock("1").await, 10, "released once");
+}
+
+/// The process died between reserving and storing: the checkout row and the held
+/// reservation are all that is left. Recovery waits for the timeout, then releases.
+async fn a_checkout_left_by_a_dead_process_is_released_after_the_timeout(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
+    let store = open_store(&dir).await;
+    let state = state(store.clone(), &peers.product.url, &peers.user.url);
+    store
+        .begin_checkout(&Checkout {
+            reservation_id: "dead-1".into(),
+            order_id: "o-dead".into(),
+            started_at_ms: chrono::Utc::now().timestamp_millis(),
+        })
+        .await
+        .unwrap();
+    let reserved = peers
+        .http
+        .post(format!("{}/reservations", peers.product.url))
+        .json(&json!({"id": "dead-1", "items": [{"product_id": "2", "quantity": 5}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reserved.status(), 201);
+    assert_eq!(peers.stock("2").await, 95);
+
+    // Too young: it may belong to a live checkout on another replica.
+    assert_eq!(
+        recover_abandoned(&state, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(peers.stock("2").await, 95);
+    assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(peers.stock("2").await, 100);
+
+    // A checkout that died before its reserve reached the product service: releasing
+    // closes the id, so the reserve cannot take stock if it arrives after all.
+    store
+        .begin_checkout(&Checkout {
+            reservation_id: "dead-2".into(),
+            order_id: "o-dead-2".into(),
+            started_at_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
+    let late = peers
+        .http
+        .post(format!("{}/reservations", peers.product.url))
+        .json(&json!({"id": "dead-2", "items": [{"product_id": "2", "quantity": 5}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 409);
+    assert_eq!(peers.stock("2").await, 100);
+}
+
+async fn a_price_change_between_quote_and_reservation_is_refused_and_released(backend: Backend) {
     let released: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
-    let r2 = released.clone();
+    let reserved: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (r1, r2) = (reserved.clone(), released.clone());
     // Quotes 999.99 but reserves at 1099.99, as if the price changed in between.
     let product = stub(
         Router::new()
             .route("/products/{id}", get(|| async { axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10})) }))
-            .route("/reservations", post(|| async {
-                (StatusCode::CREATED, axum::Json(json!({"id": "r-9", "items": [{"product_id": "1", "unit_price": 1099.99}]})))
+            .route("/reservations", post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let id = body["id"].as_str().unwrap().to_owned();
+                r1.lock().unwrap().push(id.clone());
+                async move {
+                    (StatusCode::CREATED, axum::Json(json!({"id": id, "items": [{"product_id": "1", "unit_price": 1099.99}]})))
+                }
             }))
             .route("/reservations/{id}", delete(move |axum::extract::Path(id): axum::extract::Path<String>| {
                 r2.lock().unwrap().push(id);
@@ -101,13 +233,9 @@ async fn a_price_change_between_quote_and_reservation_is_refused_and_released() 
         get(|| async { axum::Json(json!({"id": "1"})) }),
     ))
     .await;
-    let dir = temp_dir();
-    let pool = StorageConfig::in_dir(dir.path())
-        .open_sqlite("order", &MIGRATOR)
-        .await
-        .unwrap();
-    let store = Arc::new(SqliteOrderStore::new(pool));
-    let router = router(store.clone(), &product, &user);
+    let dir = TestDatabase::new(backend).await;
+    let store = open_store(&dir).await;
+    let router = router(state(store.clone(), &product, &user));
 
     let r = call(
         &router,
@@ -120,7 +248,13 @@ async fn a_price_change_between_quote_and_reservation_is_refused_and_released() 
         (r.status, r.error_code()),
         (StatusCode::CONFLICT, "price_changed")
     );
-    assert_eq!(*released.lock().unwrap(), vec!["r-9".to_owned()]);
+    let reserved = reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 1);
+    assert_eq!(
+        *released.lock().unwrap(),
+        reserved,
+        "the reservation made was released"
+    );
     assert!(!store.exists("o-1").await.unwrap(), "nothing stored");
 }
 
@@ -130,3 +264,10 @@ async fn stub(router: Router) -> String {
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     url
 }
+
+shop_platform::backend_tests!(
+    a_failed_write_gives_the_reserved_stock_back,
+    a_checkout_overtaken_by_recovery_stores_nothing,
+    a_checkout_left_by_a_dead_process_is_released_after_the_timeout,
+    a_price_change_between_quote_and_reservation_is_refused_and_released,
+);

@@ -7,16 +7,15 @@ use std::collections::{BTreeSet, HashSet};
 
 use common::Peers;
 use serde_json::{Value, json};
-use shop_platform::testing::{RunningApp, parse_exposition, temp_dir};
+use shop_platform::testing::{Backend, RunningApp, TestDatabase, parse_exposition};
 
-async fn start_order(peers: &Peers, dir: &tempfile::TempDir) -> RunningApp {
+async fn start_order(peers: &Peers, dir: &TestDatabase) -> RunningApp {
     RunningApp::start(shop_order::build(peers.order_config(dir)).await.unwrap())
 }
 
-#[tokio::test]
-async fn orders_survive_a_restart_on_the_same_data_dir() {
-    let peers = Peers::start().await;
-    let dir = temp_dir();
+async fn orders_survive_a_restart_on_the_same_data_dir(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
     let order = start_order(&peers, &dir).await;
     let created: Value = peers
         .http
@@ -44,10 +43,9 @@ async fn orders_survive_a_restart_on_the_same_data_dir() {
     order.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn readiness_names_each_failing_dependency() {
-    let peers = Peers::start().await;
-    let dir = temp_dir();
+async fn readiness_names_each_failing_dependency(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
     let order = start_order(&peers, &dir).await;
     let ready = peers
         .http
@@ -91,10 +89,9 @@ async fn readiness_names_each_failing_dependency() {
     product.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn metrics_use_route_templates_and_the_shared_names() {
-    let peers = Peers::start().await;
-    let dir = temp_dir();
+async fn metrics_use_route_templates_and_the_shared_names(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
     let order = start_order(&peers, &dir).await;
     let http = &peers.http;
     let placed = http
@@ -187,3 +184,69 @@ async fn metrics_use_route_templates_and_the_shared_names() {
     assert_eq!(in_flight.value, 1.0, "only the scrape itself is in flight");
     order.stop().await.unwrap();
 }
+
+/// Replicas of each service starting at the same moment against an empty database:
+/// one applies the migrations while the other waits for the lock, and both serve.
+async fn two_replicas_start_together_on_an_empty_database(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let (product_db, user_db, order_db) = (
+        TestDatabase::new(backend).await,
+        TestDatabase::new(backend).await,
+        TestDatabase::new(backend).await,
+    );
+    let product = || {
+        shop_product::build(shop_product::Config {
+            server: shop_platform::ServerConfig::ephemeral(),
+            storage: product_db.storage(),
+            seed_products: true,
+        })
+    };
+    let user = || {
+        shop_user::build(shop_user::Config {
+            server: shop_platform::ServerConfig::ephemeral(),
+            storage: user_db.storage(),
+        })
+    };
+    let order = || shop_order::build(peers.order_config(&order_db));
+    let (p1, p2, u1, u2, o1, o2) =
+        tokio::join!(product(), product(), user(), user(), order(), order());
+    let replicas: Vec<RunningApp> = [p1, p2, u1, u2, o1, o2]
+        .into_iter()
+        .map(|built| RunningApp::start(built.expect("every replica starts")))
+        .collect();
+    for replica in &replicas {
+        let ready = peers
+            .http
+            .get(format!("{}/ready", replica.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "{}", replica.url);
+    }
+    for replica in &replicas[..2] {
+        let products: Value = peers
+            .http
+            .get(format!("{}/products", replica.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            products.as_array().unwrap().len(),
+            2,
+            "seeded once: {products}"
+        );
+    }
+    for replica in replicas {
+        replica.stop().await.unwrap();
+    }
+}
+
+shop_platform::backend_tests!(
+    two_replicas_start_together_on_an_empty_database,
+    orders_survive_a_restart_on_the_same_data_dir,
+    readiness_names_each_failing_dependency,
+    metrics_use_route_templates_and_the_shared_names,
+);

@@ -1,8 +1,7 @@
 //! Trace propagation through the real `order` binary: an inbound `traceparent` continues
 //! into the calls it makes, and its log lines carry the same trace id.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use shop_platform::testing::ServiceProcess;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
@@ -70,30 +70,18 @@ async fn traceparent_flows_to_peers_and_into_logs() {
     let seen: Seen = Arc::default();
     let peer = recording_peer(seen.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order"))
-        .env_clear()
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("DATA_DIR", dir.path())
-        .env("PRODUCT_URL", &peer)
-        .env("USER_URL", &peer)
-        .env("SHUTDOWN_DELAY", "0s")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, logs) = std::sync::mpsc::channel::<Value>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&line).expect("JSON log line"));
-        }
-    });
-    let addr = loop {
-        let entry = logs.recv_timeout(Duration::from_secs(20)).unwrap();
-        if entry["message"] == "listening" {
-            break entry["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let service = ServiceProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_order"))
+            .env_clear()
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("DATA_DIR", dir.path())
+            .env("PRODUCT_URL", &peer)
+            .env("USER_URL", &peer)
+            .env("SHUTDOWN_DELAY", "0s"),
+    );
+    let addr = service.addr;
+    let logs = &service.logs;
 
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/orders"))
@@ -129,9 +117,10 @@ async fn traceparent_flows_to_peers_and_into_logs() {
     // The request's log lines carry the inbound trace id.
     let deadline = Instant::now() + Duration::from_secs(5);
     let completed = loop {
-        let entry = logs
+        let line = logs
             .recv_timeout(deadline - Instant::now())
             .expect("request log line");
+        let entry: Value = serde_json::from_str(&line).expect("JSON log line");
         if entry["message"] == "request completed" {
             break entry;
         }
@@ -146,10 +135,11 @@ async fn traceparent_flows_to_peers_and_into_logs() {
     assert_eq!(completed["http.route"], "/orders");
     assert_eq!(completed["status"], 201);
 
+    let mut service = service;
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(service.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(service.child.wait().unwrap().success());
 }

@@ -44,8 +44,17 @@ impl PeerResponse {
     }
 
     pub fn error_message(&self) -> Option<String> {
+        self.error_field("message")
+    }
+
+    /// The peer's `error.code`, to tell refusals apart.
+    pub fn error_code(&self) -> Option<String> {
+        self.error_field("code")
+    }
+
+    fn error_field(&self, field: &str) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v.pointer("/error/message")?.as_str().map(str::to_owned)
+        v.get("error")?.get(field)?.as_str().map(str::to_owned)
     }
 
     /// A 5xx from the peer is its failure, reported to our caller as unavailability.

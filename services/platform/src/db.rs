@@ -1,17 +1,40 @@
-//! Storage settings and the embedded SQLite database every service opens the same way:
-//! a file per service under `DATA_DIR`, WAL journal, migrations embedded in the binary.
+//! Storage settings and the database every service opens the same way.
+//!
+//! Two backends behind one `sqlx::AnyPool`, so a service has one storage implementation
+//! written in the SQL both understand (`$1` placeholders, `RETURNING`, `ON CONFLICT`):
+//! - SQLite, embedded: a file per service under `DATA_DIR` (the local launcher's default);
+//! - PostgreSQL, when `DATABASE_URL` is `postgres://...` (what the chart deploys, one
+//!   database per service).
+//!
+//! Migrations are embedded per backend and applied at start-up by one process at a time:
+//! a PostgreSQL advisory lock, or a lock file next to the SQLite database, so replicas
+//! starting together against an empty database do not race.
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
 use crate::config::{ConfigError, Env, Var};
 use crate::probes::CheckResult;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A service's migrations, one directory per backend (the DDL differs: identity columns,
+/// integer widths); both describe the same tables.
+pub struct Migrations {
+    pub sqlite: Migrator,
+    pub postgres: Migrator,
+}
 
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
@@ -19,17 +42,19 @@ pub struct StorageConfig {
     pub database_url: Option<String>,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub startup_timeout: Duration,
 }
 
 impl StorageConfig {
     pub const DATA_DIR: Var = Var::new(
         "DATA_DIR",
         "./data",
-        "Directory for the embedded database (<service>.db); created if missing.",
+        "Directory for the embedded SQLite database (<service>.db); created if missing.",
     );
     pub const DATABASE_URL: Var = Var::optional(
         "DATABASE_URL",
-        "Database URL; overrides DATA_DIR. This build accepts sqlite://PATH.",
+        "Database URL; overrides DATA_DIR. postgres://USER:PASSWORD@HOST:PORT/DB (one database per service) or sqlite://PATH.",
     );
     pub const MAX_CONNECTIONS: Var = Var::new("DB_MAX_CONNECTIONS", "8", "Connection pool size.");
     pub const ACQUIRE_TIMEOUT: Var = Var::new(
@@ -37,23 +62,45 @@ impl StorageConfig {
         "3s",
         "How long a request waits for a pooled connection before answering 503.",
     );
+    pub const STATEMENT_TIMEOUT: Var = Var::new(
+        "DB_STATEMENT_TIMEOUT",
+        "10s",
+        "PostgreSQL: longest one statement may run (statement_timeout); 0 = no limit.",
+    );
+    pub const STARTUP_TIMEOUT: Var = Var::new(
+        "DB_STARTUP_TIMEOUT",
+        "60s",
+        "How long start-up keeps retrying a database that does not accept connections yet.",
+    );
     pub const VARS: &[Var] = &[
         Self::DATA_DIR,
         Self::DATABASE_URL,
         Self::MAX_CONNECTIONS,
         Self::ACQUIRE_TIMEOUT,
+        Self::STATEMENT_TIMEOUT,
+        Self::STARTUP_TIMEOUT,
     ];
 
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let database_url = env.parse_opt::<String>(&Self::DATABASE_URL)?;
-        if let Some(url) = &database_url
-            && !url.starts_with("sqlite:")
-        {
-            return Err(ConfigError::new(
-                &Self::DATABASE_URL,
-                redact_url(url),
-                "unsupported scheme; this build stores data in SQLite (sqlite://PATH)",
-            ));
+        if let Some(url) = &database_url {
+            let invalid =
+                |reason: String| ConfigError::new(&Self::DATABASE_URL, redact_url(url), reason);
+            match backend_of(url) {
+                Some(Backend::Sqlite) => {
+                    SqliteConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))?;
+                }
+                Some(Backend::Postgres) => {
+                    // Parse errors may quote the URL; keep the password out of them.
+                    sqlx::postgres::PgConnectOptions::from_str(url)
+                        .map_err(|e| invalid(redact_url(&e.to_string())))?;
+                }
+                None => {
+                    return Err(invalid(
+                        "unsupported scheme; use postgres://... or sqlite://PATH".into(),
+                    ));
+                }
+            }
         }
         let max_connections = env.parse::<u32>(&Self::MAX_CONNECTIONS)?;
         if max_connections == 0 {
@@ -68,63 +115,253 @@ impl StorageConfig {
             database_url,
             max_connections,
             acquire_timeout: env.duration(&Self::ACQUIRE_TIMEOUT)?,
+            statement_timeout: env.duration(&Self::STATEMENT_TIMEOUT)?,
+            startup_timeout: env.duration(&Self::STARTUP_TIMEOUT)?,
         })
     }
 
-    /// A private directory, for tests.
+    /// A private SQLite directory, for tests.
     pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: dir.into(),
             database_url: None,
             max_connections: 4,
             acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(5),
         }
     }
 
-    /// Opens (creating if needed) this service's SQLite database and applies migrations.
-    pub async fn open_sqlite(
-        &self,
-        service: &str,
-        migrator: &Migrator,
-    ) -> anyhow::Result<SqlitePool> {
-        let options = match &self.database_url {
-            Some(url) => SqliteConnectOptions::from_str(url)?,
-            None => {
-                std::fs::create_dir_all(&self.data_dir).map_err(|e| {
-                    anyhow::anyhow!("cannot create DATA_DIR {}: {e}", self.data_dir.display())
-                })?;
-                SqliteConnectOptions::new().filename(self.data_dir.join(format!("{service}.db")))
-            }
+    /// The given database URL with test-sized settings.
+    pub fn at_url(url: impl Into<String>) -> Self {
+        Self {
+            database_url: Some(url.into()),
+            ..Self::in_dir("unused")
         }
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.database_url
+            .as_deref()
+            .and_then(backend_of)
+            .unwrap_or(Backend::Sqlite)
+    }
+
+    /// Opens this service's database, waiting up to `startup_timeout` for it to accept
+    /// connections, and applies the migrations. The pool reconnects by itself afterwards.
+    pub async fn open(&self, service: &str, migrations: &Migrations) -> anyhow::Result<Database> {
+        sqlx::any::install_default_drivers();
+        let backend = self.backend();
+        let (url, lock_file) = match (&self.database_url, backend) {
+            (Some(url), Backend::Postgres) => (url.clone(), None),
+            (url, Backend::Sqlite) => {
+                let options = match url {
+                    Some(url) => SqliteConnectOptions::from_str(url)?,
+                    None => {
+                        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+                            anyhow::anyhow!(
+                                "cannot create DATA_DIR {}: {e}",
+                                self.data_dir.display()
+                            )
+                        })?;
+                        SqliteConnectOptions::new()
+                            .filename(self.data_dir.join(format!("{service}.db")))
+                    }
+                }
+                .create_if_missing(true);
+                let file = options.get_filename();
+                let lock_file = (!file.as_os_str().is_empty()
+                    && !file.to_string_lossy().starts_with("file:sqlx-in-memory"))
+                .then(|| {
+                    let mut name = file.as_os_str().to_owned();
+                    name.push(".migrate-lock");
+                    PathBuf::from(name)
+                });
+                (options.to_url_lossy().to_string(), lock_file)
+            }
+            (None, Backend::Postgres) => unreachable!("postgres is chosen by URL"),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let session = Session {
+            backend,
+            statement_timeout: self.statement_timeout,
+        };
+
+        let mut conn = self.connect_at_startup(service, &options).await?;
+        session.prepare(&mut conn, false).await?;
+        migrate(&mut conn, backend, migrations, lock_file).await?;
+        conn.close().await?;
+
+        let pool = AnyPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
-            .connect_with(options)
-            .await?;
-        migrator.run(&pool).await?;
-        Ok(pool)
+            .after_connect(move |conn, _| session.prepare(conn, true))
+            .connect_lazy_with(options);
+        Ok(Database { pool, backend })
+    }
+
+    async fn connect_at_startup(
+        &self,
+        service: &str,
+        options: &AnyConnectOptions,
+    ) -> anyhow::Result<AnyConnection> {
+        let deadline = Instant::now() + self.startup_timeout;
+        loop {
+            match AnyConnection::connect_with(options).await {
+                Ok(conn) => return Ok(conn),
+                Err(err) if is_unavailable(&err) && Instant::now() < deadline => {
+                    tracing::warn!(service, error = %err, "database not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(err) => {
+                    return Err(anyhow::anyhow!(
+                        "{service}: cannot connect to the database: {err}"
+                    ));
+                }
+            }
+        }
     }
 }
 
-/// Readiness check: the pool hands out a connection that answers.
-pub fn ping(
-    pool: SqlitePool,
-) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = CheckResult> + Send>> + Send + Sync + 'static
-{
-    move || {
-        let pool = pool.clone();
+/// Per-connection settings, applied to every new pooled connection.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    backend: Backend,
+    statement_timeout: Duration,
+}
+
+impl Session {
+    fn prepare<'c>(
+        self,
+        conn: &'c mut AnyConnection,
+        pooled: bool,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&pool)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            match self.backend {
+                Backend::Sqlite => {
+                    sqlx::raw_sql(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                // Migrations may legitimately run long; requests may not.
+                Backend::Postgres if pooled => {
+                    let ms = self.statement_timeout.as_millis();
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+                    )))
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Backend::Postgres => {}
+            }
+            Ok(())
         })
+    }
+}
+
+/// Applies the migrations on a dedicated connection while holding the backend's lock.
+/// The connection is closed afterwards, so a failed run cannot leave a session lock
+/// behind in a pooled connection.
+async fn migrate(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    migrations: &Migrations,
+    lock_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    match backend {
+        Backend::Postgres => {
+            // Waits while another replica migrates; released with the session.
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATION_LOCK_KEY)
+                .execute(&mut *conn)
+                .await?;
+            migrations.postgres.run(&mut *conn).await?;
+        }
+        Backend::Sqlite => {
+            // SQLite has no advisory locks; an exclusive lock on a file beside the
+            // database serialises replicas sharing it.
+            let _guard = match lock_file {
+                Some(path) => Some(
+                    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                        let file = std::fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path)?;
+                        file.lock()?;
+                        Ok(file)
+                    })
+                    .await??,
+                ),
+                None => None,
+            };
+            migrations.sqlite.run(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Advisory lock id for "migrating this database" ("shop" in ASCII).
+const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
+
+/// An open database: the pool every query goes through, and which backend it speaks.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Database {
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Readiness check: the pool hands out a connection that answers.
+    pub async fn ping(&self) -> CheckResult {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+}
+
+fn backend_of(url: &str) -> Option<Backend> {
+    if url.starts_with("sqlite:") {
+        Some(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Some(Backend::Postgres)
+    } else {
+        None
+    }
+}
+
+/// Errors that mean "the database cannot be reached right now" rather than "this
+/// request is wrong": I/O, pool exhaustion, and PostgreSQL's connection-exception and
+/// shutdown codes (class 08, 57P01-57P03, too many connections). Callers answer 503.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
     }
 }
 
@@ -147,6 +384,27 @@ mod tests {
         let env = Env::from_pairs([("DATABASE_URL", "mysql://root:hunter2@db/shop")]);
         let err = StorageConfig::from_env(&env).unwrap_err();
         assert_eq!(err.var, "DATABASE_URL");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_url_scheme_picks_the_backend() {
+        for (url, backend) in [
+            ("postgres://shop:pw@db:5432/product", Backend::Postgres),
+            ("postgresql://db/order", Backend::Postgres),
+            ("sqlite://data/product.db", Backend::Sqlite),
+        ] {
+            let env = Env::from_pairs([("DATABASE_URL", url)]);
+            assert_eq!(
+                StorageConfig::from_env(&env).unwrap().backend(),
+                backend,
+                "{url}"
+            );
+        }
+        let default = StorageConfig::from_env(&Env::from_pairs::<&str, &str>([])).unwrap();
+        assert_eq!(default.backend(), Backend::Sqlite);
+        let env = Env::from_pairs([("DATABASE_URL", "postgres://u:hunter2@db:notaport/x")]);
+        let err = StorageConfig::from_env(&env).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

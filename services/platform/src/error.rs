@@ -174,12 +174,13 @@ impl IntoResponse for AppError {
 
 impl From<sqlx::Error> for AppError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => AppError {
+        if crate::db::is_unavailable(&err) {
+            AppError {
                 cause: Some(err.into()),
                 ..AppError::unavailable("database", "not reachable right now")
-            },
-            other => AppError::internal(other),
+            }
+        } else {
+            AppError::internal(err)
         }
     }
 }

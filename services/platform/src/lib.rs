@@ -23,7 +23,7 @@ pub mod validate;
 pub use cli::{Binary, Runtime};
 pub use client::{PeerResponse, ServiceClient};
 pub use config::{ConfigError, Env, ServerConfig, Var};
-pub use db::StorageConfig;
+pub use db::{Backend, Database, Migrations, StorageConfig};
 pub use error::{ApiJson, ApiQuery, AppError, AppResult};
 pub use metrics::Metrics;
 pub use money::Money;

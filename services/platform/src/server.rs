@@ -54,10 +54,13 @@ impl ServiceParts {
     }
 
     /// The service's own database: `/ready` pings it, and the pool closes after the drain.
-    pub fn database(self, pool: sqlx::SqlitePool) -> Self {
-        let ping = crate::db::ping(pool.clone());
-        self.readiness_check("database", ping)
-            .on_close(async move { pool.close().await })
+    pub fn database(self, db: crate::db::Database) -> Self {
+        let probe = db.clone();
+        self.readiness_check("database", move || {
+            let db = probe.clone();
+            async move { db.ping().await }
+        })
+        .on_close(async move { db.close().await })
     }
 
     /// Runs after the last request has drained (closing pools, flushing buffers).

@@ -10,6 +10,8 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+pub use crate::db::Backend;
+use crate::db::StorageConfig;
 use crate::server::Application;
 use crate::shutdown::Shutdown;
 
@@ -130,6 +132,267 @@ impl From<Value> for TestBody {
 impl From<&str> for TestBody {
     fn from(text: &str) -> Self {
         TestBody::Raw(Some("application/json"), text.as_bytes().to_vec())
+    }
+}
+
+/// PostgreSQL tests are mandatory in CI (`CI` set) and under `./scripts/test`
+/// (`SHOP_TEST_POSTGRES=required`); a developer's plain `cargo test` may lack a server.
+pub fn postgres_required() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "false");
+    set("CI") || std::env::var("SHOP_TEST_POSTGRES").is_ok_and(|v| v == "required")
+}
+
+/// The admin URL of the PostgreSQL server for tests (`TEST_DATABASE_URL`). Without one,
+/// a required run fails here; otherwise the test is skipped with the reason printed.
+pub fn postgres_admin_url(test: &str) -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if postgres_required() => panic!(
+            "{test}: PostgreSQL tests are required here (CI or SHOP_TEST_POSTGRES=required) \
+             but TEST_DATABASE_URL is not set; ./scripts/test starts a throwaway server"
+        ),
+        _ => {
+            skipped(&format!(
+                "{test} on PostgreSQL: TEST_DATABASE_URL is not set \
+                 (./scripts/test starts a throwaway server and sets it)"
+            ));
+            None
+        }
+    }
+}
+
+/// Says so on the real stderr: the test harness captures `eprintln!` of passing tests,
+/// and a skip must not pass silently.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+}
+
+/// Runs each listed `async fn name(backend: Backend)` once per backend, as
+/// `sqlite::name` and `postgres::name`: one behavioural suite for both.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::testing::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if $crate::testing::postgres_admin_url(stringify!($name)).is_some() {
+                        super::$name($crate::testing::Backend::Postgres).await
+                    }
+                }
+            )+
+        }
+    };
+}
+
+/// A database of its own for one test: a temporary SQLite directory, or a fresh
+/// PostgreSQL database created from the admin URL and dropped afterwards.
+pub struct TestDatabase {
+    storage: StorageConfig,
+    _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = temp_dir();
+                Self {
+                    storage: StorageConfig::in_dir(dir.path()),
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            Backend::Postgres => {
+                use sqlx::{ConnectOptions, Connection};
+                let admin = postgres_admin_url("TestDatabase")
+                    .expect("PostgreSQL tests run only with TEST_DATABASE_URL set");
+                let name = format!("shop_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to TEST_DATABASE_URL");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create a test database");
+                conn.close().await.ok();
+                let url = admin
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .expect("TEST_DATABASE_URL parses")
+                    .database(&name)
+                    .to_url_lossy()
+                    .to_string();
+                Self {
+                    storage: StorageConfig::at_url(url),
+                    _dir: None,
+                    postgres: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    /// Settings that open this database.
+    pub fn storage(&self) -> StorageConfig {
+        self.storage.clone()
+    }
+
+    /// The environment a service binary needs to open this database.
+    pub fn env(&self) -> (&'static str, String) {
+        match &self.storage.database_url {
+            Some(url) => ("DATABASE_URL", url.clone()),
+            None => ("DATA_DIR", self.storage.data_dir.display().to_string()),
+        }
+    }
+}
+
+/// A private PostgreSQL server (via `scripts/pg-cluster`) that a test may stop and start,
+/// destroyed on drop. `None` (skip, reason printed) when the server binaries are
+/// missing, unless PostgreSQL tests are required.
+pub struct PgCluster {
+    dir: String,
+    pub url: String,
+}
+
+impl PgCluster {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-cluster");
+
+    pub fn start(test: &str) -> Option<Self> {
+        let output = std::process::Command::new(Self::SCRIPT)
+            .arg("start")
+            .output()
+            .expect("run scripts/pg-cluster");
+        if !output.status.success() {
+            let why = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !postgres_required(),
+                "{test}: PostgreSQL tests are required but no server could be started: {why}"
+            );
+            skipped(&format!("{test}: cannot start a PostgreSQL server: {why}"));
+            return None;
+        }
+        let line = String::from_utf8(output.stdout).expect("utf-8");
+        let (dir, url) = line.trim().split_once(' ').expect("DIR URL");
+        Some(Self {
+            dir: dir.to_owned(),
+            url: url.to_owned(),
+        })
+    }
+
+    /// Fast shutdown, as in an outage: sessions are terminated, connections refused.
+    pub fn stop(&self) {
+        self.run("stop");
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn restart(&self) {
+        self.run("start");
+    }
+
+    fn run(&self, action: &str) {
+        let status = std::process::Command::new(Self::SCRIPT)
+            .args([action, &self.dir])
+            .status()
+            .expect("run scripts/pg-cluster");
+        assert!(status.success(), "pg-cluster {action} failed");
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::SCRIPT)
+            .args(["destroy", &self.dir])
+            .status();
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs outside any runtime guarantee; a short-lived one does the cleanup.
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A service binary started by a test, with `LOG_FORMAT=json` on stdout.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Every stdout line after the `listening` one; read on a thread so the child never
+    /// blocks on a full pipe.
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServiceProcess {
+    /// Spawns `command` and waits (up to 30 s) for its `listening` log line.
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
+            .env("LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the service binary");
+        let (tx, logs) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let addr = loop {
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("the service logs its address");
+            let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
+            if entry["message"] == "listening" {
+                break entry["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("a socket address");
+            }
+        };
+        Self { child, addr, logs }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

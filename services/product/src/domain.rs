@@ -37,6 +37,8 @@ pub struct ProductPatch {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationRequest {
+    /// Chosen by the caller so a retry is recognised; generated when absent.
+    pub id: Option<String>,
     pub order_id: Option<String>,
     pub items: Vec<ReservationLine>,
 }
@@ -131,7 +133,8 @@ impl ProductPatch {
 
 impl ReservationRequest {
     /// Merges repeated products so each is reserved in one statement.
-    pub fn validate(self) -> Result<(Option<String>, Vec<ReservationLine>), AppError> {
+    pub fn validate(self) -> Result<(String, Option<String>, Vec<ReservationLine>), AppError> {
+        let id = validate::id_or_new("id", self.id)?;
         if self.items.is_empty() {
             return Err(AppError::validation("items", "must not be empty"));
         }
@@ -155,7 +158,7 @@ impl ReservationRequest {
         if let Some(order_id) = &self.order_id {
             validate::id("order_id", order_id)?;
         }
-        Ok((self.order_id, merged))
+        Ok((id, self.order_id, merged))
     }
 }
 

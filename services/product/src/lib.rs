@@ -11,7 +11,7 @@ use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{Application, Binary, Metrics, Runtime, ServiceParts, Shutdown, StorageConfig};
 
 pub use routes::{AppState, app};
-pub use storage::{ProductStore, SqliteProductStore};
+pub use storage::{ProductStore, SqlProductStore};
 
 pub const NAME: &str = "product";
 pub const PORT: Var = Var::new("PORT", "8081", "Port to listen on.");
@@ -52,13 +52,13 @@ impl Config {
 /// Opens storage, seeds it if asked, and binds the listener.
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
-    let pool = config.storage.open_sqlite(NAME, &storage::MIGRATOR).await?;
-    let store = Arc::new(SqliteProductStore::new(pool.clone()));
+    let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    let store = Arc::new(SqlProductStore::new(&db));
     if config.seed_products {
         seed_demo_products(store.as_ref()).await?;
     }
     ServiceParts::new(NAME, config.server, metrics.clone())
-        .database(pool)
+        .database(db)
         .bind(app(AppState::new(store, &metrics)))
         .await
 }

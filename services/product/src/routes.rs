@@ -9,11 +9,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
-use shop_platform::validate::IdQuery;
+use shop_platform::validate::{self, IdQuery};
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest};
 
 use crate::domain::{NewProduct, ProductPatch, ReservationRequest};
-use crate::storage::{ProductStore, Release, StoreError};
+use crate::storage::{ProductStore, Release, Reserved, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -36,7 +36,7 @@ impl AppState {
                 created: metrics.counter("products_created_total", "Products added to the catalogue."),
                 reservations: metrics.counter_vec(
                     "stock_reservations_total",
-                    "Stock reservation attempts by outcome (reserved, insufficient_stock, unknown_product).",
+                    "Stock reservation attempts by outcome (reserved, replayed, insufficient_stock, unknown_product).",
                     &["outcome"],
                 ),
                 released: metrics.counter(
@@ -55,6 +55,12 @@ impl From<StoreError> for AppError {
             StoreError::UnknownProduct(_) => AppError::not_found(err.to_string()),
             StoreError::InsufficientStock { .. } => {
                 AppError::conflict("insufficient_stock", err.to_string())
+            }
+            StoreError::ReservationReleased(_) => {
+                AppError::conflict("reservation_released", err.to_string())
+            }
+            StoreError::ReservationMismatch(_) => {
+                AppError::conflict("reservation_exists", err.to_string())
             }
             StoreError::Database(db) => db.into(),
         }
@@ -137,10 +143,11 @@ async fn reserve(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<ReservationRequest>,
 ) -> AppResult<Response> {
-    let (order_id, lines) = body.validate()?;
-    let outcome = state.store.reserve(order_id.as_deref(), &lines).await;
+    let (id, order_id, lines) = body.validate()?;
+    let outcome = state.store.reserve(&id, order_id.as_deref(), &lines).await;
     let label = match &outcome {
-        Ok(_) => "reserved",
+        Ok(Reserved { created: true, .. }) => "reserved",
+        Ok(Reserved { created: false, .. }) => "replayed",
         Err(StoreError::InsufficientStock { .. }) => "insufficient_stock",
         Err(StoreError::UnknownProduct(_)) => "unknown_product",
         Err(_) => "error",
@@ -151,7 +158,17 @@ async fn reserve(
         .with_label_values(&[label])
         .inc();
     match outcome {
-        Ok(reservation) => Ok((StatusCode::CREATED, axum::Json(reservation)).into_response()),
+        Ok(Reserved {
+            reservation,
+            created,
+        }) => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, axum::Json(reservation)).into_response())
+        }
         Err(StoreError::UnknownProduct(product_id)) => {
             let index = lines
                 .iter()
@@ -166,15 +183,12 @@ async fn reserve(
     }
 }
 
+/// Idempotent: afterwards the reservation holds nothing, whether it held stock, was
+/// released before, or never existed (its id is then closed against a late reserve).
 async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<StatusCode> {
-    match state.store.release(&id).await? {
-        Release::Released => {
-            state.counters.released.inc();
-            Ok(StatusCode::NO_CONTENT)
-        }
-        Release::AlreadyReleased => Ok(StatusCode::NO_CONTENT),
-        Release::Unknown => Err(AppError::not_found(format!(
-            "no reservation with id {id:?}"
-        ))),
+    validate::id("id", &id)?;
+    if state.store.release(&id).await? == Release::Released {
+        state.counters.released.inc();
     }
+    Ok(StatusCode::NO_CONTENT)
 }

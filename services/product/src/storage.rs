@@ -1,14 +1,17 @@
-//! The product service's storage interface and its SQLite implementation. A PostgreSQL
-//! implementation is a second `impl ProductStore`, chosen by `DATABASE_URL`.
+//! The product service's storage interface and its SQL implementation, one for both
+//! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
-use shop_platform::{Money, PageRequest};
-use sqlx::sqlite::SqlitePool;
-use sqlx::{Row, SqliteConnection};
+use shop_platform::{Database, Migrations, Money, PageRequest};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::domain::{Product, ProductPatch, Reservation, ReservationLine, ReservedLine};
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATIONS: Migrations = Migrations {
+    sqlite: sqlx::migrate!("./migrations/sqlite"),
+    postgres: sqlx::migrate!("./migrations/postgres"),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,15 +25,28 @@ pub enum StoreError {
         available: i64,
         requested: i64,
     },
+    #[error("reservation {0:?} was released; reserve under a new id")]
+    ReservationReleased(String),
+    #[error("reservation {0:?} already exists with different items")]
+    ReservationMismatch(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Release {
+    /// The units went back to stock.
     Released,
     AlreadyReleased,
-    Unknown,
+    /// Nothing was held under that id; it is now closed so a late reserve cannot take stock.
+    NeverHeld,
+}
+
+/// A reservation, and whether this call made it (false: a retry found it held).
+#[derive(Debug)]
+pub struct Reserved {
+    pub reservation: Reservation,
+    pub created: bool,
 }
 
 #[async_trait]
@@ -40,31 +56,94 @@ pub trait ProductStore: Send + Sync + 'static {
     async fn create(&self, product: &Product) -> Result<(), StoreError>;
     async fn update(&self, id: &str, patch: &ProductPatch) -> Result<Option<Product>, StoreError>;
     async fn is_empty(&self) -> Result<bool, StoreError>;
-    /// Takes every line's units or none: all lines succeed in one transaction.
+    /// Takes every line's units or none, atomically. The caller picks the id, so a retry
+    /// finds the reservation it already made instead of taking the stock twice.
     async fn reserve(
         &self,
+        id: &str,
         order_id: Option<&str>,
         lines: &[ReservationLine],
-    ) -> Result<Reservation, StoreError>;
+    ) -> Result<Reserved, StoreError>;
     /// Gives a held reservation's units back, once.
     async fn release(&self, reservation_id: &str) -> Result<Release, StoreError>;
 }
 
-pub struct SqliteProductStore {
-    pool: SqlitePool,
+pub struct SqlProductStore {
+    pool: AnyPool,
 }
 
-impl SqliteProductStore {
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+impl SqlProductStore {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            pool: db.pool().clone(),
+        }
     }
+
+    /// A reservation already made under `id`: the same request again is answered with
+    /// it; anything else is refused.
+    async fn existing(
+        &self,
+        id: &str,
+        lines: &[ReservationLine],
+    ) -> Result<Option<Reserved>, StoreError> {
+        let row = sqlx::query("SELECT order_id, status FROM reservations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        if status != "held" {
+            return Err(StoreError::ReservationReleased(id.to_owned()));
+        }
+        let items = sqlx::query(
+            "SELECT product_id, quantity, unit_price_cents FROM reservation_items
+             WHERE reservation_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ReservedLine {
+                product_id: row.try_get("product_id")?,
+                quantity: row.try_get("quantity")?,
+                unit_price: Money::from_cents(row.try_get("unit_price_cents")?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let same = items.len() == lines.len()
+            && lines.iter().all(|line| {
+                items
+                    .iter()
+                    .any(|i| i.product_id == line.product_id && i.quantity == line.quantity)
+            });
+        if !same {
+            return Err(StoreError::ReservationMismatch(id.to_owned()));
+        }
+        Ok(Some(Reserved {
+            reservation: Reservation {
+                id: id.to_owned(),
+                order_id: row.try_get("order_id")?,
+                status,
+                items: in_request_order(items, lines),
+            },
+            created: false,
+        }))
+    }
+}
+
+fn in_request_order(mut items: Vec<ReservedLine>, lines: &[ReservationLine]) -> Vec<ReservedLine> {
+    items.sort_by_key(|i| lines.iter().position(|l| l.product_id == i.product_id));
+    items
 }
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn product_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<(i64, Product), sqlx::Error> {
+fn product_from_row(row: &AnyRow) -> Result<(i64, Product), sqlx::Error> {
     Ok((
         row.try_get("seq")?,
         Product {
@@ -80,14 +159,13 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-async fn take_stock(
-    conn: &mut SqliteConnection,
-    line: &ReservationLine,
-) -> Result<Money, StoreError> {
-    // The condition makes the check and the decrement one atomic step.
+async fn take_stock(conn: &mut AnyConnection, line: &ReservationLine) -> Result<Money, StoreError> {
+    // The condition makes the check and the decrement one atomic step: SQLite runs one
+    // writer at a time, and PostgreSQL re-checks the condition on the row version left
+    // by a concurrent writer before updating.
     let taken = sqlx::query(
-        "UPDATE products SET quantity = quantity - ?1, updated_at = ?3
-         WHERE id = ?2 AND quantity >= ?1
+        "UPDATE products SET quantity = quantity - $1, updated_at = $3
+         WHERE id = $2 AND quantity >= $1
          RETURNING price_cents",
     )
     .bind(line.quantity)
@@ -98,7 +176,7 @@ async fn take_stock(
     if let Some(row) = taken {
         return Ok(Money::from_cents(row.try_get("price_cents")?));
     }
-    let available: Option<i64> = sqlx::query_scalar("SELECT quantity FROM products WHERE id = ?1")
+    let available: Option<i64> = sqlx::query_scalar("SELECT quantity FROM products WHERE id = $1")
         .bind(&line.product_id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -113,11 +191,11 @@ async fn take_stock(
 }
 
 #[async_trait]
-impl ProductStore for SqliteProductStore {
+impl ProductStore for SqlProductStore {
     async fn list(&self, page: PageRequest) -> Result<Vec<(i64, Product)>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, id, name, price_cents, quantity FROM products
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(page.after)
         .bind(page.fetch_limit())
@@ -131,7 +209,7 @@ impl ProductStore for SqliteProductStore {
 
     async fn get(&self, id: &str) -> Result<Option<Product>, StoreError> {
         let row =
-            sqlx::query("SELECT seq, id, name, price_cents, quantity FROM products WHERE id = ?1")
+            sqlx::query("SELECT seq, id, name, price_cents, quantity FROM products WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -146,7 +224,7 @@ impl ProductStore for SqliteProductStore {
         let now = now();
         sqlx::query(
             "INSERT INTO products (id, name, price_cents, quantity, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+             VALUES ($1, $2, $3, $4, $5, $5)",
         )
         .bind(&product.id)
         .bind(&product.name)
@@ -168,11 +246,11 @@ impl ProductStore for SqliteProductStore {
     async fn update(&self, id: &str, patch: &ProductPatch) -> Result<Option<Product>, StoreError> {
         let row = sqlx::query(
             "UPDATE products SET
-                name = COALESCE(?2, name),
-                price_cents = COALESCE(?3, price_cents),
-                quantity = COALESCE(?4, quantity),
-                updated_at = ?5
-             WHERE id = ?1
+                name = COALESCE($2, name),
+                price_cents = COALESCE($3, price_cents),
+                quantity = COALESCE($4, quantity),
+                updated_at = $5
+             WHERE id = $1
              RETURNING seq, id, name, price_cents, quantity",
         )
         .bind(id)
@@ -190,7 +268,7 @@ impl ProductStore for SqliteProductStore {
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
-        let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM products LIMIT 1")
+        let any: Option<i64> = sqlx::query_scalar("SELECT seq FROM products LIMIT 1")
             .fetch_optional(&self.pool)
             .await?;
         Ok(any.is_none())
@@ -198,12 +276,20 @@ impl ProductStore for SqliteProductStore {
 
     async fn reserve(
         &self,
+        id: &str,
         order_id: Option<&str>,
         lines: &[ReservationLine],
-    ) -> Result<Reservation, StoreError> {
+    ) -> Result<Reserved, StoreError> {
+        if let Some(existing) = self.existing(id, lines).await? {
+            return Ok(existing);
+        }
+        // Rows are locked in one global order (by product id) so two reservations
+        // sharing products cannot deadlock each other.
+        let mut ordered: Vec<&ReservationLine> = lines.iter().collect();
+        ordered.sort_by(|a, b| a.product_id.cmp(&b.product_id));
         let mut tx = self.pool.begin().await?;
         let mut items = Vec::with_capacity(lines.len());
-        for line in lines {
+        for line in ordered {
             // An error returns early; dropping `tx` rolls every earlier line back.
             let unit_price = take_stock(&mut tx, line).await?;
             items.push(ReservedLine {
@@ -212,21 +298,28 @@ impl ProductStore for SqliteProductStore {
                 unit_price,
             });
         }
-        let id = uuid::Uuid::now_v7().to_string();
-        sqlx::query(
-            "INSERT INTO reservations (id, order_id, status, created_at) VALUES (?1, ?2, 'held', ?3)",
+        let inserted = sqlx::query(
+            "INSERT INTO reservations (id, order_id, status, created_at) VALUES ($1, $2, 'held', $3)",
         )
-        .bind(&id)
+        .bind(id)
         .bind(order_id)
         .bind(now())
         .execute(&mut *tx)
-        .await?;
+        .await;
+        if let Err(err) = inserted {
+            if is_unique_violation(&err) {
+                // A concurrent call under the same id won (or released it first).
+                drop(tx);
+                return self.existing(id, lines).await?.ok_or(err.into());
+            }
+            return Err(err.into());
+        }
         for item in &items {
             sqlx::query(
                 "INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
-                 VALUES (?1, ?2, ?3, ?4)",
+                 VALUES ($1, $2, $3, $4)",
             )
-            .bind(&id)
+            .bind(id)
             .bind(&item.product_id)
             .bind(item.quantity)
             .bind(item.unit_price.cents())
@@ -234,47 +327,74 @@ impl ProductStore for SqliteProductStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(Reservation {
-            id,
-            order_id: order_id.map(str::to_owned),
-            status: "held".into(),
-            items,
+        Ok(Reserved {
+            reservation: Reservation {
+                id: id.to_owned(),
+                order_id: order_id.map(str::to_owned),
+                status: "held".into(),
+                items: in_request_order(items, lines),
+            },
+            created: true,
         })
     }
 
     async fn release(&self, reservation_id: &str) -> Result<Release, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let flipped = sqlx::query(
-            "UPDATE reservations SET status = 'released' WHERE id = ?1 AND status = 'held'",
-        )
-        .bind(reservation_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if flipped == 0 {
-            let exists: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM reservations WHERE id = ?1")
-                    .bind(reservation_id)
-                    .fetch_optional(&mut *tx)
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let flipped = sqlx::query(
+                "UPDATE reservations SET status = 'released' WHERE id = $1 AND status = 'held'",
+            )
+            .bind(reservation_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if flipped == 1 {
+                let items: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT product_id, quantity FROM reservation_items
+                     WHERE reservation_id = $1 ORDER BY product_id",
+                )
+                .bind(reservation_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                let now = now();
+                for (product_id, quantity) in items {
+                    sqlx::query(
+                        "UPDATE products SET quantity = quantity + $1, updated_at = $3 WHERE id = $2",
+                    )
+                    .bind(quantity)
+                    .bind(product_id)
+                    .bind(&now)
+                    .execute(&mut *tx)
                     .await?;
-            return Ok(if exists.is_some() {
-                Release::AlreadyReleased
+                }
+                tx.commit().await?;
+                return Ok(Release::Released);
+            }
+            // Not held: close the id, unless it exists already.
+            let closed = sqlx::query(
+                "INSERT INTO reservations (id, order_id, status, created_at)
+                 VALUES ($1, NULL, 'released', $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(reservation_id)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let status: String = if closed == 1 {
+                "never held".into()
             } else {
-                Release::Unknown
-            });
+                sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1")
+                    .bind(reservation_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+            };
+            tx.commit().await?;
+            match status.as_str() {
+                "never held" => return Ok(Release::NeverHeld),
+                "released" => return Ok(Release::AlreadyReleased),
+                // A reserve under this id committed between our two statements.
+                _ => continue,
+            }
         }
-        sqlx::query(
-            "UPDATE products
-             SET quantity = quantity + (SELECT ri.quantity FROM reservation_items ri
-                                        WHERE ri.reservation_id = ?1 AND ri.product_id = products.id),
-                 updated_at = ?2
-             WHERE id IN (SELECT product_id FROM reservation_items WHERE reservation_id = ?1)",
-        )
-        .bind(reservation_id)
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Release::Released)
     }
 }

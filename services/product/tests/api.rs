@@ -6,25 +6,21 @@ use axum::Router;
 use axum::http::{Method, StatusCode, header};
 use serde_json::json;
 use shop_platform::server::stack;
-use shop_platform::testing::{TestBody, TestResponse, call, temp_dir};
-use shop_platform::{Metrics, ServerConfig, StorageConfig};
-use shop_product::storage::MIGRATOR;
-use shop_product::{AppState, SqliteProductStore, app, seed_demo_products};
-use tempfile::TempDir;
+use shop_platform::testing::{Backend, TestBody, TestDatabase, TestResponse, call};
+use shop_platform::{Metrics, ServerConfig};
+use shop_product::storage::MIGRATIONS;
+use shop_product::{AppState, SqlProductStore, app, seed_demo_products};
 
 struct Harness {
     router: Router,
-    _dir: TempDir,
+    _db: TestDatabase,
 }
 
 impl Harness {
-    async fn new() -> Self {
-        let dir = temp_dir();
-        let pool = StorageConfig::in_dir(dir.path())
-            .open_sqlite("product", &MIGRATOR)
-            .await
-            .unwrap();
-        let store = Arc::new(SqliteProductStore::new(pool));
+    async fn new(backend: Backend) -> Self {
+        let db = TestDatabase::new(backend).await;
+        let database = db.storage().open("product", &MIGRATIONS).await.unwrap();
+        let store = Arc::new(SqlProductStore::new(&database));
         seed_demo_products(store.as_ref()).await.unwrap();
         let metrics = Metrics::new("product");
         let router = stack(
@@ -32,7 +28,7 @@ impl Harness {
             &ServerConfig::ephemeral(),
             metrics,
         );
-        Self { router, _dir: dir }
+        Self { router, _db: db }
     }
 
     async fn get(&self, uri: &str) -> TestResponse {
@@ -58,9 +54,8 @@ impl Harness {
     }
 }
 
-#[tokio::test]
-async fn lists_the_seed_products_with_exact_prices() {
-    let h = Harness::new().await;
+async fn lists_the_seed_products_with_exact_prices(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h.get("/products").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
@@ -73,9 +68,8 @@ async fn lists_the_seed_products_with_exact_prices() {
     assert!(r.headers.get(header::LINK).is_none());
 }
 
-#[tokio::test]
-async fn pages_with_cursor_and_link_header() {
-    let h = Harness::new().await;
+async fn pages_with_cursor_and_link_header(backend: Backend) {
+    let h = Harness::new(backend).await;
     let first = h.get("/products?limit=1").await;
     assert_eq!(first.body.as_array().unwrap().len(), 1);
     assert_eq!(first.body[0]["id"], "1");
@@ -93,9 +87,8 @@ async fn pages_with_cursor_and_link_header() {
     assert_eq!(h.get(next).await.body, second.body);
 }
 
-#[tokio::test]
-async fn rejects_bad_list_parameters() {
-    let h = Harness::new().await;
+async fn rejects_bad_list_parameters(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h.get("/products?limit=0").await;
     assert_eq!(
         (r.status, r.error_field()),
@@ -117,9 +110,8 @@ async fn rejects_bad_list_parameters() {
     );
 }
 
-#[tokio::test]
-async fn gets_one_product_by_path_or_seed_query() {
-    let h = Harness::new().await;
+async fn gets_one_product_by_path_or_seed_query(backend: Backend) {
+    let h = Harness::new(backend).await;
     assert_eq!(h.get("/products/2").await.body["name"], "Mouse");
     assert_eq!(h.get("/product?id=1").await.body["name"], "Laptop");
     let r = h.get("/products/404").await;
@@ -132,9 +124,8 @@ async fn gets_one_product_by_path_or_seed_query() {
     assert_eq!((r.status, r.error_field()), (StatusCode::BAD_REQUEST, "id"));
 }
 
-#[tokio::test]
-async fn creates_a_product() {
-    let h = Harness::new().await;
+async fn creates_a_product(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/products",
@@ -169,9 +160,8 @@ async fn creates_a_product() {
     );
 }
 
-#[tokio::test]
-async fn bad_product_input_is_refused_and_writes_nothing() {
-    let h = Harness::new().await;
+async fn bad_product_input_is_refused_and_writes_nothing(backend: Backend) {
+    let h = Harness::new(backend).await;
     let cases: Vec<(TestBody, StatusCode, &str)> = vec![
         ("{\"name\": \"x\", ".into(), StatusCode::BAD_REQUEST, ""),
         ("[1, 2]".into(), StatusCode::UNPROCESSABLE_ENTITY, "body"),
@@ -248,9 +238,8 @@ async fn bad_product_input_is_refused_and_writes_nothing() {
     assert_eq!(h.count().await, 2, "nothing was written");
 }
 
-#[tokio::test]
-async fn oversize_body_is_413_json() {
-    let h = Harness::new().await;
+async fn oversize_body_is_413_json(backend: Backend) {
+    let h = Harness::new(backend).await;
     let huge = format!("{{\"name\":\"{}\",\"price\":1}}", "x".repeat(2 << 20));
     let r = h.post("/products", huge.as_str()).await;
     assert_eq!(
@@ -259,9 +248,8 @@ async fn oversize_body_is_413_json() {
     );
 }
 
-#[tokio::test]
-async fn patches_a_product() {
-    let h = Harness::new().await;
+async fn patches_a_product(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .patch("/products/2", json!({"price": 19.99, "quantity": 7}))
         .await;
@@ -293,9 +281,8 @@ async fn patches_a_product() {
     assert_eq!(h.stock("2").await, 7);
 }
 
-#[tokio::test]
-async fn reserves_all_lines_or_none_and_releases_once() {
-    let h = Harness::new().await;
+async fn reserves_all_lines_or_none_and_releases_once(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/reservations",
@@ -363,13 +350,87 @@ async fn reserves_all_lines_or_none_and_releases_once() {
         (10, 100),
         "released only once"
     );
-    let r = call(&h.router, Method::DELETE, "/reservations/unknown", ()).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Releasing an id that never held stock closes it: a reserve arriving late under
+    // that id (a retry after a timeout, say) must not take stock nobody will release.
+    let r = call(&h.router, Method::DELETE, "/reservations/late-1", ()).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = h
+        .post(
+            "/reservations",
+            json!({"id": "late-1", "items": [{"product_id": "1", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "reservation_released")
+    );
+    assert_eq!(h.stock("1").await, 10);
+    let r = call(&h.router, Method::DELETE, "/reservations/bad%20id", ()).await;
+    assert_eq!(
+        (r.status, r.error_field()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "id")
+    );
 }
 
-#[tokio::test]
-async fn concurrent_reservations_never_oversell() {
-    let h = Harness::new().await;
+async fn a_retried_reservation_takes_stock_once(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let body = json!({"id": "r-1", "order_id": "o-1", "items": [
+        {"product_id": "2", "quantity": 2}, {"product_id": "1", "quantity": 1}]});
+    let first = h.post("/reservations", body.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    let again = h.post("/reservations", body).await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "a retry is answered, not repeated"
+    );
+    assert_eq!(again.body, first.body);
+    assert_eq!((h.stock("1").await, h.stock("2").await), (9, 98));
+
+    // Same id, different items: refused, and nothing taken.
+    let r = h
+        .post(
+            "/reservations",
+            json!({"id": "r-1", "items": [{"product_id": "1", "quantity": 5}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "reservation_exists")
+    );
+    assert_eq!((h.stock("1").await, h.stock("2").await), (9, 98));
+
+    // Concurrent retries under one id still take the stock once.
+    let attempts: Vec<_> = (0..10)
+        .map(|_| {
+            let router = h.router.clone();
+            tokio::spawn(async move {
+                call(
+                    &router,
+                    Method::POST,
+                    "/reservations",
+                    json!({"id": "r-2", "items": [{"product_id": "1", "quantity": 3}]}),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let statuses = futures_join(attempts.into_iter()).await;
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().all(|s| s.is_success()), "{statuses:?}");
+    assert_eq!(h.stock("1").await, 6);
+}
+
+async fn concurrent_reservations_never_oversell(backend: Backend) {
+    let h = Harness::new(backend).await;
     let attempts = (0..30).map(|_| {
         let router = h.router.clone();
         tokio::spawn(async move {
@@ -406,9 +467,8 @@ async fn futures_join(
     out
 }
 
-#[tokio::test]
-async fn framework_errors_are_json_and_request_ids_are_echoed() {
-    let h = Harness::new().await;
+async fn framework_errors_are_json_and_request_ids_are_echoed(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h.get("/nowhere").await;
     assert_eq!(
         (r.status, r.error_code()),
@@ -434,3 +494,18 @@ async fn framework_errors_are_json_and_request_ids_are_echoed() {
         .unwrap();
     assert_eq!(response.headers()["x-request-id"], "abc-123");
 }
+
+shop_platform::backend_tests!(
+    lists_the_seed_products_with_exact_prices,
+    pages_with_cursor_and_link_header,
+    rejects_bad_list_parameters,
+    gets_one_product_by_path_or_seed_query,
+    creates_a_product,
+    bad_product_input_is_refused_and_writes_nothing,
+    oversize_body_is_413_json,
+    patches_a_product,
+    reserves_all_lines_or_none_and_releases_once,
+    concurrent_reservations_never_oversell,
+    framework_errors_are_json_and_request_ids_are_echoed,
+    a_retried_reservation_takes_stock_once,
+);

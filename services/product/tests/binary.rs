@@ -1,70 +1,43 @@
 //! The real `product` binary as an operator runs it: signals, exit codes, configuration
 //! errors, `--help`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
+use shop_platform::testing::ServiceProcess;
 
 struct Service {
-    child: Child,
-    addr: SocketAddr,
-    logs: mpsc::Receiver<String>,
+    process: ServiceProcess,
     _dir: tempfile::TempDir,
 }
 
 fn start(env: &[(&str, &str)]) -> Service {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_product"))
-        .env_clear()
-        .env("PORT", "0")
-        .env("HOST", "127.0.0.1")
-        .env("DATA_DIR", dir.path())
-        .env("LOG_FORMAT", "json")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (tx, logs) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        let line = logs
-            .recv_timeout(deadline - Instant::now())
-            .expect("service logs its address");
-        let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if entry["message"] == "listening" {
-            break entry["address"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    Service {
-        child,
-        addr,
-        logs,
-        _dir: dir,
-    }
+    let process = ServiceProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_product"))
+            .env_clear()
+            .env("PORT", "0")
+            .env("HOST", "127.0.0.1")
+            .env("DATA_DIR", dir.path())
+            .envs(env.iter().copied())
+            .stderr(Stdio::inherit()),
+    );
+    Service { process, _dir: dir }
 }
 
 impl Service {
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        kill(Pid::from_raw(self.process.child.id() as i32), signal).unwrap();
     }
 
     fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.process.child.try_wait().unwrap() {
                 return status;
             }
             assert!(Instant::now() < deadline, "did not exit within {within:?}");
@@ -73,7 +46,7 @@ impl Service {
     }
 
     fn status_of(&self, path: &str) -> u16 {
-        let mut stream = TcpStream::connect(self.addr).unwrap();
+        let mut stream = TcpStream::connect(self.process.addr).unwrap();
         write!(
             stream,
             "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
@@ -85,13 +58,7 @@ impl Service {
     }
 
     fn drain_logs(&self) -> Vec<String> {
-        self.logs.try_iter().collect()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
+        self.process.logs.try_iter().collect()
     }
 }
 
@@ -103,7 +70,7 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     // A slow client: headers and half the body now, the rest after SIGTERM.
     let body = br#"{"id":"late","name":"Slow Lamp","price":12.5,"quantity":3}"#;
     let (first, rest) = body.split_at(body.len() / 2);
-    let mut slow = TcpStream::connect(service.addr).unwrap();
+    let mut slow = TcpStream::connect(service.process.addr).unwrap();
     write!(
         slow,
         "POST /products HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",

@@ -11,7 +11,7 @@ use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{Application, Binary, Metrics, Runtime, ServiceParts, Shutdown, StorageConfig};
 
 pub use routes::{AppState, app};
-pub use storage::{SqliteUserStore, UserStore};
+pub use storage::{SqlUserStore, UserStore};
 
 pub const NAME: &str = "user";
 pub const PORT: Var = Var::new("PORT", "8083", "Port to listen on.");
@@ -43,10 +43,10 @@ impl Config {
 
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
-    let pool = config.storage.open_sqlite(NAME, &storage::MIGRATOR).await?;
-    let store = Arc::new(SqliteUserStore::new(pool.clone()));
+    let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    let store = Arc::new(SqlUserStore::new(&db));
     ServiceParts::new(NAME, config.server, metrics.clone())
-        .database(pool)
+        .database(db)
         .bind(app(AppState::new(store, &metrics)))
         .await
 }

@@ -1,12 +1,16 @@
-//! The user service's storage interface and its SQLite implementation.
+//! The user service's storage interface and its SQL implementation, one for both
+//! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
-use sqlx::Row;
-use sqlx::sqlite::SqlitePool;
+use shop_platform::{Database, Migrations};
+use sqlx::{AnyPool, Row};
 
 use crate::domain::User;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATIONS: Migrations = Migrations {
+    sqlite: sqlx::migrate!("./migrations/sqlite"),
+    postgres: sqlx::migrate!("./migrations/postgres"),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,21 +31,23 @@ pub trait UserStore: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError>;
 }
 
-pub struct SqliteUserStore {
-    pool: SqlitePool,
+pub struct SqlUserStore {
+    pool: AnyPool,
 }
 
-impl SqliteUserStore {
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+impl SqlUserStore {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            pool: db.pool().clone(),
+        }
     }
 }
 
 #[async_trait]
-impl UserStore for SqliteUserStore {
+impl UserStore for SqlUserStore {
     async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
         let result = sqlx::query(
-            "INSERT INTO users (id, name, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO users (id, name, email, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&user.id)
         .bind(&user.name)
@@ -67,22 +73,23 @@ impl UserStore for SqliteUserStore {
     }
 
     async fn conflict(&self, id: &str, email: &str) -> Result<Option<StoreError>, StoreError> {
-        let taken: Option<(bool, bool)> = sqlx::query_as(
-            "SELECT MAX(id = ?1), MAX(email = ?2) FROM users WHERE id = ?1 OR email = ?2 HAVING COUNT(*) > 0",
+        let taken: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT MAX(CASE WHEN id = $1 THEN 1 ELSE 0 END), MAX(CASE WHEN email = $2 THEN 1 ELSE 0 END)
+             FROM users WHERE id = $1 OR email = $2 HAVING COUNT(*) > 0",
         )
         .bind(id)
         .bind(email)
         .fetch_optional(&self.pool)
         .await?;
         Ok(match taken {
-            Some((true, _)) => Some(StoreError::DuplicateId(id.to_owned())),
-            Some((false, true)) => Some(StoreError::DuplicateEmail),
+            Some((1, _)) => Some(StoreError::DuplicateId(id.to_owned())),
+            Some((_, 1)) => Some(StoreError::DuplicateEmail),
             _ => None,
         })
     }
 
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query("SELECT id, name, email, created_at FROM users WHERE id = ?1")
+        let row = sqlx::query("SELECT id, name, email, created_at FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;

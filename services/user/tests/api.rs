@@ -2,7 +2,6 @@
 //! `oneshot`, what lands in the database (read back with sqlx), and the real binary setup
 //! (`shop_user::build`) over HTTP for persistence and probes.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use argon2::PasswordVerifier;
@@ -12,12 +11,10 @@ use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use shop_platform::server::stack;
-use shop_platform::testing::{RunningApp, TestBody, TestResponse, call, temp_dir};
-use shop_platform::{Metrics, ServerConfig, StorageConfig};
-use shop_user::storage::MIGRATOR;
-use shop_user::{AppState, Config, SqliteUserStore, app};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
-use tempfile::TempDir;
+use shop_platform::testing::{Backend, RunningApp, TestBody, TestDatabase, TestResponse, call};
+use shop_platform::{Database, Metrics, ServerConfig};
+use shop_user::storage::MIGRATIONS;
+use shop_user::{AppState, Config, SqlUserStore, app};
 use tower::ServiceExt;
 
 /// The seed's walkthrough body, byte for byte.
@@ -27,17 +24,13 @@ const SEED_BODY: &str =
 struct Harness {
     router: Router,
     metrics: Metrics,
-    dir: TempDir,
+    dir: TestDatabase,
 }
 
 impl Harness {
-    async fn new() -> Self {
-        let dir = temp_dir();
-        let pool = StorageConfig::in_dir(dir.path())
-            .open_sqlite("user", &MIGRATOR)
-            .await
-            .unwrap();
-        let store = Arc::new(SqliteUserStore::new(pool));
+    async fn new(backend: Backend) -> Self {
+        let dir = TestDatabase::new(backend).await;
+        let store = Arc::new(SqlUserStore::new(&open_db(&dir).await));
         let metrics = Metrics::new("user");
         let router = stack(
             app(AppState::new(store, &metrics)),
@@ -81,15 +74,15 @@ impl Harness {
         }
     }
 
-    /// A second, independent connection to the service's SQLite file.
-    async fn db(&self) -> SqlitePool {
-        open_db(self.dir.path()).await
+    /// A second, independent pool on the service's database.
+    async fn db(&self) -> Database {
+        open_db(&self.dir).await
     }
 
     async fn row_count(&self) -> i64 {
         let db = self.db().await;
         let n = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM users")
-            .fetch_one(&db)
+            .fetch_one(db.pool())
             .await
             .unwrap();
         db.close().await;
@@ -97,7 +90,7 @@ impl Harness {
     }
 
     async fn stored_hash(&self, id: &str) -> Option<String> {
-        stored_hash(self.dir.path(), id).await
+        stored_hash(&self.dir, id).await
     }
 
     /// The `users_registered_total` counter.
@@ -113,17 +106,15 @@ impl Harness {
     }
 }
 
-async fn open_db(dir: &Path) -> SqlitePool {
-    SqlitePool::connect_with(SqliteConnectOptions::new().filename(dir.join("user.db")))
-        .await
-        .unwrap()
+async fn open_db(dir: &TestDatabase) -> Database {
+    dir.storage().open("user", &MIGRATIONS).await.unwrap()
 }
 
-async fn stored_hash(dir: &Path, id: &str) -> Option<String> {
+async fn stored_hash(dir: &TestDatabase, id: &str) -> Option<String> {
     let db = open_db(dir).await;
-    let hash = sqlx::query_scalar::<_, String>("SELECT password_hash FROM users WHERE id = ?")
+    let hash = sqlx::query_scalar::<_, String>("SELECT password_hash FROM users WHERE id = $1")
         .bind(id)
-        .fetch_optional(&db)
+        .fetch_optional(db.pool())
         .await
         .unwrap();
     db.close().await;
@@ -165,9 +156,8 @@ fn assert_no_secret_keys(body: &Value) {
 // Registration and lookup
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn registers_a_user_and_never_returns_the_password() {
-    let h = Harness::new().await;
+async fn registers_a_user_and_never_returns_the_password(backend: Backend) {
+    let h = Harness::new(backend).await;
     let password = "Tr0ub4dor&3-unique";
     let (status, headers, text) = h
         .post_raw(
@@ -215,9 +205,8 @@ async fn registers_a_user_and_never_returns_the_password() {
     assert!(!r.body.to_string().contains(password));
 }
 
-#[tokio::test]
-async fn generates_an_id_when_none_is_given() {
-    let h = Harness::new().await;
+async fn generates_an_id_when_none_is_given(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/users",
@@ -243,9 +232,8 @@ async fn generates_an_id_when_none_is_given() {
     assert_eq!(h.row_count().await, 2);
 }
 
-#[tokio::test]
-async fn seed_walkthrough_post_user_then_get_by_query() {
-    let h = Harness::new().await;
+async fn seed_walkthrough_post_user_then_get_by_query(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h.post("/user", SEED_BODY).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(r.headers[header::LOCATION], "/users/1");
@@ -273,9 +261,8 @@ async fn seed_walkthrough_post_user_then_get_by_query() {
     assert_eq!(h.registered(), 1);
 }
 
-#[tokio::test]
-async fn lookups_that_find_nothing_or_lack_an_id() {
-    let h = Harness::new().await;
+async fn lookups_that_find_nothing_or_lack_an_id(backend: Backend) {
+    let h = Harness::new(backend).await;
     assert_eq!(
         h.post("/users", user("1", "one@example.com")).await.status,
         StatusCode::CREATED
@@ -321,9 +308,8 @@ async fn lookups_that_find_nothing_or_lack_an_id() {
     assert!(h.exists("1").await, "DELETE did nothing");
 }
 
-#[tokio::test]
-async fn accepts_json_content_type_with_parameters() {
-    let h = Harness::new().await;
+async fn accepts_json_content_type_with_parameters(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post(
             "/users",
@@ -638,8 +624,8 @@ fn bad_cases() -> Vec<Case> {
     cases
 }
 
-async fn assert_bad_input_writes_nothing(route: &str) {
-    let h = Harness::new().await;
+async fn assert_bad_input_writes_nothing(backend: Backend, route: &str) {
+    let h = Harness::new(backend).await;
     let mut attempted = Vec::new();
     for (body, status, code, field, id) in bad_cases() {
         let r = h.post(route, body).await;
@@ -666,19 +652,16 @@ async fn assert_bad_input_writes_nothing(route: &str) {
     assert_eq!(h.row_count().await, 1);
 }
 
-#[tokio::test]
-async fn bad_input_on_post_users_is_refused_and_writes_nothing() {
-    assert_bad_input_writes_nothing("/users").await;
+async fn bad_input_on_post_users_is_refused_and_writes_nothing(backend: Backend) {
+    assert_bad_input_writes_nothing(backend, "/users").await;
 }
 
-#[tokio::test]
-async fn bad_input_on_seed_route_is_refused_and_writes_nothing() {
-    assert_bad_input_writes_nothing("/user").await;
+async fn bad_input_on_seed_route_is_refused_and_writes_nothing(backend: Backend) {
+    assert_bad_input_writes_nothing(backend, "/user").await;
 }
 
-#[tokio::test]
-async fn oversize_body_is_413_json_and_writes_nothing() {
-    let h = Harness::new().await;
+async fn oversize_body_is_413_json_and_writes_nothing(backend: Backend) {
+    let h = Harness::new(backend).await;
     let huge = json!({
         "id": "huge",
         "name": "x".repeat((1 << 20) + 1),
@@ -693,9 +676,8 @@ async fn oversize_body_is_413_json_and_writes_nothing() {
     assert_eq!(h.row_count().await, 0);
 }
 
-#[tokio::test]
-async fn boundary_values_are_accepted() {
-    let h = Harness::new().await;
+async fn boundary_values_are_accepted(backend: Backend) {
+    let h = Harness::new(backend).await;
     let id64 = "A-z_9".repeat(13)[..64].to_owned();
     let accepted = [
         // Exactly 6 characters (the seed's "secret"), exactly 1024 bytes.
@@ -723,9 +705,8 @@ async fn boundary_values_are_accepted() {
 // Uniqueness and normalisation
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn duplicate_id_and_email_are_409() {
-    let h = Harness::new().await;
+async fn duplicate_id_and_email_are_409(backend: Backend) {
+    let h = Harness::new(backend).await;
     let first = h.post("/users", user("dup", "john@example.com")).await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
 
@@ -760,9 +741,8 @@ async fn duplicate_id_and_email_are_409() {
     assert_eq!(h.row_count().await, 2);
 }
 
-#[tokio::test]
-async fn emails_are_stored_trimmed_and_lower_cased() {
-    let h = Harness::new().await;
+async fn emails_are_stored_trimmed_and_lower_cased(backend: Backend) {
+    let h = Harness::new(backend).await;
     let r = h
         .post("/users", user("mixed", "  Mixed.Case+Tag@Example.COM \t"))
         .await;
@@ -773,9 +753,9 @@ async fn emails_are_stored_trimmed_and_lower_cased() {
         "mixed.case+tag@example.com"
     );
     let db = h.db().await;
-    let stored: String = sqlx::query_scalar("SELECT email FROM users WHERE id = ?")
+    let stored: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
         .bind("mixed")
-        .fetch_one(&db)
+        .fetch_one(db.pool())
         .await
         .unwrap();
     db.close().await;
@@ -788,9 +768,8 @@ async fn emails_are_stored_trimmed_and_lower_cased() {
     assert_json_error(&r, StatusCode::CONFLICT, "email_taken", Some("email"));
 }
 
-#[tokio::test]
-async fn concurrent_registrations_with_one_email_create_exactly_one_user() {
-    let h = Harness::new().await;
+async fn concurrent_registrations_with_one_email_create_exactly_one_user(backend: Backend) {
+    let h = Harness::new(backend).await;
     let attempts: Vec<_> = (0..6)
         .map(|i| {
             let router = h.router.clone();
@@ -833,9 +812,8 @@ async fn concurrent_registrations_with_one_email_create_exactly_one_user() {
 // Password storage
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn password_is_stored_only_as_an_argon2id_phc_string() {
-    let h = Harness::new().await;
+async fn password_is_stored_only_as_an_argon2id_phc_string(backend: Backend) {
+    let h = Harness::new(backend).await;
     let password = "correct horse battery staple";
     for (id, email) in [("h1", "h1@example.com"), ("h2", "h2@example.com")] {
         let r = h
@@ -870,11 +848,11 @@ async fn password_is_stored_only_as_an_argon2id_phc_string() {
     // No column anywhere holds the clear password.
     let db = h.db().await;
     let leaked: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM users WHERE id LIKE ?1 OR name LIKE ?1 OR email LIKE ?1 \
-         OR password_hash LIKE ?1 OR created_at LIKE ?1",
+        "SELECT COUNT(*) FROM users WHERE id LIKE $1 OR name LIKE $1 OR email LIKE $1 \
+         OR password_hash LIKE $1 OR created_at LIKE $1",
     )
     .bind(format!("%{password}%"))
-    .fetch_one(&db)
+    .fetch_one(db.pool())
     .await
     .unwrap();
     db.close().await;
@@ -895,10 +873,10 @@ async fn password_is_stored_only_as_an_argon2id_phc_string() {
 // The real application over HTTP
 // ---------------------------------------------------------------------------------------
 
-async fn start(dir: &Path) -> RunningApp {
+async fn start(dir: &TestDatabase) -> RunningApp {
     let app = shop_user::build(Config {
         server: ServerConfig::ephemeral(),
-        storage: StorageConfig::in_dir(dir),
+        storage: dir.storage(),
     })
     .await
     .unwrap();
@@ -912,12 +890,11 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-#[tokio::test]
-async fn users_survive_a_restart() {
-    let dir = temp_dir();
+async fn users_survive_a_restart(backend: Backend) {
+    let dir = TestDatabase::new(backend).await;
     let password = "persist-me-please";
 
-    let running = start(dir.path()).await;
+    let running = start(&dir).await;
     let http = client();
     let response = http
         .post(format!("{}/users", running.url))
@@ -937,9 +914,9 @@ async fn users_survive_a_restart() {
     assert_eq!(created["email"], "kept@example.com");
     drop(http);
     running.stop().await.unwrap();
-    let hash_before = stored_hash(dir.path(), "kept").await.expect("stored");
+    let hash_before = stored_hash(&dir, "kept").await.expect("stored");
 
-    let running = start(dir.path()).await;
+    let running = start(&dir).await;
     let http = client();
     let response = http
         .get(format!("{}/users/kept", running.url))
@@ -989,17 +966,16 @@ async fn users_survive_a_restart() {
     running.stop().await.unwrap();
 
     assert_eq!(
-        stored_hash(dir.path(), "kept").await.as_deref(),
+        stored_hash(&dir, "kept").await.as_deref(),
         Some(hash_before.as_str()),
         "hash unchanged"
     );
-    assert_eq!(stored_hash(dir.path(), "kept-2").await, None);
+    assert_eq!(stored_hash(&dir, "kept-2").await, None);
 }
 
-#[tokio::test]
-async fn health_and_readiness_on_the_running_app() {
-    let dir = temp_dir();
-    let running = start(dir.path()).await;
+async fn health_and_readiness_on_the_running_app(backend: Backend) {
+    let dir = TestDatabase::new(backend).await;
+    let running = start(&dir).await;
     let http = client();
 
     let response = http
@@ -1048,5 +1024,25 @@ async fn health_and_readiness_on_the_running_app() {
 
     drop(http);
     running.stop().await.unwrap();
-    assert!(dir.path().join("user.db").exists());
+    if backend == Backend::Sqlite {
+        assert!(dir.storage().data_dir.join("user.db").exists());
+    }
 }
+
+shop_platform::backend_tests!(
+    registers_a_user_and_never_returns_the_password,
+    generates_an_id_when_none_is_given,
+    seed_walkthrough_post_user_then_get_by_query,
+    lookups_that_find_nothing_or_lack_an_id,
+    accepts_json_content_type_with_parameters,
+    bad_input_on_post_users_is_refused_and_writes_nothing,
+    bad_input_on_seed_route_is_refused_and_writes_nothing,
+    oversize_body_is_413_json_and_writes_nothing,
+    boundary_values_are_accepted,
+    duplicate_id_and_email_are_409,
+    emails_are_stored_trimmed_and_lower_cased,
+    concurrent_registrations_with_one_email_create_exactly_one_user,
+    password_is_stored_only_as_an_argon2id_phc_string,
+    users_survive_a_restart,
+    health_and_readiness_on_the_running_app,
+);

@@ -5,31 +5,34 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shop_platform::testing::{RunningApp, temp_dir};
-use shop_platform::{ServerConfig, StorageConfig};
-use tempfile::TempDir;
+use shop_platform::ServerConfig;
+use shop_platform::testing::{Backend, RunningApp, TestDatabase};
 
 pub struct Peers {
     pub product: RunningApp,
     pub user: RunningApp,
     pub http: reqwest::Client,
-    _dirs: (TempDir, TempDir),
+    pub backend: Backend,
+    _dirs: (TestDatabase, TestDatabase),
 }
 
 impl Peers {
     /// Product (seeded with the demo catalogue) and user services, with user "1".
-    pub async fn start() -> Self {
-        let (product_dir, user_dir) = (temp_dir(), temp_dir());
+    pub async fn start(backend: Backend) -> Self {
+        let (product_dir, user_dir) = (
+            TestDatabase::new(backend).await,
+            TestDatabase::new(backend).await,
+        );
         let product = shop_product::build(shop_product::Config {
             server: ServerConfig::ephemeral(),
-            storage: StorageConfig::in_dir(product_dir.path()),
+            storage: product_dir.storage(),
             seed_products: true,
         })
         .await
         .unwrap();
         let user = shop_user::build(shop_user::Config {
             server: ServerConfig::ephemeral(),
-            storage: StorageConfig::in_dir(user_dir.path()),
+            storage: user_dir.storage(),
         })
         .await
         .unwrap();
@@ -37,6 +40,7 @@ impl Peers {
             product: RunningApp::start(product),
             user: RunningApp::start(user),
             http: reqwest::Client::new(),
+            backend,
             _dirs: (product_dir, user_dir),
         };
         let created = peers
@@ -50,8 +54,13 @@ impl Peers {
         peers
     }
 
-    pub fn order_config(&self, dir: &TempDir) -> shop_order::Config {
+    pub fn order_config(&self, dir: &TestDatabase) -> shop_order::Config {
         order_config(dir, &self.product.url, &self.user.url)
+    }
+
+    /// A database for the order service, on the peers' backend.
+    pub async fn order_db(&self) -> TestDatabase {
+        TestDatabase::new(self.backend).await
     }
 
     pub async fn stock(&self, product_id: &str) -> i64 {
@@ -68,12 +77,13 @@ impl Peers {
     }
 }
 
-pub fn order_config(dir: &TempDir, product_url: &str, user_url: &str) -> shop_order::Config {
+pub fn order_config(dir: &TestDatabase, product_url: &str, user_url: &str) -> shop_order::Config {
     shop_order::Config {
         server: ServerConfig::ephemeral(),
-        storage: StorageConfig::in_dir(dir.path()),
+        storage: dir.storage(),
         product_url: product_url.to_owned(),
         user_url: user_url.to_owned(),
         upstream_timeout: Duration::from_secs(2),
+        checkout_timeout: Duration::from_secs(30),
     }
 }

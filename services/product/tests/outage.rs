@@ -1,0 +1,76 @@
+//! The database goes away while the service runs (PostgreSQL stopped with sessions
+//! terminated, as in an outage or a failover): requests get 503 JSON and `/ready` says
+//! which dependency fails; when the database returns, both recover without a restart.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shop_platform::testing::{PgCluster, RunningApp};
+use shop_platform::{ServerConfig, StorageConfig};
+
+async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .expect("the service itself answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON body"))
+}
+
+#[tokio::test]
+async fn requests_and_readiness_recover_when_the_database_returns() {
+    let Some(cluster) =
+        PgCluster::start("requests_and_readiness_recover_when_the_database_returns")
+    else {
+        return;
+    };
+    let storage = StorageConfig {
+        acquire_timeout: Duration::from_secs(1),
+        ..StorageConfig::at_url(&cluster.url)
+    };
+    let app = RunningApp::start(
+        shop_product::build(shop_product::Config {
+            server: ServerConfig::ephemeral(),
+            storage,
+            seed_products: true,
+        })
+        .await
+        .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    assert_eq!(get(&http, format!("{}/products", app.url)).await.0, 200);
+    assert_eq!(get(&http, format!("{}/ready", app.url)).await.0, 200);
+
+    cluster.stop();
+    let started = Instant::now();
+    let (status, body) = get(&http, format!("{}/products/1", app.url)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "dependency_unavailable", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered promptly"
+    );
+    let (status, body) = get(&http, format!("{}/ready", app.url)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["database"]["status"], "failing", "{body}");
+    let (status, body) = get(&http, format!("{}/health", app.url)).await;
+    assert_eq!(status, 200, "liveness does not follow the database: {body}");
+
+    cluster.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = get(&http, format!("{}/ready", app.url)).await.0;
+        let product = get(&http, format!("{}/products/1", app.url)).await;
+        if ready == 200 && product.0 == 200 {
+            assert_eq!(product.1["name"], "Laptop");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: /ready {ready}, {product:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await.unwrap();
+}
