@@ -40,7 +40,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && SHOP_REVISION="$REVISION" cargo build --release --locked -p "shop-$SERVICE" --bin "$SERVICE" \
  && mkdir -p /out/data \
  && cp "target/release/$SERVICE" /out/service \
- && /out/service describe > /dev/null
+ && /out/service describe | grep -q "\"name\":\"$SERVICE\""
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 ARG SERVICE=gateway

@@ -129,7 +129,7 @@ def schema_rejects_bad_values() -> None:
         "unknown component": (["--set", "components.cart.port=8084"], "cart"),
         "out of range (negative delay)": (["--set", "shutdown.delaySeconds=-1"], "delaySeconds"),
         "enum (log format)": (["--set", "logging.format=xml"], "format"),
-        "bad env name": (["--set", "components.user.env.lower-case=1"], "env"),
+        "bad env name": (["--set", "components.user.env.lower-case=1"], "lower-case"),
     }
     for what, (args, needle) in bad.items():
         out = helm_template("default", KUBE_VERSIONS[0], *args)

@@ -144,7 +144,10 @@ impl Binary {
             }
         };
         // A wildcard listener is reached on loopback; a specific address only on itself.
-        let host = match env.raw("HOST").and_then(|h| h.trim().parse::<IpAddr>().ok()) {
+        let host = match env
+            .raw("HOST")
+            .and_then(|h| h.trim().parse::<IpAddr>().ok())
+        {
             Some(IpAddr::V4(v4)) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             Some(IpAddr::V6(v6)) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             Some(addr) => addr,
@@ -248,5 +251,107 @@ impl Binary {
                 Err(_) => ExitCode::FAILURE,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::config::ServerConfig;
+
+    const PORT: Var = Var::new("PORT", "8089", "port");
+    const EXTRA: Var = Var::optional("EXTRA_SETTING", "extra");
+    const TEST: Binary = Binary {
+        name: "test",
+        about: "a test binary",
+        vars: &[("Server", &ServerConfig::vars(PORT)), ("Extra", &[EXTRA])],
+        runtime: Runtime::MultiThread,
+    };
+
+    /// Answers one connection with `status`, as a server's `/ready` would.
+    fn answer_once(status: &'static str) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap();
+            assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /ready HTTP/1.1\r\n"));
+            let body = r#"{"status":"x"}"#;
+            write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        port
+    }
+
+    fn code(exit: ExitCode) -> String {
+        format!("{exit:?}")
+    }
+
+    #[test]
+    fn describe_lists_port_probes_and_every_variable() {
+        let d = TEST.describe();
+        assert_eq!(d["name"], "test");
+        assert_eq!(d["port"], 8089);
+        assert_eq!(d["probes"]["readiness"], "/ready");
+        assert_eq!(d["probes"]["liveness"], "/health");
+        assert_eq!(d["shutdown"]["delay"], "5s");
+        let names: Vec<&str> = d["vars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        for name in [
+            "HOST",
+            "PORT",
+            "SHUTDOWN_TIMEOUT",
+            "EXTRA_SETTING",
+            "RUST_LOG",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+        assert!(names.contains(&"OTEL_TRACES_SAMPLER_ARG"));
+    }
+
+    #[test]
+    fn healthcheck_exits_zero_only_when_ready() {
+        let ok = Env::from_pairs([("PORT", answer_once("200 OK").to_string())]);
+        assert_eq!(code(TEST.healthcheck(&ok)), code(ExitCode::SUCCESS));
+
+        let not_ready = Env::from_pairs([
+            ("PORT", answer_once("503 Service Unavailable").to_string()),
+            ("HOST", "0.0.0.0".to_owned()),
+        ]);
+        assert_eq!(code(TEST.healthcheck(&not_ready)), code(ExitCode::FAILURE));
+
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let nobody = Env::from_pairs([("PORT", closed.to_string())]);
+        assert_eq!(code(TEST.healthcheck(&nobody)), code(ExitCode::FAILURE));
+
+        let invalid = Env::from_pairs([("PORT", "eighty")]);
+        assert_eq!(code(TEST.healthcheck(&invalid)), code(ExitCode::from(2)));
+    }
+
+    #[test]
+    fn sleep_takes_one_duration() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(code(sleep("t", &args(&["10ms"]))), code(ExitCode::SUCCESS));
+        assert_eq!(code(sleep("t", &args(&[]))), code(ExitCode::from(2)));
+        assert_eq!(code(sleep("t", &args(&["soon"]))), code(ExitCode::from(2)));
+        assert_eq!(
+            code(sleep("t", &args(&["1s", "2s"]))),
+            code(ExitCode::from(2))
+        );
     }
 }

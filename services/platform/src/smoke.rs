@@ -15,7 +15,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn main(name: &str, args: &[String]) -> ExitCode {
     let [base] = args else {
-        eprintln!("{name} smoke: expected the gateway's base URL, e.g. `smoke http://shop-gateway:8080`");
+        eprintln!(
+            "{name} smoke: expected the gateway's base URL, e.g. `smoke http://shop-gateway:8080`"
+        );
         return ExitCode::from(2);
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -47,27 +49,47 @@ struct Gateway {
 
 impl Gateway {
     /// Sends one request; returns the status and the JSON body (Null when empty).
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), String> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method.clone(), &url);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.map_err(|e| format!("{method} {url}: {e}"))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| format!("{method} {url}: reading body: {e}"))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| format!("{method} {url}: reading body: {e}"))?;
         let value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).map_err(|e| format!("{method} {url}: {status}, body is not JSON ({e}): {text}"))?
+            serde_json::from_str(&text)
+                .map_err(|e| format!("{method} {url}: {status}, body is not JSON ({e}): {text}"))?
         };
         Ok((status, value))
     }
 
-    async fn expect(&self, method: Method, path: &str, body: Option<Value>, want: StatusCode) -> Result<Value, String> {
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        want: StatusCode,
+    ) -> Result<Value, String> {
         let (status, value) = self.call(method.clone(), path, body).await?;
         if status != want {
-            return Err(format!("{method} {path}: expected {want}, got {status}: {value}"));
+            return Err(format!(
+                "{method} {path}: expected {want}, got {status}: {value}"
+            ));
         }
         Ok(value)
     }
@@ -84,23 +106,42 @@ async fn run(base: &str) -> Result<(), String> {
 
     let deadline = Instant::now() + READY_WAIT;
     loop {
-        match gateway.call(Method::GET, crate::probes::READY_PATH, None).await {
+        match gateway
+            .call(Method::GET, crate::probes::READY_PATH, None)
+            .await
+        {
             Ok((StatusCode::OK, _)) => break,
             outcome if Instant::now() >= deadline => {
-                return Err(format!("gateway not ready within {}s: {outcome:?}", READY_WAIT.as_secs()));
+                return Err(format!(
+                    "gateway not ready within {}s: {outcome:?}",
+                    READY_WAIT.as_secs()
+                ));
             }
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
     println!("ok   gateway {base} is ready");
 
-    let products = gateway.expect(Method::GET, "/api/v1/products?limit=100", None, StatusCode::OK).await?;
+    let products = gateway
+        .expect(
+            Method::GET,
+            "/api/v1/products?limit=100",
+            None,
+            StatusCode::OK,
+        )
+        .await?;
     let product = products
         .as_array()
-        .and_then(|list| list.iter().find(|p| p["quantity"].as_i64().is_some_and(|q| q >= 1)))
+        .and_then(|list| {
+            list.iter()
+                .find(|p| p["quantity"].as_i64().is_some_and(|q| q >= 1))
+        })
         .ok_or_else(|| format!("no product in stock in the first page: {products}"))?;
     let product_id = text(product, "id")?;
-    println!("ok   product {product_id} ({}) is in stock", product["name"]);
+    println!(
+        "ok   product {product_id} ({}) is in stock",
+        product["name"]
+    );
 
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let user = gateway
@@ -131,21 +172,41 @@ async fn run(base: &str) -> Result<(), String> {
         .await?;
     let order_id = text(&order, "id")?;
     if order["total"] != product["price"] || order["user_id"] != user["id"] {
-        return Err(format!("order {order_id} does not match: total {} for price {}, user {}", order["total"], product["price"], order["user_id"]));
+        return Err(format!(
+            "order {order_id} does not match: total {} for price {}, user {}",
+            order["total"], product["price"], order["user_id"]
+        ));
     }
     println!("ok   order {order_id} placed, total {}", order["total"]);
 
     let fetched = gateway
-        .expect(Method::GET, &format!("/api/v1/orders/{order_id}"), None, StatusCode::OK)
+        .expect(
+            Method::GET,
+            &format!("/api/v1/orders/{order_id}"),
+            None,
+            StatusCode::OK,
+        )
         .await?;
     if fetched["id"] != order["id"] || fetched["total"] != order["total"] {
-        return Err(format!("order {order_id} reads back differently: {fetched}"));
+        return Err(format!(
+            "order {order_id} reads back differently: {fetched}"
+        ));
     }
     let listed = gateway
-        .expect(Method::GET, &format!("/api/v1/orders?user_id={user_id}"), None, StatusCode::OK)
+        .expect(
+            Method::GET,
+            &format!("/api/v1/orders?user_id={user_id}"),
+            None,
+            StatusCode::OK,
+        )
         .await?;
-    if !listed.as_array().is_some_and(|list| list.iter().any(|o| o["id"] == order["id"])) {
-        return Err(format!("order {order_id} missing from the user's orders: {listed}"));
+    if !listed
+        .as_array()
+        .is_some_and(|list| list.iter().any(|o| o["id"] == order["id"]))
+    {
+        return Err(format!(
+            "order {order_id} missing from the user's orders: {listed}"
+        ));
     }
     println!("ok   order {order_id} reads back and is listed for user {user_id}");
     Ok(())
