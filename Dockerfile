@@ -12,6 +12,7 @@ ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
 ARG SERVICE=gateway
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0

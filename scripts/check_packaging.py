@@ -279,12 +279,13 @@ def checkov(outdir: Path) -> None:
                         "LOG_LEVEL": "ERROR"}
     scans = {
         "rendered manifests": ["-d", str(outdir), "--framework", "kubernetes"],
-        "helm chart": ["-d", "charts", "--framework", "helm"],
+        "helm chart": ["--config-file", ".checkov-helm.yaml", "-d", "charts", "--framework", "helm"],
         "kustomize overlays": ["-d", "k8s", "--framework", "kustomize"],
         "Dockerfile": ["-f", "Dockerfile", "--framework", "dockerfile"],
     }
     for what, args in scans.items():
-        out = run([tool("checkov"), "--skip-download", "--config-file", ".checkov.yaml", "-o", "json", *args], env=env)
+        config = [] if "--config-file" in args else ["--config-file", ".checkov.yaml"]
+        out = run([tool("checkov"), "--skip-download", *config, "-o", "json", *args], env=env)
         try:
             reports = json.loads(out.stdout)
         except json.JSONDecodeError:
@@ -305,7 +306,7 @@ def hadolint_and_yamllint() -> None:
     out = run([tool("hadolint"), "--config", ".hadolint.yaml", "Dockerfile"])
     check(out.returncode == 0, f"hadolint: {out.stdout}{out.stderr}")
     files = ["charts/shop/Chart.yaml", "charts/shop/values.yaml", *map(str, sorted((CHART / "ci").glob("*.yaml"))),
-             "skaffold.yaml", "docker-compose.yml", ".checkov.yaml", ".hadolint.yaml", ".yamllint.yaml",
+             "skaffold.yaml", "docker-compose.yml", ".checkov.yaml", ".checkov-helm.yaml", ".hadolint.yaml", ".yamllint.yaml",
              *map(str, sorted(ROOT.glob("k8s/**/*.yaml")))]
     yamllint = shutil.which("yamllint") or tool("yamllint")
     out = run([yamllint, "--strict", "-c", ".yamllint.yaml", *files])
