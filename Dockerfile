@@ -11,13 +11,13 @@
 ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
-ARG SERVICE=gateway
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
 
-# Dependencies only: real manifests, stub sources.
+# Dependencies only: real manifests, stub sources. Built for the whole workspace and
+# before SERVICE is declared, so the four images share this one layer.
 COPY Cargo.toml Cargo.lock ./
 COPY services/platform/Cargo.toml services/platform/build.rs services/platform/
 COPY services/product/Cargo.toml services/product/
@@ -25,20 +25,22 @@ COPY services/order/Cargo.toml services/order/
 COPY services/user/Cargo.toml services/user/
 COPY gateway/Cargo.toml gateway/
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
-    case "$SERVICE" in gateway|product|order|user) ;; \
-      *) echo "SERVICE must be gateway, product, order or user (got '$SERVICE')" >&2; exit 1 ;; esac \
- && for crate in services/platform services/product services/order services/user gateway; do \
+    for crate in services/platform services/product services/order services/user gateway; do \
       mkdir -p "$crate/src" && touch "$crate/src/lib.rs"; done \
  && for bin in services/product services/order services/user gateway .; do \
       mkdir -p "$bin/src" && echo 'fn main() {}' > "$bin/src/main.rs"; done \
- && cargo build --release --locked -p "shop-$SERVICE"
+ && cargo build --release --locked --workspace
 
 # The workspace's own code. Touch it so cargo never mistakes it for the older stubs.
+# `--workspace --bin` keeps the dependency features identical to the layer above.
 COPY . .
+ARG SERVICE=gateway
 ARG REVISION=unknown
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
-    find services gateway src -name '*.rs' -exec touch {} + \
- && SHOP_REVISION="$REVISION" cargo build --release --locked -p "shop-$SERVICE" --bin "$SERVICE" \
+    case "$SERVICE" in gateway|product|order|user) ;; \
+      *) echo "SERVICE must be gateway, product, order or user (got '$SERVICE')" >&2; exit 1 ;; esac \
+ && find services gateway src -name '*.rs' -exec touch {} + \
+ && SHOP_REVISION="$REVISION" cargo build --release --locked --workspace --bin "$SERVICE" \
  && mkdir -p /out/data \
  && cp "target/release/$SERVICE" /out/service \
  && /out/service describe | grep -q "\"name\":\"$SERVICE\""

@@ -204,6 +204,7 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
                   f"{where}: ingress, route and HPAs are opt-in")
             check(sum(k == "StatefulSet" for k, _ in kinds) == 3 and sum(k == "Secret" for k, _ in kinds) == 3,
                   f"{where}: one PostgreSQL StatefulSet and Secret per service expected")
+            database_wiring(docs, where)
     print(f"  ok   {sum(len(d) for d in rendered.values())} rendered objects checked")
     # HTTPRoute is a CRD kubernetes-validate has no schema for: check its shape here.
     for (variant, kube), docs in rendered.items():
@@ -225,6 +226,30 @@ def selectors(node, key=None):
     elif isinstance(node, list):
         for v in node:
             yield from selectors(v, key)
+
+
+def database_wiring(docs: list[dict], where: str) -> None:
+    """Each service's DATABASE_URL names its own PostgreSQL: host, role, database, password."""
+    import base64
+    from urllib.parse import urlsplit
+    secrets = {}
+    for d in docs:
+        if d["kind"] == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+            secrets[d["metadata"]["name"]] = data | (d.get("stringData") or {})
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+        c = sts["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "password")
+        secret = secrets.get(volume["secret"]["secretName"])
+        if not check(secret is not None, f"{where} {sts['metadata']['name']}: password Secret missing"):
+            continue
+        url = urlsplit(secret["database-url"])
+        check(url.scheme == "postgres" and url.hostname == sts["spec"]["serviceName"] and url.hostname in services
+              and url.port == 5432 and url.username == env["POSTGRES_USER"] and url.password == secret["password"]
+              and url.path == f"/{env['POSTGRES_DB']}",
+              f"{where} {sts['metadata']['name']}: database-url does not match the StatefulSet ({url.hostname}, {url.username})")
 
 
 def pod_spec(doc: dict) -> dict | None:
@@ -266,6 +291,7 @@ def kustomize(outdir: Path) -> None:
             refs = {c["env"][0]["valueFrom"]["secretKeyRef"]["name"] for d in deployments
                     for c in d["spec"]["template"]["spec"]["containers"] if c.get("env")}
             check(refs and refs <= secret_names, f"dev: DATABASE_URL secrets {refs} not generated ({secret_names})")
+            database_wiring(docs, "k8s/overlays/dev")
         else:
             check(all("replicas" not in d["spec"] for d in deployments), "prod: replicas left to the HPAs")
             hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
