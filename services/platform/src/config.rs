@@ -215,7 +215,7 @@ pub fn parse_bytes(value: &str) -> Result<usize, String> {
 /// Renders `--help` for a binary from the same variable lists it parses.
 pub fn help_text(binary: &str, about: &str, groups: &[(&str, &[Var])]) -> String {
     let mut out = format!(
-        "{binary} {}\n{about}\n\nUSAGE:\n    {binary}            run the service\n    {binary} --help     print this help\n\nConfiguration comes from environment variables:\n",
+        "{binary} {}\n{about}\n\nUSAGE:\n    {binary}                run the service\n    {binary} healthcheck    probe the running service's /ready on PORT (exit 0 = ready)\n    {binary} describe       print port, probe paths and variables as JSON\n    {binary} sleep 5s       wait, then exit 0 (a preStop hook without a shell)\n    {binary} smoke URL      place an order through the gateway at URL, checking each step\n    {binary} --help         print this help\n\nConfiguration comes from environment variables:\n",
         env!("CARGO_PKG_VERSION")
     );
     for (title, vars) in groups {
@@ -334,6 +334,10 @@ pub const TELEMETRY_VARS: &[Var] = &[
         "OTEL_TRACES_SAMPLER",
         "parentbased_always_on",
         "Sampler, e.g. parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG=0.1.",
+    ),
+    Var::optional(
+        "OTEL_TRACES_SAMPLER_ARG",
+        "The sampler's argument, e.g. the ratio 0.1 for parentbased_traceidratio.",
     ),
 ];
 

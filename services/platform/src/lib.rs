@@ -15,6 +15,7 @@ pub mod pagination;
 pub mod probes;
 pub mod server;
 pub mod shutdown;
+pub mod smoke;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -22,6 +22,13 @@ use crate::metrics::Metrics;
 pub type CheckResult = Result<(), String>;
 type CheckFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = CheckResult> + Send>> + Send + Sync>;
 
+/// Liveness path: what orchestrators probe to decide on restarts.
+pub const HEALTH_PATH: &str = "/health";
+/// Readiness path: what load balancers and the `healthcheck` subcommand probe.
+pub const READY_PATH: &str = "/ready";
+/// Metrics path (Prometheus text format).
+pub const METRICS_PATH: &str = "/metrics";
+
 /// How long one dependency check may take before it counts as failing.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -129,9 +136,9 @@ struct ProbeState {
 
 pub(crate) fn router(readiness: Readiness, metrics: Metrics) -> Router {
     Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
+        .route(HEALTH_PATH, get(health))
+        .route(READY_PATH, get(ready))
+        .route(METRICS_PATH, get(metrics_text))
         .with_state(ProbeState { readiness, metrics })
 }
 

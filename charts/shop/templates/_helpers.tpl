@@ -1,0 +1,153 @@
+{{/* Chart name, truncated to the 63 characters a DNS label allows. */}}
+{{- define "shop.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: the release name, plus the chart name unless it already has it. */}}
+{{- define "shop.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shop.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of one component's resources: (dict "root" $ "component" "gateway"). */}}
+{{- define "shop.componentName" -}}
+{{- printf "%s-%s" (include "shop.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. helm.sh/chart changes with each chart version, so it is never used in selectors. */}}
+{{- define "shop.labels" -}}
+helm.sh/chart: {{ include "shop.chart" .root }}
+{{ include "shop.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: {{ include "shop.name" .root }}
+{{- end }}
+
+{{/* Stable labels: what Services, Deployments, PDBs and NetworkPolicies select on. */}}
+{{- define "shop.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shop.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* image reference: (dict "root" $ "image" .image) */}}
+{{- define "shop.image" -}}
+{{- $registry := .root.Values.image.registry | trimSuffix "/" }}
+{{- $repo := ternary .image.repository (printf "%s/%s" $registry .image.repository) (empty $registry) }}
+{{- $tag := .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
+{{- if .image.digest }}
+{{- printf "%s:%s@%s" $repo $tag .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+{{- end }}
+
+{{/* In-cluster base URL of a component: (dict "root" $ "component" "product") */}}
+{{- define "shop.url" -}}
+{{- $c := index .root.Values.components .component }}
+{{- printf "http://%s:%d" (include "shop.componentName" .) (int $c.service.port) }}
+{{- end }}
+
+{{/* The services that own a database. */}}
+{{- define "shop.dbServices" -}}
+product order user
+{{- end }}
+
+{{/* Secret and key holding a service's DATABASE_URL: (dict "root" $ "component" "product") */}}
+{{- define "shop.databaseSecretName" -}}
+{{- if .root.Values.postgresql.enabled }}
+{{- index .root.Values.postgresql.existingSecrets .component | default (printf "%s-database" (include "shop.componentName" .)) }}
+{{- else }}
+{{- $ext := index .root.Values.externalDatabase .component }}
+{{- $ext.existingSecret | default (printf "%s-database" (include "shop.componentName" .)) }}
+{{- end }}
+{{- end }}
+
+{{- define "shop.databaseSecretKey" -}}
+{{- if .root.Values.postgresql.enabled }}
+{{- "database-url" }}
+{{- else }}
+{{- $ext := index .root.Values.externalDatabase .component }}
+{{- ternary $ext.existingSecretKey "database-url" (not (empty $ext.existingSecret)) }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds Kubernetes waits before SIGKILL: longer than everything the pod does on the way out. */}}
+{{- define "shop.terminationGracePeriod" -}}
+{{- $s := .Values.shutdown }}
+{{- add $s.preStopSeconds $s.delaySeconds $s.timeoutSeconds $s.marginSeconds }}
+{{- end }}
+
+{{- define "shop.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "shop.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* A component's non-secret environment (its ConfigMap), from the values that the binaries read. */}}
+{{- define "shop.env" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $c := index $v.components .component }}
+{{- $env := dict
+    "HOST" "0.0.0.0"
+    "PORT" (toString $c.port)
+    "SHUTDOWN_DELAY" (printf "%ds" (int $v.shutdown.delaySeconds))
+    "SHUTDOWN_TIMEOUT" (printf "%ds" (int $v.shutdown.timeoutSeconds))
+    "RUST_LOG" $v.logging.level
+    "LOG_FORMAT" $v.logging.format
+    "OTEL_SERVICE_NAME" .component
+    "OTEL_EXPORTER_OTLP_PROTOCOL" $v.otel.protocol
+    "OTEL_TRACES_SAMPLER" $v.otel.sampler
+    "OTEL_TRACES_SAMPLER_ARG" $v.otel.samplerArg
+}}
+{{- $attrs := list (printf "service.namespace=%s" (include "shop.fullname" $root)) (printf "service.version=%s" $root.Chart.AppVersion) (printf "k8s.namespace.name=%s" $root.Release.Namespace) }}
+{{- if $v.otel.resourceAttributes }}{{- $attrs = append $attrs $v.otel.resourceAttributes }}{{- end }}
+{{- $_ := set $env "OTEL_RESOURCE_ATTRIBUTES" (join "," $attrs) }}
+{{- if $v.otel.endpoint }}{{- $_ := set $env "OTEL_EXPORTER_OTLP_ENDPOINT" $v.otel.endpoint }}{{- end }}
+{{- if has .component (splitList " " (include "shop.dbServices" $root)) }}
+{{- $_ := set $env "DB_MAX_CONNECTIONS" (toString $v.database.maxConnections) }}
+{{- $_ := set $env "DB_ACQUIRE_TIMEOUT" (printf "%ds" (int $v.database.acquireTimeoutSeconds)) }}
+{{- end }}
+{{- if eq .component "order" }}
+{{- $_ := set $env "PRODUCT_URL" (include "shop.url" (dict "root" $root "component" "product")) }}
+{{- $_ := set $env "USER_URL" (include "shop.url" (dict "root" $root "component" "user")) }}
+{{- end }}
+{{- if eq .component "gateway" }}
+{{- range $upstream := list "product" "order" "user" }}
+{{- $_ := set $env (printf "%s_URL" (upper $upstream)) (include "shop.url" (dict "root" $root "component" $upstream)) }}
+{{- end }}
+{{- end }}
+{{- range $name, $value := $c.env }}{{- $_ := set $env $name (toString $value) }}{{- end }}
+{{- range $name := keys $env | sortAlpha }}
+{{ $name }}: {{ index $env $name | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Packaging checks (run by scripts/check-packaging, itself run by scripts/test).
+
+Helm chart: lint --strict and render for every variant in charts/shop/ci, for Kubernetes
+1.29 and the newest version kubernetes-validate bundles; every rendered manifest and both
+kustomize overlays validated strictly; values.schema.json must reject wrong types and
+unknown keys; k8s/base must equal a fresh render; checkov and hadolint with zero failures
+(exceptions live in .checkov.yaml with reasons); skaffold.yaml and docker-compose.yml
+against their vendored JSON schemas. Then the contract between packaging and binaries:
+ports, probe paths, environment variable names and grace periods in the chart, kustomize
+and compose are compared with what each binary says about itself (`<binary> describe`),
+and the binaries are started with the rendered environment and probed on the rendered
+paths, including the helm test's own `smoke` run through the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("SHOP_CI_CACHE", Path.home() / ".cache" / "shop-ci"))
+HELM = os.environ.get("HELM", str(CACHE / "bin" / "helm"))
+KUSTOMIZE = os.environ.get("KUSTOMIZE", str(CACHE / "bin" / "kustomize"))
+VENV_BIN = Path(sys.executable).parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+BIN = TARGET / "debug"
+CHART = ROOT / "charts" / "shop"
+COMPONENTS = ["gateway", "product", "order", "user"]
+DB_SERVICES = ["product", "order", "user"]
+KUBE_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest supported, and the newest bundled
+VARIANTS = {"default": None} | {
+    p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))
+}
+
+failures: list[str] = []
+counts = {"checks": 0}
+
+
+def step(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def check(ok: bool, what: str) -> bool:
+    counts["checks"] += 1
+    if not ok:
+        failures.append(what)
+        print(f"  FAIL {what}", flush=True)
+    return ok
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def tool(name: str) -> str:
+    return str(VENV_BIN / name)
+
+
+def docs_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def helm_template(variant: str, kube: str, *extra: str) -> subprocess.CompletedProcess:
+    values = VARIANTS.get(variant)
+    args = [HELM, "template", "shop", str(CHART), "--namespace", "shop", "--kube-version", kube]
+    if values:
+        args += ["-f", str(values)]
+    return run(args + list(extra))
+
+
+def seconds(duration: str) -> float:
+    """The binaries' duration syntax: 250ms, 5s, 2m, 1h, or bare seconds."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|h)?\s*", duration)
+    if not m:
+        raise ValueError(f"not a duration: {duration!r}")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * factor
+
+
+# ---------------------------------------------------------------------------------------
+# Chart, manifests, linters
+
+
+def lint_and_render(outdir: Path) -> dict[tuple[str, str], list[dict]]:
+    step(f"helm lint --strict and render: variants {', '.join(VARIANTS)} x Kubernetes {', '.join(KUBE_VERSIONS)}")
+    rendered = {}
+    for variant, values in VARIANTS.items():
+        for kube in KUBE_VERSIONS:
+            args = [HELM, "lint", "--strict", str(CHART), "--kube-version", kube]
+            if values:
+                args += ["-f", str(values)]
+            lint = run(args)
+            check(lint.returncode == 0 and "0 chart(s) failed" in lint.stdout,
+                  f"helm lint --strict {variant} (k8s {kube}): {lint.stdout[-400:]}{lint.stderr[-400:]}")
+            out = helm_template(variant, kube)
+            if not check(out.returncode == 0, f"helm template {variant} (k8s {kube}): {out.stderr[-600:]}"):
+                continue
+            path = outdir / f"{variant}-{kube}.yaml"
+            path.write_text(out.stdout)
+            rendered[(variant, kube)] = docs_of(out.stdout)
+        print(f"  ok   {variant}: {len(rendered.get((variant, KUBE_VERSIONS[0]), []))} objects")
+    return rendered
+
+
+def schema_rejects_bad_values() -> None:
+    step("values.schema.json: accepts valid overrides, rejects wrong types and unknown keys")
+    good = helm_template("default", KUBE_VERSIONS[0], "--set", "components.gateway.replicas=3",
+                         "--set", "components.user.env.RUST_LOG=debug")
+    check(good.returncode == 0, f"a valid override was refused: {good.stderr[-400:]}")
+    bad = {
+        "wrong type (replicas: string)": (["--set-string", "components.gateway.replicas=two"], "replicas"),
+        "unknown top-level key": (["--set", "replicaCount=2"], "replicaCount"),
+        "unknown nested key (typo)": (["--set", "components.order.imag.tag=x"], "imag"),
+        "unknown component": (["--set", "components.cart.port=8084"], "cart"),
+        "out of range (negative delay)": (["--set", "shutdown.delaySeconds=-1"], "delaySeconds"),
+        "enum (log format)": (["--set", "logging.format=xml"], "format"),
+        "bad env name": (["--set", "components.user.env.lower-case=1"], "lower-case"),
+    }
+    for what, (args, needle) in bad.items():
+        out = helm_template("default", KUBE_VERSIONS[0], *args)
+        check(out.returncode != 0 and "schema" in out.stderr and needle in out.stderr,
+              f"schema did not reject {what}: rc={out.returncode} {out.stderr[-300:]}")
+        lint = run([HELM, "lint", "--strict", str(CHART), "--kube-version", KUBE_VERSIONS[0], *args])
+        check(lint.returncode != 0, f"helm lint accepted {what}")
+    print(f"  ok   1 valid override accepted, {len(bad)} invalid ones rejected by template and lint")
+
+
+def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
+    step("chart rules: selectors, pod security, probes, grace periods, per-variant objects")
+    for (variant, kube), docs in rendered.items():
+        where = f"{variant} (k8s {kube})"
+        for doc in docs:
+            name = f"{doc['kind']}/{doc['metadata']['name']}"
+            for key, selector in selectors(doc.get("spec", {})):
+                check("helm.sh/chart" not in json.dumps(selector), f"{where} {name}: helm.sh/chart in a {key}")
+            check(doc["metadata"].get("namespace") == "shop", f"{where} {name}: namespace not set")
+            pod = pod_spec(doc)
+            if pod is None:
+                continue
+            sc = pod.get("securityContext", {})
+            check(sc.get("runAsNonRoot") is True and sc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+                  f"{where} {name}: pod securityContext not restricted")
+            check(pod.get("automountServiceAccountToken") is False, f"{where} {name}: token automounted")
+            for c in pod["containers"]:
+                csc = c.get("securityContext", {})
+                check(csc.get("readOnlyRootFilesystem") is True and csc.get("allowPrivilegeEscalation") is False
+                      and csc.get("capabilities", {}).get("drop") == ["ALL"] and csc.get("runAsNonRoot") is True,
+                      f"{where} {name}/{c['name']}: container securityContext not restricted")
+                check("limits" in c.get("resources", {}) and "requests" in c.get("resources", {}),
+                      f"{where} {name}/{c['name']}: resources missing")
+            if doc["kind"] == "Deployment":
+                c = pod["containers"][0]
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    check(probe in c, f"{where} {name}: no {probe}")
+                pre = c.get("lifecycle", {}).get("preStop")
+                if kube >= "1.30" and pre:
+                    check("sleep" in pre, f"{where} {name}: preStop should use the native sleep action")
+                elif pre:
+                    check(pre.get("exec", {}).get("command", [None])[1:2] == ["sleep"],
+                          f"{where} {name}: preStop should run the binary's sleep before 1.30")
+                annotations = doc["spec"]["template"]["metadata"].get("annotations", {})
+                check("checksum/config" in annotations, f"{where} {name}: no config checksum annotation")
+        kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+        has = lambda kind: any(k == kind for k, _ in kinds)  # noqa: E731
+        if variant == "production":
+            check(sum(k == "HorizontalPodAutoscaler" for k, _ in kinds) == 4, f"{where}: expected 4 HPAs")
+            check(all("replicas" not in d["spec"] for d in docs if d["kind"] == "Deployment"),
+                  f"{where}: Deployments with an HPA must leave replicas to it")
+            check(has("Ingress") and has("HTTPRoute"), f"{where}: Ingress and HTTPRoute expected")
+            check(all("@sha256:" in c["image"] for d in docs if (p := pod_spec(d)) for c in p["containers"]),
+                  f"{where}: every image should be pinned by digest")
+        if variant == "external-db":
+            check(not has("StatefulSet"), f"{where}: no bundled database expected")
+            refs = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+                    for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "shop-gateway"}
+            check(refs.get("shop-order") == {"name": "orders-db", "key": "url"}
+                  and refs.get("shop-user") == {"name": "users-db", "key": "DATABASE_URL"}
+                  and refs.get("shop-product") == {"name": "shop-product-database", "key": "database-url"},
+                  f"{where}: DATABASE_URL secret references wrong: {refs}")
+        if variant == "minimal":
+            check(not has("NetworkPolicy") and not has("PodDisruptionBudget") and not has("Pod"),
+                  f"{where}: minimal should have no policies, budgets or test pod")
+        if variant == "ingress":
+            ing = [d for d in docs if d["kind"] == "Ingress"]
+            check(len(ing) == 1 and ing[0]["spec"].get("ingressClassName") == "traefik",
+                  f"{where}: one Ingress with the configured class expected")
+        if variant == "default":
+            check(not has("Ingress") and not has("HTTPRoute") and not has("HorizontalPodAutoscaler"),
+                  f"{where}: ingress, route and HPAs are opt-in")
+            check(sum(k == "StatefulSet" for k, _ in kinds) == 3 and sum(k == "Secret" for k, _ in kinds) == 3,
+                  f"{where}: one PostgreSQL StatefulSet and Secret per service expected")
+            database_wiring(docs, where)
+    print(f"  ok   {sum(len(d) for d in rendered.values())} rendered objects checked")
+    # HTTPRoute is a CRD kubernetes-validate has no schema for: check its shape here.
+    for (variant, kube), docs in rendered.items():
+        for d in docs:
+            if d["kind"] == "HTTPRoute":
+                spec = d["spec"]
+                check(d["apiVersion"] == "gateway.networking.k8s.io/v1" and spec["parentRefs"]
+                      and spec["rules"][0]["backendRefs"][0] == {"name": "shop-gateway", "port": 8080},
+                      f"{variant} (k8s {kube}): HTTPRoute malformed: {spec}")
+
+
+def selectors(node, key=None):
+    """Every selector in a spec, at any depth (Deployment, Service, PDB, NetworkPolicy peers, spread)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("selector", "podSelector", "labelSelector", "namespaceSelector"):
+                yield k, v
+            yield from selectors(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from selectors(v, key)
+
+
+def database_wiring(docs: list[dict], where: str) -> None:
+    """Each service's DATABASE_URL names its own PostgreSQL: host, role, database, password."""
+    import base64
+    from urllib.parse import urlsplit
+    secrets = {}
+    for d in docs:
+        if d["kind"] == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+            secrets[d["metadata"]["name"]] = data | (d.get("stringData") or {})
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+        c = sts["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "password")
+        secret = secrets.get(volume["secret"]["secretName"])
+        if not check(secret is not None, f"{where} {sts['metadata']['name']}: password Secret missing"):
+            continue
+        url = urlsplit(secret["database-url"])
+        check(url.scheme == "postgres" and url.hostname == sts["spec"]["serviceName"] and url.hostname in services
+              and url.port == 5432 and url.username == env["POSTGRES_USER"] and url.password == secret["password"]
+              and url.path == f"/{env['POSTGRES_DB']}",
+              f"{where} {sts['metadata']['name']}: database-url does not match the StatefulSet ({url.hostname}, {url.username})")
+
+
+def pod_spec(doc: dict) -> dict | None:
+    if doc["kind"] == "Pod":
+        return doc["spec"]
+    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return doc["spec"]["template"]["spec"]
+    return None
+
+
+def kubernetes_validate(outdir: Path) -> None:
+    step(f"kubernetes-validate --strict (Kubernetes {', '.join(KUBE_VERSIONS)}) on every render and overlay")
+    for kube in KUBE_VERSIONS:
+        files = sorted(str(p) for p in outdir.glob(f"*-{kube}.yaml")) + sorted(str(p) for p in outdir.glob("kustomize-*.yaml"))
+        out = run([tool("kubernetes-validate"), "--strict", "-k", kube, "--quiet", *files])
+        # The only tolerated warning: no schema for the Gateway API CRD (checked in chart_rules).
+        noise = [line for line in (out.stdout + out.stderr).splitlines()
+                 if line.strip() and "Couldn't find schema for kind HTTPRoute" not in line]
+        check(out.returncode == 0 and not noise, f"kubernetes-validate {kube}: {chr(10).join(noise)[-2000:]}")
+        print(f"  ok   {len(files)} files valid for {kube}")
+
+
+def kustomize(outdir: Path) -> None:
+    step("k8s/: base equals a fresh render of the chart; overlays build")
+    out = run([str(ROOT / "scripts" / "render-k8s"), "--check"], env=os.environ | {"HELM": HELM, "PYTHON": sys.executable})
+    check(out.returncode == 0, f"k8s/base is stale: {out.stdout[-1500:]}{out.stderr[-500:]}")
+    for overlay in ("dev", "prod"):
+        built = run([KUSTOMIZE, "build", f"k8s/overlays/{overlay}"])
+        if not check(built.returncode == 0, f"kustomize build {overlay}: {built.stderr[-500:]}"):
+            continue
+        (outdir / f"kustomize-{overlay}.yaml").write_text(built.stdout)
+        docs = docs_of(built.stdout)
+        deployments = [d for d in docs if d["kind"] == "Deployment"]
+        secret_names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+        if overlay == "dev":
+            check(all(d["spec"].get("replicas") == 1 for d in deployments), "dev: one replica each")
+            check(all(d["data"].get("RUST_LOG") == "debug" for d in docs
+                      if d["kind"] == "ConfigMap" and "RUST_LOG" in d["data"]), "dev: debug logs")
+            refs = {c["env"][0]["valueFrom"]["secretKeyRef"]["name"] for d in deployments
+                    for c in d["spec"]["template"]["spec"]["containers"] if c.get("env")}
+            check(refs and refs <= secret_names, f"dev: DATABASE_URL secrets {refs} not generated ({secret_names})")
+            database_wiring(docs, "k8s/overlays/dev")
+        else:
+            check(all("replicas" not in d["spec"] for d in deployments), "prod: replicas left to the HPAs")
+            hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+            check(hpas == {d["metadata"]["name"] for d in deployments}, f"prod: HPA per Deployment, got {hpas}")
+        print(f"  ok   overlays/{overlay}: {len(docs)} objects")
+
+
+def checkov(outdir: Path) -> None:
+    step("checkov (kubernetes, helm, kustomize, dockerfile): zero failed checks")
+    env = os.environ | {"BC_SKIP_MAPPING": "TRUE", "PATH": f"{Path(HELM).parent}:{VENV_BIN}:{os.environ['PATH']}",
+                        "LOG_LEVEL": "ERROR"}
+    scans = {
+        "rendered manifests": ["-d", str(outdir), "--framework", "kubernetes"],
+        "helm chart": ["--config-file", ".checkov-helm.yaml", "-d", "charts", "--framework", "helm"],
+        "kustomize overlays": ["-d", "k8s", "--framework", "kustomize"],
+        "Dockerfile": ["-f", "Dockerfile", "--framework", "dockerfile"],
+    }
+    for what, args in scans.items():
+        config = [] if "--config-file" in args else ["--config-file", ".checkov.yaml"]
+        out = run([tool("checkov"), "--skip-download", *config, "-o", "json", *args], env=env)
+        try:
+            reports = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            check(False, f"checkov {what}: no JSON report: {out.stdout[-500:]} {out.stderr[-500:]}")
+            continue
+        reports = reports if isinstance(reports, list) else [reports]
+        passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
+        failed = [f"{c['check_id']} {c['resource']} ({c.get('file_path')})" for r in reports
+                  for c in r.get("results", {}).get("failed_checks", [])]
+        skipped = sum(r.get("summary", {}).get("skipped", 0) for r in reports)
+        check(passed > 0, f"checkov {what}: nothing was scanned")
+        check(not failed, f"checkov {what}: {len(failed)} failed: " + "; ".join(failed[:20]))
+        print(f"  ok   {what}: {passed} passed, {len(failed)} failed, {skipped} skipped (exceptions in .checkov.yaml)")
+
+
+def hadolint_and_yamllint() -> None:
+    step("hadolint Dockerfile, yamllint")
+    out = run([tool("hadolint"), "--config", ".hadolint.yaml", "Dockerfile"])
+    check(out.returncode == 0, f"hadolint: {out.stdout}{out.stderr}")
+    files = ["charts/shop/Chart.yaml", "charts/shop/values.yaml", *map(str, sorted((CHART / "ci").glob("*.yaml"))),
+             "skaffold.yaml", "docker-compose.yml", ".checkov.yaml", ".checkov-helm.yaml", ".hadolint.yaml", ".yamllint.yaml",
+             *map(str, sorted(ROOT.glob("k8s/**/*.yaml")))]
+    yamllint = shutil.which("yamllint") or tool("yamllint")
+    out = run([yamllint, "--strict", "-c", ".yamllint.yaml", *files])
+    check(out.returncode == 0, f"yamllint: {out.stdout[-2000:]}{out.stderr[-500:]}")
+    print(f"  ok   hadolint clean; yamllint clean on {len(files)} files")
+
+
+def config_schemas() -> None:
+    step("skaffold.yaml and docker-compose.yml against their schemas (.ci/schemas)")
+    for doc, schema in (("skaffold.yaml", "skaffold-v4beta13.json"), ("docker-compose.yml", "compose-spec.json")):
+        validator = jsonschema.Draft7Validator(json.loads((ROOT / ".ci" / "schemas" / schema).read_text()))
+        value = yaml.safe_load((ROOT / doc).read_text())
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        check(error is None, f"{doc}: {error.message if error else ''} at {list(error.path) if error else ''}")
+        # And the schema is not vacuous: a misspelt key in the same document is refused.
+        broken = json.loads(json.dumps(value))
+        if doc == "skaffold.yaml":
+            broken["build"]["artifacts"][0]["dockerfil"] = "Dockerfile"
+        else:
+            broken["services"]["gateway"]["healthchek"] = {}
+        check(next(validator.iter_errors(broken), None) is not None, f"{schema} accepted a misspelt key")
+    sk = yaml.safe_load((ROOT / "skaffold.yaml").read_text())
+    check(sk["apiVersion"] == "skaffold/v4beta13", "skaffold.yaml: apiVersion must be skaffold/v4beta13")
+    arts = {a["image"]: a["docker"]["buildArgs"]["SERVICE"] for a in sk["build"]["artifacts"]}
+    check(arts == {f"shop-{c}": c for c in COMPONENTS}, f"skaffold: one artifact per component: {arts}")
+    release = sk["deploy"]["helm"]["releases"][0]
+    templates = release["setValueTemplates"]
+    for c in COMPONENTS:
+        key = f"shop_{c}"
+        check(templates.get(f"components.{c}.image.repository") == f"{{{{.IMAGE_REPO_{key}}}}}"
+              and templates.get(f"components.{c}.image.tag") == f"{{{{.IMAGE_TAG_{key}}}}}",
+              f"skaffold: image values for {c} not wired to its artifact")
+    # Every value skaffold sets must exist in the chart's schema (helm would refuse it otherwise).
+    values_schema = json.loads((CHART / "values.schema.json").read_text())
+    for profile in sk["profiles"]:
+        for patch in profile.get("patches", []):
+            key = patch["path"].rsplit("/", 1)[-1]
+            if "/setValues/" in patch["path"]:
+                check(schema_has(values_schema, key.split(".")), f"skaffold profile {profile['name']}: {key} not a chart value")
+    for key in templates:
+        check(schema_has(values_schema, key.split(".")), f"skaffold: {key} not a chart value")
+    print("  ok   both valid; misspelt keys rejected; artifacts and image values wired")
+
+
+def schema_has(schema: dict, path: list[str]) -> bool:
+    node = schema
+    for part in path:
+        while "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        props = node.get("properties", {})
+        if part not in props:
+            return False
+        node = props[part]
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Contract: packaging against the binaries
+
+
+def describe_all() -> dict[str, dict]:
+    out = {}
+    for c in COMPONENTS:
+        res = run([str(BIN / c), "describe"])
+        check(res.returncode == 0, f"{c} describe: {res.stderr}")
+        out[c] = json.loads(res.stdout)
+    return out
+
+
+def var_names(description: dict, component: str) -> set[str]:
+    names = {v["name"] for v in description["vars"]}
+    if "<UPSTREAM>_URL" in names:  # the gateway: one variable per upstream of its route table
+        table = yaml.safe_load((ROOT / "gateway" / "routes.yaml").read_text())
+        names |= {f"{u.upper().replace('-', '_')}_URL" for u in table["upstreams"]}
+    return names
+
+
+def dockerfile_entrypoint() -> str:
+    text = (ROOT / "Dockerfile").read_text()
+    m = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, re.M)
+    return m.group(1) if m else ""
+
+
+def contract(rendered: dict, outdir: Path, described: dict[str, dict]) -> None:
+    step("contract: probe paths, ports, env names and grace periods match what the binaries serve and read")
+    entry = dockerfile_entrypoint()
+    check(entry == "/usr/local/bin/service", f"Dockerfile ENTRYPOINT is {entry!r}")
+    sources = {f"chart {v} (k8s {k})": docs for (v, k), docs in rendered.items()}
+    for overlay in ("dev", "prod"):
+        path = outdir / f"kustomize-{overlay}.yaml"
+        if path.exists():
+            sources[f"k8s/overlays/{overlay}"] = docs_of(path.read_text())
+    compared = 0
+    for where, docs in sources.items():
+        configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+        for d in docs:
+            if d["kind"] != "Deployment":
+                continue
+            component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+            info = described[component]
+            pod = d["spec"]["template"]["spec"]
+            c = pod["containers"][0]
+            env = {}
+            for ref in c.get("envFrom", []):
+                env |= configmaps[ref["configMapRef"]["name"]]
+            env |= {e["name"]: e.get("value") for e in c.get("env", [])}
+            unknown = set(env) - var_names(info, component)
+            check(not unknown, f"{where} {component}: sets variables the binary does not read: {sorted(unknown)}")
+            port = next(p["containerPort"] for p in c["ports"] if p["name"] == "http")
+            check(str(port) == env.get("PORT"), f"{where} {component}: containerPort {port} but PORT={env.get('PORT')}")
+            check(port == info["port"], f"{where} {component}: port {port}, binary default {info['port']}")
+            for probe, path in (("startupProbe", info["probes"]["readiness"]), ("readinessProbe", info["probes"]["readiness"]),
+                                ("livenessProbe", info["probes"]["liveness"])):
+                got = c[probe]["httpGet"]
+                check(got["path"] == path and got["port"] in ("http", port),
+                      f"{where} {component}: {probe} {got} but the binary serves {path} on {port}")
+            pre = c.get("lifecycle", {}).get("preStop", {})
+            pre_stop = pre.get("sleep", {}).get("seconds", 0)
+            if "exec" in pre:
+                cmd = pre["exec"]["command"]
+                check(cmd[0] == entry and cmd[1] == "sleep", f"{where} {component}: preStop {cmd} is not the binary's sleep")
+                pre_stop = seconds(cmd[2])
+            delay = seconds(env.get("SHUTDOWN_DELAY") or info["shutdown"]["delay"])
+            timeout = seconds(env.get("SHUTDOWN_TIMEOUT") or info["shutdown"]["timeout"])
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            check(grace > pre_stop + delay + timeout,
+                  f"{where} {component}: grace {grace}s not above preStop {pre_stop}s + delay {delay}s + timeout {timeout}s")
+            compared += 1
+    # docker-compose.yml: same rules.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        component = svc["build"]["args"]["SERVICE"]
+        info = described[component]
+        env = {k: str(v) for k, v in svc.get("environment", {}).items()}
+        unknown = set(env) - var_names(info, component)
+        check(not unknown, f"compose {name}: sets variables the binary does not read: {sorted(unknown)}")
+        check(env.get("PORT") == str(info["port"]), f"compose {name}: PORT {env.get('PORT')} vs {info['port']}")
+        check(svc["healthcheck"]["test"] == ["CMD", entry, "healthcheck"], f"compose {name}: healthcheck {svc['healthcheck']['test']}")
+        delay = seconds(env.get("SHUTDOWN_DELAY") or info["shutdown"]["delay"])
+        timeout = seconds(env.get("SHUTDOWN_TIMEOUT") or info["shutdown"]["timeout"])
+        check(seconds(svc["stop_grace_period"]) > delay + timeout,
+              f"compose {name}: stop_grace_period {svc['stop_grace_period']} not above {delay + timeout}s")
+        check(svc.get("read_only") is True and svc.get("user") == "65532:65532", f"compose {name}: not read-only non-root")
+        for dep, cond in svc.get("depends_on", {}).items():
+            check(cond.get("condition") == "service_healthy", f"compose {name}: depends_on {dep} without service_healthy")
+        compared += 1
+    print(f"  ok   {compared} workloads compared with `describe` of the binaries they run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def live(rendered: dict) -> None:
+    step("live: the four binaries with the chart's environment, probed on the chart's paths; helm test's smoke")
+    docs = rendered[("default", KUBE_VERSIONS[0])]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "Deployment"}
+    ports = {c: free_port() for c in COMPONENTS}
+    data = Path(tempfile.mkdtemp(prefix="shop-packaging-"))
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for c in ("product", "user", "order", "gateway"):
+            env = dict(configmaps[f"shop-{c}"])
+            # Same variables, local addresses: services are on loopback, not cluster DNS.
+            for k, v in env.items():
+                for other in COMPONENTS:
+                    v = v.replace(f"http://shop-{other}:{deployments[other]['spec']['template']['spec']['containers'][0]['ports'][0]['containerPort']}",
+                                  f"http://127.0.0.1:{ports[other]}")
+                env[k] = v
+            env |= {"HOST": "127.0.0.1", "PORT": str(ports[c]), "DATA_DIR": str(data / c), "PATH": os.environ["PATH"]}
+            # DATABASE_URL (PostgreSQL, from the Secret) is left unset: SQLite under DATA_DIR.
+            procs[c] = subprocess.Popen([str(BIN / c)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        for c in COMPONENTS:
+            probe = deployments[c]["spec"]["template"]["spec"]["containers"][0]
+            ready, live_path = probe["readinessProbe"]["httpGet"]["path"], probe["livenessProbe"]["httpGet"]["path"]
+            status = 0
+            while time.monotonic() < deadline and status != 200:
+                status, body = http_get(ports[c], ready)
+                if status != 200:
+                    time.sleep(0.2)
+            check(status == 200, f"{c}: readiness {ready} answered {status}")
+            check(http_get(ports[c], live_path)[0] == 200, f"{c}: liveness {live_path} not 200")
+            hc = run([str(BIN / c), "healthcheck"], env={"PORT": str(ports[c]), "HOST": "0.0.0.0"})
+            check(hc.returncode == 0, f"{c} healthcheck against a ready server exited {hc.returncode}: {hc.stderr}")
+        closed = free_port()
+        hc = run([str(BIN / "product"), "healthcheck"], env={"PORT": str(closed)})
+        check(hc.returncode == 1, f"healthcheck with nothing listening exited {hc.returncode}, expected 1")
+        hc = run([str(BIN / "product"), "healthcheck"], env={"PORT": "eighty"})
+        check(hc.returncode == 2, f"healthcheck with an invalid PORT exited {hc.returncode}, expected 2")
+        print(f"  ok   every binary ready on the chart's probe paths; healthcheck exits 0 / 1 / 2")
+
+        pod = next(d for d in docs if d["kind"] == "Pod")
+        args = pod["spec"]["containers"][0]["args"]
+        check(args[0] == "smoke" and args[1] == "http://shop-gateway:8080", f"helm test pod args {args}")
+        smoke = run([str(BIN / "gateway"), "smoke", f"http://127.0.0.1:{ports['gateway']}"], timeout=120)
+        check(smoke.returncode == 0 and "smoke: passed" in smoke.stdout, f"smoke failed: {smoke.stdout}{smoke.stderr}")
+        print("  ok   `gateway smoke` (the helm test) passed:\n" + "".join(f"         {line}\n" for line in smoke.stdout.splitlines()))
+        bad = run([str(BIN / "gateway"), "smoke"])
+        check(bad.returncode == 2, f"smoke without a URL exited {bad.returncode}")
+
+        # SIGTERM with the chart's shutdown settings: ready flips at once, exit 0 well inside the grace.
+        env = configmaps["shop-product"]
+        delay, timeout = seconds(env["SHUTDOWN_DELAY"]), seconds(env["SHUTDOWN_TIMEOUT"])
+        grace = deployments["product"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        started = time.monotonic()
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        status, _ = http_get(ports["product"], "/ready")
+        check(status == 503, f"product /ready during shutdown answered {status}, expected 503")
+        check(http_get(ports["product"], "/health")[0] == 200, "product /health must stay 200 while draining")
+        for c, p in procs.items():
+            try:
+                code = p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - started
+            check(code == 0, f"{c}: exit status {code} after SIGTERM")
+            check(delay <= took < delay + timeout, f"{c}: stopped after {took:.1f}s (delay {delay}s, timeout {timeout}s)")
+        print(f"  ok   SIGTERM: /ready 503 at once, /health 200, all four exit 0 after {time.monotonic() - started:.1f}s "
+              f"(delay {delay:.0f}s, grace {grace}s)")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def main() -> int:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shop-render-") as tmp:
+        outdir = Path(tmp)
+        rendered = lint_and_render(outdir)
+        schema_rejects_bad_values()
+        chart_rules(rendered)
+        kustomize(outdir)
+        kubernetes_validate(outdir)
+        hadolint_and_yamllint()
+        config_schemas()
+        described = describe_all()
+        contract(rendered, outdir, described)
+        live(rendered)
+        # checkov scans the rendered directory: only the files kubernetes-validate checked.
+        checkov(outdir)
+    took = time.monotonic() - started
+    if failures:
+        print(f"\npackaging: {len(failures)} of {counts['checks']} checks FAILED ({took:.0f}s)")
+        for f in failures:
+            print(f"  - {f}")
+        return 1
+    print(f"\npackaging: all {counts['checks']} checks passed ({took:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
