@@ -155,9 +155,6 @@ impl Worker {
         let shared = &self.shared;
         shared.metrics.in_flight().inc();
         let mut request = request;
-        // Room for the headers the gateway adds (request id, traceparent, X-Forwarded-*,
-        // Host), so the map grows once instead of once per insert.
-        request.headers_mut().reserve(6);
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
         let trace = crate::trace::propagate(request.headers_mut());

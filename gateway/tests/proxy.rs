@@ -381,6 +381,40 @@ async fn a_post_is_never_sent_twice_but_a_get_is_retried_on_503() {
     gw.stop().await;
 }
 
+/// With one endpoint a retry has nowhere to go: the upstream's own 503 (body and
+/// `Retry-After`) reaches the client, after exactly one attempt.
+#[tokio::test]
+async fn a_single_endpoint_503_is_passed_back_untouched() {
+    let gets = Hits::default();
+    let g = gets.clone();
+    let upstream = stub(Router::new().route(
+        "/orders",
+        get(move || {
+            g.bump();
+            async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "7")],
+                    r#"{"error":{"code":"draining","message":"busy"}}"#,
+                )
+            }
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[("ORDER_URL", &upstream)]);
+    let response = client()
+        .get(format!("{}/api/v1/orders", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "draining");
+    assert_eq!(gets.get(), 1);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn load_is_spread_across_endpoints() {
     let (a, b) = (Hits::default(), Hits::default());
@@ -597,6 +631,14 @@ async fn admin_endpoints_and_metrics() {
         .send()
         .await
         .unwrap();
+    // An invented method must not become a label value of its own.
+    http.request(
+        reqwest::Method::from_bytes(b"PURGE").unwrap(),
+        format!("{}/api/v1/products/3", gw.url),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(
         http.get(format!("{}/health", gw.url))
             .send()
@@ -647,6 +689,11 @@ async fn admin_endpoints_and_metrics() {
     ] {
         assert!(metrics.types.contains_key(family), "{family} missing");
     }
+    let methods = metrics.label_values("http_server_requests_total", "method");
+    assert!(
+        methods.contains("_OTHER") && !methods.contains("PURGE"),
+        "{methods:?}"
+    );
     let routes = metrics.label_values("http_server_requests_total", "route");
     assert!(
         routes.contains("/api/v1/products/*") && routes.contains("unmatched"),
@@ -664,7 +711,8 @@ async fn admin_endpoints_and_metrics() {
             &[("upstream", "product"), ("status", "200")]
         )
         .await,
-        1.0
+        2.0,
+        "the GET and the PURGE reached the product upstream"
     );
     gw.stop().await;
 }

@@ -209,6 +209,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn invented_methods_share_one_label() {
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        let invented = http::Method::from_bytes(b"PURGE").unwrap();
+        assert_eq!(method_label(&invented), "_OTHER");
+    }
+
+    #[test]
     fn every_family_carries_the_service_label() {
         let metrics = Metrics::new("product");
         metrics.observe_request("GET", "/products/{id}", 200, Duration::from_millis(3));
