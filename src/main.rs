@@ -3,10 +3,12 @@
 //! be (same variables), except for the launcher's port and address settings below.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Binary, Runtime, Shutdown, StorageConfig};
+use shop_platform::identity::KeySource;
+use shop_platform::{AuthConfig, Binary, Runtime, Shutdown, StorageConfig};
 
 const HOST: Var = Var::new(
     "HOST",
@@ -39,6 +41,12 @@ const SHUTDOWN_DELAY: Var = Var::new(
     "No load balancer to wait for locally, so Ctrl-C drains at once.",
 );
 
+const ADMIN_EMAIL: Var = Var::new(
+    "ADMIN_EMAIL",
+    "admin@shop.local",
+    "Admin account, created on first run with a random password written to DATA_DIR/admin-password (owner-only).",
+);
+
 const BINARY: Binary = Binary {
     name: "shop",
     about: "Local launcher: runs the gateway and the product, order and user services together.",
@@ -52,6 +60,7 @@ const BINARY: Binary = Binary {
                 ORDER_PORT,
                 USER_PORT,
                 SHUTDOWN_DELAY,
+                ADMIN_EMAIL,
             ],
         ),
         (
@@ -67,6 +76,8 @@ const BINARY: Binary = Binary {
                 shop_product::SEED_PRODUCTS,
                 shop_order::UPSTREAM_TIMEOUT,
                 shop_order::CHECKOUT_TIMEOUT,
+                AuthConfig::MODE,
+                shop_user::TOKEN_TTL,
             ],
         ),
     ],
@@ -93,7 +104,13 @@ impl Config {
                 .with("SHUTDOWN_DELAY", delay.clone()))
         };
         let product = shop_product::Config::from_env(&service_env(&PRODUCT_PORT)?)?;
-        let user = shop_user::Config::from_env(&service_env(&USER_PORT)?)?;
+        let data_dir: PathBuf = env.parse(&StorageConfig::DATA_DIR)?;
+        let admin_password = data_dir.join("admin-password");
+        let user = shop_user::Config::from_env(
+            &service_env(&USER_PORT)?
+                .with("ADMIN_EMAIL", env.string(&ADMIN_EMAIL)?)
+                .with("ADMIN_PASSWORD_FILE", admin_password.display().to_string()),
+        )?;
         let order_env = service_env(&ORDER_PORT)?
             .with("PRODUCT_URL", url(host, product.server.port))
             .with("USER_URL", url(host, user.server.port));
@@ -117,6 +134,20 @@ fn url(host: IpAddr, port: u16) -> String {
 }
 
 async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    // One signing key for the set, kept under DATA_DIR; the verifiers in this process take
+    // its public half directly instead of fetching the JWK set.
+    let keys = config.user.key_pair()?;
+    config.product.auth.keys = KeySource::Pair(keys.clone());
+    config.order.auth.keys = KeySource::Pair(keys.clone());
+    config.gateway.auth.keys = KeySource::Pair(keys);
+    if let Some(path) = &config.user.admin_password_file {
+        write_admin_password(path)?;
+    }
+    let admin = config
+        .user
+        .admin_email
+        .clone()
+        .zip(config.user.admin_password_file.clone());
     let product = shop_product::build(config.product).await?;
     let user = shop_user::build(config.user).await?;
     // With port 0 the real ports are known only now.
@@ -136,6 +167,9 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         println!("  {:<8} {}", app.name(), url(host, app.port()));
     }
     println!("  try: curl {}/api/products", url(host, gateway.port()));
+    if let Some((email, path)) = admin {
+        println!("  admin: {email} (password in {})", path.display());
+    }
 
     let (gateway, product, order, user) = tokio::join!(
         gateway.run(shutdown.clone()),
@@ -144,6 +178,27 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         user.run(shutdown.clone()),
     );
     gateway.and(product).and(order).and(user)
+}
+
+/// A random password for the local admin, created once and readable only by its owner.
+fn write_admin_password(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    if path.exists() {
+        return Ok(());
+    }
+    let mut random = [0u8; 18];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no secure random source: {e}"))?;
+    let password: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut file| writeln!(file, "{password}"))
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Binary, Runtime};
+use shop_platform::{AuthConfig, Binary, Runtime};
+
+use crate::access::Cors;
 
 use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
 use crate::upstream::Endpoint;
@@ -86,6 +88,11 @@ pub const ACCESS_LOG: Var = Var::new(
     "Log one JSON line per proxied request.",
 );
 
+pub const CORS_ALLOWED_ORIGINS: Var = Var::optional(
+    "CORS_ALLOWED_ORIGINS",
+    "Origins browsers may call the API from, comma-separated (https://shop.example.com), or *; unset = no cross-origin access.",
+);
+
 pub const BINARY: Binary = Binary {
     name: crate::NAME,
     about: "API gateway: routes /api/... to the product, order and user services.",
@@ -107,8 +114,15 @@ pub const BINARY: Binary = Binary {
         ),
         (
             "Clients",
-            &[RATE_LIMIT, RATE_LIMIT_BURST, CACHE_SIZE, ACCESS_LOG],
+            &[
+                RATE_LIMIT,
+                RATE_LIMIT_BURST,
+                CACHE_SIZE,
+                ACCESS_LOG,
+                CORS_ALLOWED_ORIGINS,
+            ],
         ),
+        ("Authentication", &AuthConfig::VERIFIER_VARS),
     ],
     runtime: Runtime::CurrentThread,
 };
@@ -131,6 +145,8 @@ pub struct Config {
     pub rate_limit: Option<(f64, u32)>,
     pub cache_bytes: usize,
     pub access_log: bool,
+    pub auth: AuthConfig,
+    pub cors: Option<Cors>,
 }
 
 impl Config {
@@ -209,6 +225,12 @@ impl Config {
                 size => shop_platform::config::parse_bytes(size),
             })?,
             access_log: env.flag(&ACCESS_LOG)?,
+            auth: AuthConfig::from_env(env)?,
+            cors: match env.raw(CORS_ALLOWED_ORIGINS.name) {
+                Some(value) => Cors::parse(&value)
+                    .map_err(|reason| ConfigError::new(&CORS_ALLOWED_ORIGINS, value, reason))?,
+                None => None,
+            },
         })
     }
 

@@ -6,6 +6,7 @@
 //! `SO_REUSEPORT` listener and its own upstream connection pool, so a request never
 //! crosses threads. Shared state (routes, endpoint health, breakers, metrics) is atomics.
 
+pub mod access;
 pub mod cache;
 pub mod config;
 pub mod deadline;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub upstreams: Vec<Upstream>,
     pub options: Options,
     pub limiter: Option<RateLimiter>,
+    pub authenticator: shop_platform::Authenticator,
+    pub cors: Option<access::Cors>,
     pub cache: Option<cache::ResponseCache>,
     pub metrics: Metrics,
     pub metrics_gw: metrics::GatewayMetrics,

@@ -22,12 +22,16 @@ use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
 use crate::Shared;
+use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::deadline::Deadlines;
 use crate::pool::{Lease, Pool, SendError};
 use crate::upstream::{Admission, InFlight};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
+
+const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 
 /// Retries after the first attempt, when retrying is allowed at all.
 const MAX_RETRIES: u32 = 2;
@@ -56,6 +60,7 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pool: Rc<Pool>,
     deadlines: Rc<Deadlines>,
+    tokens: TokenCache,
     handles: RefCell<HandleMap<Handles>>,
     upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
 }
@@ -105,6 +110,7 @@ impl Worker {
             shared,
             pool,
             deadlines,
+            tokens: TokenCache::default(),
             handles: RefCell::default(),
             upstream_handles: RefCell::default(),
         }
@@ -158,6 +164,11 @@ impl Worker {
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
         let trace = crate::trace::propagate(request.headers_mut());
+        let credentialed = request.headers().contains_key(header::AUTHORIZATION);
+        let origin = match &shared.cors {
+            Some(_) => request.headers().get(header::ORIGIN).cloned(),
+            None => None,
+        };
         let (route, mut response) = self.route_and_forward(request, client, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
@@ -177,8 +188,18 @@ impl Worker {
             );
         }
         strip_hop_by_hop(response.headers_mut());
+        let headers = response.headers_mut();
         if route != crate::ADMIN_ROUTE {
-            response.headers_mut().insert(crate::REQUEST_ID, request_id);
+            headers.insert(crate::REQUEST_ID, request_id);
+        }
+        headers.insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF);
+        // An answer to a credentialed request is that caller's alone: no shared cache
+        // (proxy, CDN, browser history) may keep it.
+        if credentialed {
+            access::no_store(headers);
+        }
+        if let Some(cors) = &shared.cors {
+            cors.decorate(origin.as_ref(), headers);
         }
         Ok(response)
     }
@@ -215,12 +236,26 @@ impl Worker {
             err.retry_after_secs = Some(wait);
             return (crate::UNMATCHED_ROUTE, error(err));
         }
+        if let Some(cors) = &shared.cors
+            && let Some(preflight) = cors.preflight(request.method(), request.headers())
+        {
+            return (crate::UNMATCHED_ROUTE, preflight);
+        }
         let Some((route_id, route)) = shared.table.find(path) else {
             return (
                 crate::UNMATCHED_ROUTE,
                 error(AppError::not_found("no route for this path")),
             );
         };
+        let policy = route.access.for_method(request.method());
+        let mut request = request;
+        if let Err(refused) =
+            self.tokens
+                .authorize(&shared.authenticator, policy, request.headers_mut())
+        {
+            return (route_id, refused);
+        }
+        let path = request.uri().path();
         if let Some(length) = request
             .headers()
             .get(header::CONTENT_LENGTH)

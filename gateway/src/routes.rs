@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use crate::access::{Policy, RouteAccess};
+
 pub const DEFAULT_TABLE: &str = include_str!("../routes.yaml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -21,6 +23,10 @@ pub struct RouteSpec {
     pub upstream: String,
     #[serde(default)]
     pub strip: String,
+    /// Who may GET/HEAD/OPTIONS; `user` when unset.
+    pub read: Option<Policy>,
+    /// Who may send anything else; `user` when unset.
+    pub write: Option<Policy>,
 }
 
 /// A compiled route. `label` is the route's pattern, used as the metrics `route` label so
@@ -29,6 +35,7 @@ pub struct RouteSpec {
 pub struct Route {
     pub label: String,
     pub upstream: usize,
+    pub access: RouteAccess,
     strip: String,
 }
 
@@ -139,6 +146,7 @@ impl RouteTable {
             table.routes.push(Route {
                 label,
                 upstream,
+                access: RouteAccess::new(spec.read, spec.write),
                 strip: spec.strip.clone(),
             });
         }

@@ -82,6 +82,8 @@ impl Gateway {
                 upstream_timeout: config.server.request_timeout,
                 access_log: config.access_log,
             },
+            authenticator: shop_platform::Authenticator::new(&config.auth)?,
+            cors: config.cors.clone(),
             limiter: config
                 .rate_limit
                 .map(|(rate, burst)| RateLimiter::new(rate, burst)),
@@ -89,6 +91,11 @@ impl Gateway {
             metrics_gw,
             metrics,
             readiness: Readiness::default(),
+        });
+        let authenticator = shared.authenticator.clone();
+        shared.readiness.add_check("auth_keys", move || {
+            let outcome = authenticator.check_keys();
+            async move { outcome }
         });
 
         let requested = SocketAddr::new(config.server.host, config.server.port);
@@ -139,6 +146,8 @@ impl Gateway {
                     .spawn(move || worker.run())?,
             );
         }
+        // Keeps the token signing keys fresh (a JWK set); the workers read them lock-free.
+        let key_refresh = shared.authenticator.spawn_refresh();
         shared.readiness.set_started();
         tracing::info!(service = NAME, address = %local_addr, workers = workers.len(), "listening");
 
@@ -169,6 +178,9 @@ impl Gateway {
                 cut_off.cancel();
                 let _ = joined.await;
             }
+        }
+        if let Some(refresh) = key_refresh {
+            refresh.abort();
         }
         tracing::info!(service = NAME, "stopped");
         Ok(())

@@ -28,6 +28,7 @@ impl Gateway {
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
             .env("ACCESS_LOG", "false")
+            .env("AUTH_MODE", "demo")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()

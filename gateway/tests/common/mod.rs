@@ -27,6 +27,8 @@ impl RunningGateway {
             ("SHUTDOWN_DELAY", "0s"),
             ("GATEWAY_WORKERS", "2"),
             ("ACCESS_LOG", "false"),
+            // Proxying is tested here; access control in tests/auth.rs at the root.
+            ("AUTH_MODE", "demo"),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use shop_platform::{AppError, Money, PeerResponse};
+use shop_platform::{AppError, Caller, Money, PeerResponse};
 
 use crate::domain::{NewOrder, Order, OrderRequest, price_lines, units};
 use crate::routes::AppState;
@@ -92,6 +92,7 @@ struct ReservedLine {
 
 pub async fn place_order(
     state: &AppState,
+    caller: &Caller,
     request: OrderRequest,
     key: Option<IdempotencyKey>,
 ) -> Result<Placed, AppError> {
@@ -110,7 +111,8 @@ pub async fn place_order(
         .map(|line| format!("/products/{}", line.product_id))
         .collect();
     let (user, products) = tokio::join!(
-        state.users.get(&user_path),
+        // On the caller's behalf: the user service checks they may see this account.
+        state.users.get_as(&user_path, caller),
         futures_util::future::join_all(product_paths.iter().map(|p| state.products.get(p))),
     );
     match user?.fail_on_server_error()?.status.as_u16() {
@@ -119,6 +121,13 @@ pub async fn place_order(
             return Err(AppError::validation(
                 "user_id",
                 format!("no user with id {:?}", request.user_id),
+            ));
+        }
+        // The user service judged the relayed credentials itself and refused them.
+        401 => return Err(shop_platform::auth::TokenError::Invalid.into_app_error()),
+        403 => {
+            return Err(shop_platform::identity::forbidden(
+                "you may not place orders for this user",
             ));
         }
         other => return Err(AppError::unavailable("user", format!("answered {other}"))),

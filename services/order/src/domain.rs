@@ -2,7 +2,7 @@
 //! here from the product service's prices; a client-sent total is only checked.
 
 use serde::{Deserialize, Serialize};
-use shop_platform::{AppError, Money, validate};
+use shop_platform::{AppError, Caller, Money, validate};
 
 pub const MAX_LINE_QUANTITY: i64 = 10_000;
 pub const MAX_LINES: usize = 100;
@@ -14,7 +14,9 @@ pub const MAX_LINES: usize = 100;
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     pub id: Option<String>,
-    pub user_id: String,
+    /// Whose order: taken from the caller's token; when given it must be the caller (or
+    /// the caller an admin). Required only when authentication is off.
+    pub user_id: Option<String>,
     pub products: Option<Vec<String>>,
     pub items: Option<Vec<OrderLineRequest>>,
     /// Optional: if given, it must equal the computed total.
@@ -69,9 +71,26 @@ pub struct Order {
 }
 
 impl NewOrder {
+    /// Settles whose order this is: the body's `user_id` if the caller may act for that
+    /// user, else the caller. Run before validating and fingerprinting, so two users
+    /// sending the same body and `Idempotency-Key` never share an order.
+    pub fn resolve_owner(&mut self, caller: &Caller) -> Result<(), AppError> {
+        match (&self.user_id, caller.user_id()) {
+            (Some(named), _) => caller.require_access(named, "orders")?,
+            (None, Some(me)) => self.user_id = Some(me.to_owned()),
+            (None, None) => {
+                return Err(AppError::validation("user_id", "is required"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(self) -> Result<OrderRequest, AppError> {
         let id = validate::id_or_new("id", self.id)?;
-        validate::id("user_id", &self.user_id)?;
+        let user_id = self
+            .user_id
+            .ok_or_else(|| AppError::validation("user_id", "is required"))?;
+        validate::id("user_id", &user_id)?;
         let requested: Vec<(String, String, i64)> = match (self.products, self.items) {
             (Some(_), Some(_)) => {
                 return Err(AppError::validation(
@@ -143,7 +162,7 @@ impl NewOrder {
         }
         Ok(OrderRequest {
             id,
-            user_id: self.user_id,
+            user_id,
             lines,
             client_total: self.total,
         })

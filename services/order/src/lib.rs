@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{
-    Application, Binary, Metrics, Runtime, ServiceClient, ServiceParts, Shutdown, StorageConfig,
+    Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceClient, ServiceParts,
+    Shutdown, StorageConfig,
 };
 
 pub use routes::{AppState, app};
@@ -47,6 +48,7 @@ pub const BINARY: Binary = Binary {
     vars: &[
         ("Server", &ServerConfig::vars(PORT)),
         ("Storage", StorageConfig::VARS),
+        ("Authentication", &AuthConfig::SERVICE_VARS),
         ("Dependencies", &[PRODUCT_URL, USER_URL, UPSTREAM_TIMEOUT]),
         ("Orders", &[CHECKOUT_TIMEOUT]),
     ],
@@ -57,6 +59,7 @@ pub const BINARY: Binary = Binary {
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
     pub product_url: String,
     pub user_url: String,
     pub upstream_timeout: Duration,
@@ -80,6 +83,7 @@ impl Config {
         Ok(Self {
             server: ServerConfig::from_env(env, &PORT)?,
             storage: StorageConfig::from_env(env)?,
+            auth: AuthConfig::from_env(env)?,
             product_url: env.parse_with(&PRODUCT_URL, http_url)?,
             user_url: env.parse_with(&USER_URL, http_url)?,
             upstream_timeout: env.duration(&UPSTREAM_TIMEOUT)?,
@@ -108,6 +112,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     let recovery = spawn_recovery(state.clone(), config.checkout_timeout);
     ServiceParts::new(NAME, config.server, metrics)
         .database(db)
+        .auth(Authenticator::new(&config.auth)?)
         .on_close(async move { recovery.abort() })
         .readiness_check("product", move || {
             let products = products.clone();

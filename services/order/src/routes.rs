@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::{
-    ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest, ServiceClient,
+    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, ServiceClient,
 };
 
 use crate::checkout::{IdempotencyKey, Placed, place_order};
@@ -73,10 +73,12 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 
 async fn create_order(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<NewOrder>,
+    ApiJson(mut body): ApiJson<NewOrder>,
 ) -> AppResult<Response> {
     let outcome = async {
+        body.resolve_owner(&caller)?;
         let key = match headers.get(IDEMPOTENCY_KEY) {
             Some(value) => Some(IdempotencyKey::new(
                 value.to_str().map_err(|_| {
@@ -86,7 +88,7 @@ async fn create_order(
             )?),
             None => None,
         };
-        place_order(&state, body.validate()?, key).await
+        place_order(&state, &caller, body.validate()?, key).await
     }
     .await;
     match outcome {
@@ -129,14 +131,20 @@ struct ListParams {
     cursor: Option<String>,
 }
 
+/// A customer lists their own orders (`user_id` defaults to them); admins, and everyone
+/// when authentication is off, may list anyone's or all.
 async fn list_orders(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> AppResult<Response> {
     let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
-    let user_id = params.user_id.filter(|u| !u.is_empty());
+    let mut user_id = params.user_id.filter(|u| !u.is_empty());
     if let Some(user_id) = &user_id {
         shop_platform::validate::id("user_id", user_id)?;
+        caller.require_access(user_id, "orders")?;
+    } else if !caller.is_admin() {
+        user_id = caller.user_id().map(str::to_owned);
     }
     let rows = state.store.list(user_id.as_deref(), page).await?;
     let query = match &user_id {
@@ -146,9 +154,16 @@ async fn list_orders(
     Ok(Page::from_rows(rows, page).into_response("/orders", &query))
 }
 
-async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+async fn get_order(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
     match state.store.get(&id).await? {
-        Some(order) => Ok(axum::Json(order).into_response()),
+        Some(order) => {
+            caller.require_access(&order.user_id, "orders")?;
+            Ok(axum::Json(order).into_response())
+        }
         None => Err(AppError::not_found(format!("no order with id {id:?}"))),
     }
 }

@@ -31,7 +31,11 @@ async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> 
     let products = ServiceClient::new("product", product_url, timeout, metrics.clone()).unwrap();
     let users = ServiceClient::new("user", user_url, timeout, metrics.clone()).unwrap();
     let state = AppState::new(Arc::new(SqlOrderStore::new(&db)), products, users, &metrics);
-    stack(app(state), &ServerConfig::ephemeral(), metrics)
+    stack(
+        app(state).layer(axum::Extension(shop_platform::Authenticator::demo())),
+        &ServerConfig::ephemeral(),
+        metrics,
+    )
 }
 
 impl Harness {

@@ -85,7 +85,11 @@ fn state(store: Arc<dyn OrderStore>, product_url: &str, user_url: &str) -> AppSt
 
 fn router(state: AppState) -> axum::Router {
     let metrics = Metrics::new("order");
-    stack(app(state), &ServerConfig::ephemeral(), metrics)
+    stack(
+        app(state).layer(axum::Extension(shop_platform::Authenticator::demo())),
+        &ServerConfig::ephemeral(),
+        metrics,
+    )
 }
 
 async fn open_store(dir: &TestDatabase) -> Arc<SqlOrderStore> {

@@ -23,6 +23,7 @@ fn start_order(db: &TestDatabase, peers: &Peers) -> ServiceProcess {
             .env_clear()
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
+            .env("AUTH_MODE", "demo")
             .env("RUST_LOG", "warn,shop_platform::server=info")
             .env(db_var, db_value)
             .env("PRODUCT_URL", &peers.product.url)

@@ -199,14 +199,10 @@ async fn two_replicas_start_together_on_an_empty_database(backend: Backend) {
             server: shop_platform::ServerConfig::ephemeral(),
             storage: product_db.storage(),
             seed_products: true,
+            auth: shop_platform::AuthConfig::demo(),
         })
     };
-    let user = || {
-        shop_user::build(shop_user::Config {
-            server: shop_platform::ServerConfig::ephemeral(),
-            storage: user_db.storage(),
-        })
-    };
+    let user = || shop_user::build(common::user_config(&user_db));
     let order = || shop_order::build(peers.order_config(&order_db));
     let (p1, p2, u1, u2, o1, o2) =
         tokio::join!(product(), product(), user(), user(), order(), order());

@@ -75,6 +75,7 @@ async fn traceparent_flows_to_peers_and_into_logs() {
             .env_clear()
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
+            .env("AUTH_MODE", "demo")
             .env("DATA_DIR", dir.path())
             .env("PRODUCT_URL", &peer)
             .env("USER_URL", &peer)

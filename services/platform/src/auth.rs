@@ -41,6 +41,14 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "customer" => Some(Role::Customer),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +180,12 @@ fn key_id(public: &[u8; 32]) -> String {
     URL_SAFE_NO_PAD.encode(&public[..8])
 }
 
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -210,7 +224,8 @@ impl TokenSigner {
         self.issue_at(subject, role, now_secs())
     }
 
-    fn issue_at(&self, subject: &str, role: Role, iat: u64) -> IssuedToken {
+    /// A token as if issued at `iat` (Unix seconds): for tests of expiry.
+    pub fn issue_at(&self, subject: &str, role: Role, iat: u64) -> IssuedToken {
         let claims = Claims {
             sub: subject.to_owned(),
             role,

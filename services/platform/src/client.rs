@@ -1,6 +1,7 @@
 //! HTTP client for service-to-service calls: one pooled client per peer, created at
 //! start-up; every call carries the caller's `traceparent` and `x-request-id`, has a
-//! timeout, gets a client span, and is counted in `http_client_*` metrics.
+//! timeout, gets a client span, and is counted in `http_client_*` metrics. Calls made on a
+//! caller's behalf relay the caller's credentials.
 //! Transport failures become 503 [`AppError`]s naming the peer.
 
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::error::AppError;
+use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::middleware::{REQUEST_ID, current_request_id};
 use crate::telemetry;
@@ -111,7 +113,12 @@ impl ServiceClient {
     }
 
     pub async fn get(&self, path: &str) -> Result<PeerResponse, AppError> {
-        self.send(Method::GET, path, None).await
+        self.send(Method::GET, path, None, None).await
+    }
+
+    /// A read on the caller's behalf: the peer checks the caller's rights itself.
+    pub async fn get_as(&self, path: &str, caller: &Caller) -> Result<PeerResponse, AppError> {
+        self.send(Method::GET, path, None, Some(caller)).await
     }
 
     pub async fn post_json<B: Serialize>(
@@ -120,11 +127,11 @@ impl ServiceClient {
         body: &B,
     ) -> Result<PeerResponse, AppError> {
         let bytes = serde_json::to_vec(body).map_err(AppError::internal)?;
-        self.send(Method::POST, path, Some(bytes)).await
+        self.send(Method::POST, path, Some(bytes), None).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<PeerResponse, AppError> {
-        self.send(Method::DELETE, path, None).await
+        self.send(Method::DELETE, path, None, None).await
     }
 
     async fn send(
@@ -132,6 +139,7 @@ impl ServiceClient {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        caller: Option<&Caller>,
     ) -> Result<PeerResponse, AppError> {
         let url = format!("{}{}", self.base_url, path);
         let span = tracing::info_span!(
@@ -152,6 +160,9 @@ impl ServiceClient {
         telemetry::inject_context(&span, &mut headers);
         if let Some(id) = current_request_id() {
             headers.insert(REQUEST_ID, id);
+        }
+        if let Some(caller) = caller {
+            caller.relay(&mut headers);
         }
         let mut request = self
             .http

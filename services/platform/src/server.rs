@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::ServerConfig;
+use crate::identity::Authenticator;
 use crate::metrics::Metrics;
 use crate::middleware::{self, Observer};
 use crate::probes::{self, CheckResult, Readiness};
@@ -30,6 +31,7 @@ pub struct ServiceParts {
     metrics: Metrics,
     readiness: Readiness,
     close_hooks: Vec<CloseHook>,
+    authenticator: Option<Authenticator>,
 }
 
 impl ServiceParts {
@@ -40,7 +42,24 @@ impl ServiceParts {
             metrics,
             readiness: Readiness::default(),
             close_hooks: Vec::new(),
+            authenticator: None,
         }
+    }
+
+    /// Who may call: handlers extract a [`crate::Caller`] through it. With a JWK set, the
+    /// keys are kept fresh in the background and `/ready` waits for the first ones.
+    pub fn auth(mut self, authenticator: Authenticator) -> Self {
+        if let Some(refresh) = authenticator.spawn_refresh() {
+            let probe = authenticator.clone();
+            self = self
+                .readiness_check("auth_keys", move || {
+                    let outcome = probe.check_keys();
+                    async move { outcome }
+                })
+                .on_close(async move { refresh.abort() });
+        }
+        self.authenticator = Some(authenticator);
+        self
     }
 
     /// A dependency that must answer for `/ready` to be 200.
@@ -76,6 +95,10 @@ impl ServiceParts {
             .await
             .map_err(|e| anyhow::anyhow!("{}: cannot listen on {addr}: {e}", self.name))?;
         let local_addr = listener.local_addr()?;
+        let routes = match self.authenticator {
+            Some(authenticator) => routes.layer(axum::Extension(authenticator)),
+            None => routes,
+        };
         let router = stack(
             routes.merge(probes::router(self.readiness.clone(), self.metrics.clone())),
             &self.config,

@@ -232,9 +232,14 @@ impl TestDatabase {
                     .database(&name)
                     .to_url_lossy()
                     .to_string();
+                // DATA_DIR still matters beside a URL (the user service keeps keys there).
+                let dir = temp_dir();
                 Self {
-                    storage: StorageConfig::at_url(url),
-                    _dir: None,
+                    storage: StorageConfig {
+                        data_dir: dir.path().to_owned(),
+                        ..StorageConfig::at_url(url)
+                    },
+                    _dir: Some(dir),
                     postgres: Some((admin, name)),
                 }
             }

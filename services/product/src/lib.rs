@@ -8,7 +8,10 @@ pub mod storage;
 use std::sync::Arc;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::{Application, Binary, Metrics, Runtime, ServiceParts, Shutdown, StorageConfig};
+use shop_platform::{
+    Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceParts, Shutdown,
+    StorageConfig,
+};
 
 pub use routes::{AppState, app};
 pub use storage::{ProductStore, SqlProductStore};
@@ -27,6 +30,7 @@ pub const BINARY: Binary = Binary {
     vars: &[
         ("Server", &ServerConfig::vars(PORT)),
         ("Storage", StorageConfig::VARS),
+        ("Authentication", &AuthConfig::SERVICE_VARS),
         ("Product", &[SEED_PRODUCTS]),
     ],
     runtime: Runtime::MultiThread,
@@ -36,6 +40,7 @@ pub const BINARY: Binary = Binary {
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
     pub seed_products: bool,
 }
 
@@ -44,6 +49,7 @@ impl Config {
         Ok(Self {
             server: ServerConfig::from_env(env, &PORT)?,
             storage: StorageConfig::from_env(env)?,
+            auth: AuthConfig::from_env(env)?,
             seed_products: env.flag(&SEED_PRODUCTS)?,
         })
     }
@@ -59,6 +65,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     }
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
+        .auth(Authenticator::new(&config.auth)?)
         .bind(app(AppState::new(store, &metrics)))
         .await
 }

@@ -10,7 +10,7 @@ use axum::routing::{delete, get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::validate::{self, IdQuery};
-use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics, Page, PageRequest};
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest};
 
 use crate::domain::{NewProduct, ProductPatch, ReservationRequest};
 use crate::storage::{ProductStore, Release, Reserved, StoreError};
@@ -111,10 +111,14 @@ async fn find(state: &AppState, id: &str) -> AppResult<Response> {
     }
 }
 
+/// Catalogue writes are for admins. Stock reservations are not public: the gateway has
+/// no route to them and the chart's NetworkPolicy lets only the order service in.
 async fn create_product(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<NewProduct>,
 ) -> AppResult<Response> {
+    caller.require_admin()?;
     let product = body.validate()?;
     state.store.create(&product).await?;
     state.counters.created.inc();
@@ -129,9 +133,11 @@ async fn create_product(
 
 async fn update_product(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     ApiJson(patch): ApiJson<ProductPatch>,
 ) -> AppResult<Response> {
+    caller.require_admin()?;
     let patch = patch.validate()?;
     match state.store.update(&id, &patch).await? {
         Some(product) => Ok(axum::Json(product).into_response()),

@@ -24,7 +24,8 @@ impl Harness {
         seed_demo_products(store.as_ref()).await.unwrap();
         let metrics = Metrics::new("product");
         let router = stack(
-            app(AppState::new(store, &metrics)),
+            app(AppState::new(store, &metrics))
+                .layer(axum::Extension(shop_platform::Authenticator::demo())),
             &ServerConfig::ephemeral(),
             metrics,
         );

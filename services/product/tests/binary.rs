@@ -21,6 +21,7 @@ fn start(env: &[(&str, &str)]) -> Service {
         Command::new(env!("CARGO_BIN_EXE_product"))
             .env_clear()
             .env("PORT", "0")
+            .env("AUTH_MODE", "demo")
             .env("HOST", "127.0.0.1")
             .env("DATA_DIR", dir.path())
             .envs(env.iter().copied())

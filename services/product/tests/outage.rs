@@ -34,6 +34,7 @@ async fn requests_and_readiness_recover_when_the_database_returns() {
             server: ServerConfig::ephemeral(),
             storage,
             seed_products: true,
+            auth: shop_platform::AuthConfig::demo(),
         })
         .await
         .unwrap(),

@@ -3,8 +3,9 @@
 
 use std::fmt;
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use serde::{Deserialize, Serialize};
+pub use shop_platform::auth::Role;
 use shop_platform::{AppError, validate};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +14,8 @@ pub struct User {
     pub name: String,
     pub email: String,
     pub created_at: String,
+    /// `customer` for every registration; `admin` only by configuration.
+    pub role: Role,
 }
 
 /// A password that never prints itself.
@@ -107,6 +110,43 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
     Ok(email)
 }
 
+/// `POST /auth/login` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub email: String,
+    pub password: Password,
+}
+
+impl Credentials {
+    /// The normalised email, or a 422 for input no account could have. Passwords of any
+    /// content are only ever compared, so only their size is checked.
+    pub fn validate(self) -> Result<(String, Password), AppError> {
+        let email = normalize_email(&self.email)?;
+        if self.password.0.is_empty() || self.password.0.len() > MAX_PASSWORD_BYTES {
+            return Err(AppError::validation(
+                "password",
+                format!("must be 1 to {MAX_PASSWORD_BYTES} bytes"),
+            ));
+        }
+        Ok((email, self.password))
+    }
+}
+
+/// How many failed logins are allowed before further attempts wait, and for how long.
+/// An account's counter is cleared by a successful login; an address's only by time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    pub per_account: i64,
+    pub per_address: i64,
+    pub window: std::time::Duration,
+}
+
+/// The throttling keys of one attempt.
+pub fn throttle_keys(email: &str, address: &str) -> [String; 2] {
+    [format!("account:{email}"), format!("ip:{address}")]
+}
+
 /// argon2id with the OWASP-recommended minimum for argon2id: 19 MiB memory, 2 passes,
 /// 1 lane (about 20-40 ms on one core here). Stored in PHC format, so parameters can be
 /// raised later and old hashes still verify.
@@ -123,10 +163,33 @@ pub fn hash_password(password: &Password) -> anyhow::Result<String> {
     Ok(hash.to_string())
 }
 
+/// Checks `password` against a stored PHC string in constant time. CPU-heavy.
+pub fn verify_password(password: &Password, phc: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|hash| {
+        hasher()
+            .verify_password(password.0.as_bytes(), &hash)
+            .is_ok()
+    })
+}
+
+/// A hash no password matches, verified when an email is unknown so that the answer
+/// takes as long as for a known email (no account enumeration by timing).
+pub fn decoy_hash() -> String {
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).expect("a secure random source");
+    let decoy = Password(random.iter().map(|b| format!("{b:02x}")).collect());
+    hash_password(&decoy).expect("hashing a decoy")
+}
+
+impl Password {
+    pub fn new(text: impl Into<String>) -> Self {
+        Password(text.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use argon2::PasswordVerifier;
 
     #[test]
     fn hash_is_argon2id_and_verifies() {
@@ -140,6 +203,20 @@ mod tests {
                 .is_ok()
         );
         assert!(hasher().verify_password(b"wrong", phc.as_str()).is_err());
+    }
+
+    #[test]
+    fn verification_accepts_only_the_password() {
+        let phc = hash_password(&Password::new("correct horse")).unwrap();
+        assert!(verify_password(&Password::new("correct horse"), &phc));
+        assert!(!verify_password(&Password::new("correct horsf"), &phc));
+        assert!(!verify_password(
+            &Password::new("correct horse"),
+            "not a hash"
+        ));
+        let decoy = decoy_hash();
+        assert!(decoy.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(!verify_password(&Password::new(""), &decoy));
     }
 
     #[test]

@@ -1,37 +1,83 @@
-//! HTTP routes: registration and lookup, plus the seed's compatibility routes.
+//! HTTP routes: registration, login, account lookup (the owner or an admin), the public
+//! signing key, plus the seed's compatibility routes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
+use shop_platform::auth::{KeyPair, TokenSigner};
 use shop_platform::validate::IdQuery;
-use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Metrics};
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics};
 use tokio::sync::Semaphore;
 
-use crate::domain::{NewUser, User, hash_password};
+use crate::domain::{
+    Credentials, LoginLimits, NewUser, Password, Role, User, decoy_hash, hash_password,
+    throttle_keys, verify_password,
+};
 use crate::storage::{StoreError, UserStore};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn UserStore>,
     registered: IntCounter,
+    logins: IntCounterVec,
     /// One argon2 job per core: each takes ~19 MiB and tens of milliseconds, so a burst of
-    /// registrations queues here instead of exhausting memory.
+    /// registrations or logins queues here instead of exhausting memory.
     hashing: Arc<Semaphore>,
+    signer: Arc<TokenSigner>,
+    jwks: Arc<serde_json::Value>,
+    limits: LoginLimits,
+    decoy: Arc<str>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn UserStore>, metrics: &Metrics) -> Self {
+    pub fn new(
+        store: Arc<dyn UserStore>,
+        metrics: &Metrics,
+        keys: &KeyPair,
+        signer: TokenSigner,
+        limits: LoginLimits,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             store,
             registered: metrics.counter("users_registered_total", "Accounts created."),
+            logins: metrics.counter_vec(
+                "user_logins_total",
+                "Login attempts by outcome (succeeded, failed, throttled).",
+                &["outcome"],
+            ),
             hashing: Arc::new(Semaphore::new(cores)),
+            signer: Arc::new(signer),
+            jwks: Arc::new(keys.jwks()),
+            limits,
+            decoy: decoy_hash().into(),
         }
+    }
+
+    /// Runs argon2 on a blocking thread, at most one job per core at a time.
+    async fn argon2<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> AppResult<T> {
+        let permit = self
+            .hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(AppError::internal)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
+        .await
+        .map_err(AppError::internal)
     }
 }
 
@@ -52,6 +98,8 @@ pub fn app(state: AppState) -> Router {
         .route("/users", post(register).get(get_user_by_query))
         .route("/users/{id}", get(get_user))
         .route("/user", post(register))
+        .route("/auth/login", post(login))
+        .route("/.well-known/jwks.json", get(jwks))
         .with_state(state)
 }
 
@@ -70,25 +118,16 @@ async fn register(
         return Err(conflict.into());
     }
     let password = registration.password;
-    let permit = state
-        .hashing
-        .clone()
-        .acquire_owned()
-        .await
+    let password_hash = state
+        .argon2(move || hash_password(&password))
+        .await?
         .map_err(AppError::internal)?;
-    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
-    let password_hash = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        hash_password(&password)
-    })
-    .await
-    .map_err(AppError::internal)?
-    .map_err(AppError::internal)?;
     let user = User {
         id: registration.id,
         name: registration.name,
         email: registration.email,
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        role: Role::Customer,
     };
     state.store.create(&user, &password_hash).await?;
     state.registered.inc();
@@ -101,21 +140,133 @@ async fn register(
         .into_response())
 }
 
-async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
-    find(&state, &id).await
+async fn get_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    find(&state, &caller, &id).await
 }
 
 /// Seed route: `GET /users?id=1`.
 async fn get_user_by_query(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(query): ApiQuery<IdQuery>,
 ) -> AppResult<Response> {
-    find(&state, &query.required()?).await
+    find(&state, &caller, &query.required()?).await
 }
 
-async fn find(state: &AppState, id: &str) -> AppResult<Response> {
+async fn find(state: &AppState, caller: &Caller, id: &str) -> AppResult<Response> {
+    caller.require_access(id, "profile")?;
     match state.store.get(id).await? {
         Some(user) => Ok(axum::Json(user).into_response()),
         None => Err(AppError::not_found(format!("no user with id {id:?}"))),
     }
+}
+
+/// `POST /auth/login`: email and password for a short-lived access token.
+///
+/// Every attempt that gets past throttling costs one argon2 verification, whether or not
+/// the email is registered, and every failure gets the same answer: neither the timing nor
+/// the body tells an attacker which emails have accounts.
+async fn login(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Credentials>,
+) -> AppResult<Response> {
+    let (email, password) = body.validate()?;
+    let address = client_address(&headers, peer.map(|Extension(ConnectInfo(addr))| addr));
+    let keys = throttle_keys(&email, &address);
+    let keys = [keys[0].as_str(), keys[1].as_str()];
+    let now = chrono::Utc::now().timestamp_millis();
+    let window = state.limits.window.as_millis() as i64;
+    let window_start_after = now - window;
+
+    let counted = state.store.failures(&keys, window_start_after).await?;
+    let blocked_until = counted
+        .iter()
+        .filter(|(key, failures, _)| {
+            let limit = if key.starts_with("account:") {
+                state.limits.per_account
+            } else {
+                state.limits.per_address
+            };
+            *failures >= limit
+        })
+        .map(|(_, _, start)| start + window)
+        .max();
+    if let Some(until) = blocked_until {
+        state.logins.with_label_values(&["throttled"]).inc();
+        let mut err = AppError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed logins; try again later",
+        );
+        err.retry_after_secs = Some(((until - now).max(1) as u64).div_ceil(1000));
+        return Err(err);
+    }
+
+    let account = state.store.login_record(&email).await?;
+    let phc = match &account {
+        Some(record) => record.password_hash.clone(),
+        None => state.decoy.to_string(),
+    };
+    let checked = password_check(&state, password, phc).await?;
+    match account {
+        Some(record) if checked => {
+            state.store.clear_failures(keys[0]).await?;
+            state.logins.with_label_values(&["succeeded"]).inc();
+            let token = state.signer.issue(&record.id, record.role);
+            let mut response = axum::Json(token).into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            Ok(response)
+        }
+        _ => {
+            state
+                .store
+                .record_failure(&keys, now, window_start_after)
+                .await?;
+            state.logins.with_label_values(&["failed"]).inc();
+            Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "the email or password is not right",
+            ))
+        }
+    }
+}
+
+async fn password_check(state: &AppState, password: Password, phc: String) -> AppResult<bool> {
+    state.argon2(move || verify_password(&password, &phc)).await
+}
+
+/// The client's address: the last `X-Forwarded-For` hop (the one the gateway appended;
+/// earlier ones are whatever the client claimed), else the connection's peer.
+fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>) -> String {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim)
+        .filter(|v| v.parse::<std::net::IpAddr>().is_ok())
+        .map_or_else(
+            || peer.map_or_else(|| "unknown".to_owned(), |p| p.ip().to_string()),
+            str::to_owned,
+        )
+}
+
+/// The public half of the signing key, for verifiers (the gateway, the other services).
+async fn jwks(State(state): State<AppState>) -> Response {
+    let mut response = axum::Json(state.jwks.as_ref().clone()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    response
 }

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use shop_platform::{Database, Migrations};
 use sqlx::{AnyPool, Row};
 
-use crate::domain::User;
+use crate::domain::{Role, User};
 
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: sqlx::migrate!("./migrations/sqlite"),
@@ -29,6 +29,32 @@ pub trait UserStore: Send + Sync + 'static {
     /// registration hears "exists" rather than "email taken".
     async fn conflict(&self, id: &str, email: &str) -> Result<Option<StoreError>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError>;
+    /// What a login needs to know about the account registered under `email`.
+    async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError>;
+    /// Gives the account under `email` the admin role; false if there is no such account.
+    async fn make_admin(&self, email: &str) -> Result<bool, StoreError>;
+    /// Failed logins counted against each key in its current window, with the window's
+    /// start (Unix ms). Windows that began before `window_start_after` count as empty.
+    async fn failures(
+        &self,
+        keys: &[&str],
+        window_start_after: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError>;
+    /// Counts one failed login against each key: a key whose window began at or before
+    /// `window_start_after` starts a new window at `now`.
+    async fn record_failure(
+        &self,
+        keys: &[&str],
+        now: i64,
+        window_start_after: i64,
+    ) -> Result<(), StoreError>;
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+}
+
+pub struct LoginRecord {
+    pub id: String,
+    pub role: Role,
+    pub password_hash: String,
 }
 
 pub struct SqlUserStore {
@@ -47,13 +73,14 @@ impl SqlUserStore {
 impl UserStore for SqlUserStore {
     async fn create(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
         let result = sqlx::query(
-            "INSERT INTO users (id, name, email, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO users (id, name, email, password_hash, created_at, role) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&user.id)
         .bind(&user.name)
         .bind(&user.email)
         .bind(password_hash)
         .bind(&user.created_at)
+        .bind(user.role.as_str())
         .execute(&self.pool)
         .await
         .map_err(|err| match &err {
@@ -89,7 +116,7 @@ impl UserStore for SqlUserStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query("SELECT id, name, email, created_at FROM users WHERE id = $1")
+        let row = sqlx::query("SELECT id, name, email, created_at, role FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -99,9 +126,98 @@ impl UserStore for SqlUserStore {
                 name: row.try_get("name")?,
                 email: row.try_get("email")?,
                 created_at: row.try_get("created_at")?,
+                role: role(&row)?,
             })
         })
         .transpose()
         .map_err(StoreError::Database)
     }
+
+    async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError> {
+        let row = sqlx::query("SELECT id, role, password_hash FROM users WHERE email = $1")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(LoginRecord {
+                id: row.try_get("id")?,
+                role: role(&row)?,
+                password_hash: row.try_get("password_hash")?,
+            })
+        })
+        .transpose()
+        .map_err(StoreError::Database)
+    }
+
+    async fn make_admin(&self, email: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE users SET role = 'admin' WHERE email = $1")
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn failures(
+        &self,
+        keys: &[&str],
+        window_start_after: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            let row: Option<(i64, i64)> = sqlx::query_as(
+                "SELECT failures, window_start FROM login_failures WHERE key = $1 AND window_start > $2",
+            )
+            .bind(*key)
+            .bind(window_start_after)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some((failures, start)) = row {
+                found.push(((*key).to_owned(), failures, start));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn record_failure(
+        &self,
+        keys: &[&str],
+        now: i64,
+        window_start_after: i64,
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            // One statement, so concurrent failures on replicas all count.
+            sqlx::query(
+                "INSERT INTO login_failures (key, window_start, failures) VALUES ($1, $2, 1)
+                 ON CONFLICT (key) DO UPDATE SET
+                   failures = CASE WHEN login_failures.window_start > $3
+                                   THEN login_failures.failures + 1 ELSE 1 END,
+                   window_start = CASE WHEN login_failures.window_start > $3
+                                       THEN login_failures.window_start ELSE $2 END",
+            )
+            .bind(*key)
+            .bind(now)
+            .bind(window_start_after)
+            .execute(&self.pool)
+            .await?;
+        }
+        // Expired windows are dead weight; a failure is a fine moment to sweep them.
+        sqlx::query("DELETE FROM login_failures WHERE window_start <= $1")
+            .bind(window_start_after)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM login_failures WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn role(row: &sqlx::any::AnyRow) -> Result<Role, sqlx::Error> {
+    let text: String = row.try_get("role")?;
+    Role::parse(&text).ok_or_else(|| sqlx::Error::Decode(format!("unknown role {text:?}").into()))
 }

@@ -10,9 +10,11 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use shop_platform::auth::TokenSigner;
+use shop_platform::config::Env;
 use shop_platform::server::stack;
 use shop_platform::testing::{Backend, RunningApp, TestBody, TestDatabase, TestResponse, call};
-use shop_platform::{Database, Metrics, ServerConfig};
+use shop_platform::{Authenticator, Database, Metrics, ServerConfig};
 use shop_user::storage::MIGRATIONS;
 use shop_user::{AppState, Config, SqlUserStore, app};
 use tower::ServiceExt;
@@ -32,8 +34,12 @@ impl Harness {
         let dir = TestDatabase::new(backend).await;
         let store = Arc::new(SqlUserStore::new(&open_db(&dir).await));
         let metrics = Metrics::new("user");
+        let config = demo_config(&dir);
+        let keys = config.key_pair().unwrap();
+        let signer = TokenSigner::new(&keys, "shop", "shop", config.token_ttl);
         let router = stack(
-            app(AppState::new(store, &metrics)),
+            app(AppState::new(store, &metrics, &keys, signer, config.limits))
+                .layer(axum::Extension(Authenticator::demo())),
             &ServerConfig::ephemeral(),
             metrics.clone(),
         );
@@ -103,6 +109,14 @@ impl Harness {
             .expect("users_registered_total is exported")
             .parse()
             .unwrap()
+    }
+}
+
+/// Authentication off: these tests are about accounts, not access (see tests/auth.rs).
+fn demo_config(dir: &TestDatabase) -> Config {
+    Config {
+        storage: dir.storage(),
+        ..Config::from_env(&Env::from_pairs([("AUTH_MODE", "demo")])).unwrap()
     }
 }
 
@@ -876,7 +890,7 @@ async fn password_is_stored_only_as_an_argon2id_phc_string(backend: Backend) {
 async fn start(dir: &TestDatabase) -> RunningApp {
     let app = shop_user::build(Config {
         server: ServerConfig::ephemeral(),
-        storage: dir.storage(),
+        ..demo_config(dir)
     })
     .await
     .unwrap();

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shop_platform::ServerConfig;
+use shop_platform::config::Env;
 use shop_platform::testing::{Backend, RunningApp, TestDatabase};
+use shop_platform::{AuthConfig, ServerConfig};
 
 pub struct Peers {
     pub product: RunningApp,
@@ -27,15 +28,11 @@ impl Peers {
             server: ServerConfig::ephemeral(),
             storage: product_dir.storage(),
             seed_products: true,
+            auth: AuthConfig::demo(),
         })
         .await
         .unwrap();
-        let user = shop_user::build(shop_user::Config {
-            server: ServerConfig::ephemeral(),
-            storage: user_dir.storage(),
-        })
-        .await
-        .unwrap();
+        let user = shop_user::build(user_config(&user_dir)).await.unwrap();
         let peers = Self {
             product: RunningApp::start(product),
             user: RunningApp::start(user),
@@ -85,5 +82,15 @@ pub fn order_config(dir: &TestDatabase, product_url: &str, user_url: &str) -> sh
         user_url: user_url.to_owned(),
         upstream_timeout: Duration::from_secs(2),
         checkout_timeout: Duration::from_secs(30),
+        auth: AuthConfig::demo(),
+    }
+}
+
+/// Authentication off: these tests are about orders; access is tested through the gateway.
+pub fn user_config(dir: &TestDatabase) -> shop_user::Config {
+    shop_user::Config {
+        server: ServerConfig::ephemeral(),
+        storage: dir.storage(),
+        ..shop_user::Config::from_env(&Env::from_pairs([("AUTH_MODE", "demo")])).unwrap()
     }
 }
