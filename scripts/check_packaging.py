@@ -15,6 +15,7 @@ paths, including the helm test's own `smoke` run through the gateway.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -202,8 +203,8 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
         if variant == "default":
             check(not has("Ingress") and not has("HTTPRoute") and not has("HorizontalPodAutoscaler"),
                   f"{where}: ingress, route and HPAs are opt-in")
-            check(sum(k == "StatefulSet" for k, _ in kinds) == 3 and sum(k == "Secret" for k, _ in kinds) == 3,
-                  f"{where}: one PostgreSQL StatefulSet and Secret per service expected")
+            check(sum(k == "StatefulSet" for k, _ in kinds) == 3 and sum(k == "Secret" for k, _ in kinds) == 4,
+                  f"{where}: one PostgreSQL StatefulSet and Secret per service, plus the token key Secret, expected")
             database_wiring(docs, where)
     print(f"  ok   {sum(len(d) for d in rendered.values())} rendered objects checked")
     # HTTPRoute is a CRD kubernetes-validate has no schema for: check its shape here.
@@ -516,6 +517,22 @@ def live(rendered: dict) -> None:
                                   f"http://127.0.0.1:{ports[other]}")
                 env[k] = v
             env |= {"HOST": "127.0.0.1", "PORT": str(ports[c]), "DATA_DIR": str(data / c), "PATH": os.environ["PATH"]}
+            # Secret volumes as the kubelet would mount them (the token signing key): the
+            # files the chart generates must be what the binary reads.
+            pod = deployments[c]["spec"]["template"]["spec"]
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for mount in pod["containers"][0].get("volumeMounts", []):
+                secret_name = volumes[mount["name"]].get("secret", {}).get("secretName")
+                if not secret_name:
+                    continue
+                secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret_name)
+                local = data / c / "mounts" / mount["mountPath"].lstrip("/")
+                local.mkdir(parents=True)
+                for item in volumes[mount["name"]]["secret"]["items"]:
+                    target = local / item["path"]
+                    target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+                    target.chmod(volumes[mount["name"]]["secret"]["defaultMode"])
+                env = {k: v.replace(mount["mountPath"], str(local)) for k, v in env.items()}
             # DATABASE_URL (PostgreSQL, from the Secret) is left unset: SQLite under DATA_DIR.
             procs[c] = subprocess.Popen([str(BIN / c)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60

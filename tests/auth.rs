@@ -253,6 +253,27 @@ async fn accounts_tokens_ownership_and_no_secret_in_any_log() {
     register(&http, &shop, "alice", alice_password).await;
     register(&http, &shop, "bob", bob_password).await;
 
+    // Nobody makes themselves an admin at registration.
+    let r = call(
+        &http,
+        Method::POST,
+        &format!("{}/api/v1/users", shop.gateway),
+        None,
+        Some(
+            json!({"id": "mallory", "name": "m", "email": "m@example.com",
+                    "password": "mallory-pw-1", "role": "admin"}),
+        ),
+    )
+    .await;
+    assert!(r.status.is_client_error(), "{}", r.body);
+    assert_eq!(
+        login(&http, &shop, "m@example.com", "mallory-pw-1")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "the refused registration stored nothing"
+    );
+
     // Login: the OAuth2 shape, never cached.
     let r = login(&http, &shop, "alice@example.com", alice_password).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);

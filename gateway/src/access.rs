@@ -52,6 +52,29 @@ impl RouteAccess {
     }
 }
 
+/// Why a request may not pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthenticated(TokenError),
+    NotAdmin,
+}
+
+impl Refusal {
+    /// 401 with the RFC 6750 challenge, or 403; never cached.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        match self {
+            Refusal::Unauthenticated(err) => {
+                let mut response = refused(err.into_app_error());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, err.challenge());
+                response
+            }
+            Refusal::NotAdmin => refused(forbidden("this needs the admin role")),
+        }
+    }
+}
+
 /// Verified identities by token, for one worker.
 pub struct TokenCache {
     entries: RefCell<HashMap<Box<str>, Identity>>,
@@ -85,7 +108,7 @@ impl TokenCache {
         authenticator: &shop_platform::Authenticator,
         policy: Policy,
         headers: &mut HeaderMap,
-    ) -> Result<(), Response<ResponseBody>> {
+    ) -> Result<(), Refusal> {
         // Only the gateway speaks for the caller.
         headers.remove(USER_ID);
         headers.remove(USER_ROLE);
@@ -94,9 +117,9 @@ impl TokenCache {
         }
         let identity = self
             .identify(authenticator, headers)
-            .map_err(unauthorized)?;
+            .map_err(Refusal::Unauthenticated)?;
         if policy == Policy::Admin && identity.role != Role::Admin {
-            return Err(refused(forbidden("this needs the admin role")));
+            return Err(Refusal::NotAdmin);
         }
         headers.insert(USER_ID, identity.user_id);
         headers.insert(USER_ROLE, HeaderValue::from_static(identity.role.as_str()));
@@ -137,15 +160,6 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// 401 with the RFC 6750 challenge; never cached.
-pub fn unauthorized(err: TokenError) -> Response<ResponseBody> {
-    let mut response = refused(err.into_app_error());
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, err.challenge());
-    response
 }
 
 fn refused(err: AppError) -> Response<ResponseBody> {
@@ -275,16 +289,12 @@ mod tests {
         headers.insert(USER_ROLE, HeaderValue::from_static("admin"));
         cache
             .authorize(&authn, Policy::Public, &mut headers)
-            .map_err(|r| r.status())
             .unwrap();
         assert!(!headers.contains_key(USER_ID) && !headers.contains_key(USER_ROLE));
 
         headers.insert(USER_ID, HeaderValue::from_static("root"));
         headers.insert(USER_ROLE, HeaderValue::from_static("admin"));
-        cache
-            .authorize(&authn, Policy::User, &mut headers)
-            .map_err(|r| r.status())
-            .unwrap();
+        cache.authorize(&authn, Policy::User, &mut headers).unwrap();
         assert_eq!(headers[USER_ID], "alice");
         assert_eq!(headers[USER_ROLE], "customer");
     }
@@ -297,7 +307,7 @@ mod tests {
             cache
                 .authorize(&authn, policy, &mut headers)
                 .err()
-                .map(|r| r.status())
+                .map(|r| r.into_response().status())
         };
         assert_eq!(
             status(Policy::User, HeaderMap::new()),
@@ -326,10 +336,7 @@ mod tests {
         let signer = TokenSigner::new(&pair, "shop", "shop", Duration::from_secs(60));
         let token = signer.issue("alice", Role::Customer).access_token;
         let mut headers = with_token(&token);
-        cache
-            .authorize(&authn, Policy::User, &mut headers)
-            .map_err(|r| r.status())
-            .unwrap();
+        cache.authorize(&authn, Policy::User, &mut headers).unwrap();
         // Pretend the clock moved past expiry: the cached entry must not be trusted.
         cache
             .entries
@@ -337,10 +344,7 @@ mod tests {
             .values_mut()
             .for_each(|e| e.expires_at = now_secs() - 1);
         let mut again = with_token(&token);
-        cache
-            .authorize(&authn, Policy::User, &mut again)
-            .map_err(|r| r.status())
-            .unwrap();
+        cache.authorize(&authn, Policy::User, &mut again).unwrap();
         assert!(cache.entries.borrow()[token.as_str()].expires_at > now_secs());
     }
 

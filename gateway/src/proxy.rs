@@ -253,7 +253,7 @@ impl Worker {
             self.tokens
                 .authorize(&shared.authenticator, policy, request.headers_mut())
         {
-            return (route_id, refused);
+            return (route_id, refused.into_response());
         }
         let path = request.uri().path();
         if let Some(length) = request

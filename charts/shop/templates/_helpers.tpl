@@ -66,6 +66,11 @@ product order user
 {{- end }}
 
 {{/* Secret and key holding a service's DATABASE_URL: (dict "root" $ "component" "product") */}}
+{{- /* The Secret with the token signing key (generated unless auth.existingSecret). */}}
+{{- define "shop.jwtSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-jwt" (include "shop.fullname" .)) }}
+{{- end }}
+
 {{- define "shop.databaseSecretName" -}}
 {{- if .root.Values.postgresql.enabled }}
 {{- index .root.Values.postgresql.existingSecrets .component | default (printf "%s-database" (include "shop.componentName" .)) }}
@@ -137,6 +142,21 @@ seccompProfile:
 {{- $_ := set $env "DB_MAX_CONNECTIONS" (toString $v.database.maxConnections) }}
 {{- $_ := set $env "DB_ACQUIRE_TIMEOUT" (printf "%ds" (int $v.database.acquireTimeoutSeconds)) }}
 {{- end }}
+{{- $_ := set $env "AUTH_MODE" $v.auth.mode }}
+{{- if eq .component "user" }}
+{{- $_ := set $env "JWT_PRIVATE_KEY_FILE" (printf "/var/run/secrets/shop/jwt/%s" $v.auth.existingSecretKey) }}
+{{- $_ := set $env "ACCESS_TOKEN_TTL" $v.auth.accessTokenTTL }}
+{{- $_ := set $env "LOGIN_MAX_FAILURES_PER_ACCOUNT" (toString $v.auth.loginThrottle.maxFailuresPerAccount) }}
+{{- $_ := set $env "LOGIN_MAX_FAILURES_PER_ADDRESS" (toString $v.auth.loginThrottle.maxFailuresPerAddress) }}
+{{- $_ := set $env "LOGIN_THROTTLE_WINDOW" $v.auth.loginThrottle.window }}
+{{- with $v.auth.adminEmail }}{{- $_ := set $env "ADMIN_EMAIL" . }}{{- end }}
+{{- if $v.auth.adminPasswordSecret }}{{- $_ := set $env "ADMIN_PASSWORD_FILE" "/var/run/secrets/shop/admin/password" }}{{- end }}
+{{- else }}
+{{- $_ := set $env "JWT_JWKS_URL" (printf "%s/.well-known/jwks.json" (include "shop.url" (dict "root" $root "component" "user"))) }}
+{{- end }}
+{{- if ne .component "gateway" }}
+{{- $_ := set $env "AUTH_TRUST" $v.auth.trust }}
+{{- end }}
 {{- if eq .component "order" }}
 {{- $_ := set $env "PRODUCT_URL" (include "shop.url" (dict "root" $root "component" "product")) }}
 {{- $_ := set $env "USER_URL" (include "shop.url" (dict "root" $root "component" "user")) }}
@@ -145,6 +165,7 @@ seccompProfile:
 {{- range $upstream := list "product" "order" "user" }}
 {{- $_ := set $env (printf "%s_URL" (upper $upstream)) (include "shop.url" (dict "root" $root "component" $upstream)) }}
 {{- end }}
+{{- with $v.auth.corsAllowedOrigins }}{{- $_ := set $env "CORS_ALLOWED_ORIGINS" . }}{{- end }}
 {{- end }}
 {{- range $name, $value := $c.env }}{{- $_ := set $env $name (toString $value) }}{{- end }}
 {{- range $name := keys $env | sortAlpha }}

@@ -1,7 +1,7 @@
 //! `<binary> smoke URL`: the end-to-end check run by `helm test` (and usable against any
 //! deployment): through the gateway at URL it waits for readiness, picks a product in
-//! stock, registers a fresh user, places an order for one unit and reads it back, checking
-//! every answer. It lives in the platform so every image can run it without a shell or curl.
+//! stock, registers a fresh user, logs in, places an order for one unit with the token and
+//! reads it back, checking every answer. It lives in the platform so every image can run it without a shell or curl.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ pub fn main(name: &str, args: &[String]) -> ExitCode {
 struct Gateway {
     http: reqwest::Client,
     base: String,
+    /// The smoke user's access token, once logged in.
+    token: Option<String>,
 }
 
 impl Gateway {
@@ -57,6 +59,9 @@ impl Gateway {
     ) -> Result<(StatusCode, Value), String> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method.clone(), &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -102,6 +107,7 @@ async fn run(base: &str) -> Result<(), String> {
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?,
         base: base.to_owned(),
+        token: None,
     };
 
     let deadline = Instant::now() + READY_WAIT;
@@ -144,14 +150,17 @@ async fn run(base: &str) -> Result<(), String> {
     );
 
     let unique = uuid::Uuid::new_v4().simple().to_string();
+    let email = format!("smoke-{unique}@example.com");
+    let password = format!("pw-{unique}");
+    let mut gateway = gateway;
     let user = gateway
         .expect(
             Method::POST,
             "/api/v1/users",
             Some(json!({
                 "name": "Smoke Test",
-                "email": format!("smoke-{unique}@example.com"),
-                "password": format!("pw-{unique}"),
+                "email": email,
+                "password": password,
             })),
             StatusCode::CREATED,
         )
@@ -161,6 +170,20 @@ async fn run(base: &str) -> Result<(), String> {
         return Err(format!("the created user leaks its password: {user}"));
     }
     println!("ok   user {user_id} created");
+
+    let login = gateway
+        .expect(
+            Method::POST,
+            "/api/v1/auth/login",
+            Some(json!({"email": email, "password": password})),
+            StatusCode::OK,
+        )
+        .await?;
+    if login["token_type"] != "Bearer" || !login["expires_in"].is_u64() {
+        return Err("the login answer is not an OAuth2 bearer token response".to_owned());
+    }
+    gateway.token = Some(text(&login, "access_token")?);
+    println!("ok   user {user_id} logged in");
 
     let order = gateway
         .expect(

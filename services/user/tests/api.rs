@@ -198,7 +198,12 @@ async fn registers_a_user_and_never_returns_the_password(backend: Backend) {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(keys.len(), 4, "exactly id, name, email, created_at: {body}");
+    assert_eq!(
+        keys.len(),
+        5,
+        "exactly id, name, email, created_at, role: {body}"
+    );
+    assert_eq!(body["role"], "customer", "registration never makes admins");
     assert_eq!(body["id"], "alice");
     assert_eq!(body["name"], "Alice Liddell", "name is trimmed");
     assert_eq!(body["email"], "alice@example.com");
