@@ -116,13 +116,18 @@ impl KeyPair {
 
     /// Reads the private key at `path`.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use ed25519_dalek::pkcs8::DecodePrivateKey;
         let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
             path: path.to_owned(),
             source,
         })?;
-        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid {
-            path: path.to_owned(),
+        Self::from_pem(&pem, path)
+    }
+
+    /// A private key given as PEM text; `source` names where it came from in errors.
+    pub fn from_pem(pem: &str, source: &Path) -> Result<Self, KeyError> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let key = SigningKey::from_pkcs8_pem(pem.trim()).map_err(|_| KeyError::Invalid {
+            path: source.to_owned(),
         })?;
         Ok(Self::from_signing_key(&key))
     }

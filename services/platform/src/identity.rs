@@ -54,6 +54,7 @@ pub enum Trust {
 #[derive(Debug, Clone)]
 pub enum KeySource {
     PublicKeyFile(PathBuf),
+    PublicKeyPem(String),
     Jwks(String),
     /// The signer's own key pair (the user service).
     Pair(KeyPair),
@@ -78,6 +79,10 @@ impl AuthConfig {
         "JWT_PUBLIC_KEY_FILE",
         "PEM file with the Ed25519 public key access tokens are signed with (instead of JWT_JWKS_URL).",
     );
+    pub const PUBLIC_KEY: Var = Var::optional(
+        "JWT_PUBLIC_KEY",
+        "The Ed25519 public key's PEM text itself (instead of JWT_PUBLIC_KEY_FILE or JWT_JWKS_URL).",
+    );
     pub const JWKS_URL: Var = Var::new(
         "JWT_JWKS_URL",
         "http://127.0.0.1:8083/.well-known/jwks.json",
@@ -92,17 +97,19 @@ impl AuthConfig {
     );
 
     /// Settings of a binary that verifies tokens signed elsewhere.
-    pub const VERIFIER_VARS: [Var; 5] = [
+    pub const VERIFIER_VARS: [Var; 6] = [
         Self::MODE,
         Self::PUBLIC_KEY_FILE,
+        Self::PUBLIC_KEY,
         Self::JWKS_URL,
         Self::ISSUER,
         Self::AUDIENCE,
     ];
-    pub const SERVICE_VARS: [Var; 6] = [
+    pub const SERVICE_VARS: [Var; 7] = [
         Self::MODE,
         Self::TRUST,
         Self::PUBLIC_KEY_FILE,
+        Self::PUBLIC_KEY,
         Self::JWKS_URL,
         Self::ISSUER,
         Self::AUDIENCE,
@@ -119,9 +126,13 @@ impl AuthConfig {
             "gateway" => Ok(Trust::Gateway),
             _ => Err("must be token or gateway".to_owned()),
         })?;
-        let keys = match env.parse_opt::<PathBuf>(&Self::PUBLIC_KEY_FILE)? {
-            Some(path) => KeySource::PublicKeyFile(path),
-            None => KeySource::Jwks(env.parse_with(&Self::JWKS_URL, |v| {
+        let inline = env
+            .raw(Self::PUBLIC_KEY.name)
+            .filter(|v| !v.trim().is_empty());
+        let keys = match (inline, env.parse_opt::<PathBuf>(&Self::PUBLIC_KEY_FILE)?) {
+            (Some(pem), _) => KeySource::PublicKeyPem(pem),
+            (None, Some(path)) => KeySource::PublicKeyFile(path),
+            (None, None) => KeySource::Jwks(env.parse_with(&Self::JWKS_URL, |v| {
                 let v = v.trim();
                 if v.starts_with("http://") || v.starts_with("https://") {
                     Ok(v.to_owned())
@@ -213,6 +224,10 @@ impl Authenticator {
                 })?;
                 (vec![key], None)
             }
+            (_, KeySource::PublicKeyPem(pem)) => (
+                vec![pem_key(pem).map_err(|e| anyhow::anyhow!("JWT_PUBLIC_KEY: {e}"))?],
+                None,
+            ),
             (_, KeySource::Jwks(url)) => (Vec::new(), Some(url.clone())),
         };
         let loaded = !keys.is_empty() || config.mode == AuthMode::Demo;
@@ -516,6 +531,29 @@ mod tests {
             headers.insert((*name).clone(), HeaderValue::from_str(value).unwrap());
         }
         headers
+    }
+
+    #[test]
+    fn keys_come_from_a_file_or_the_environment() {
+        let pair = KeyPair::generate().unwrap();
+        let token = TokenSigner::new(&pair, "shop", "shop", Duration::from_secs(60))
+            .issue("alice", Role::Customer)
+            .access_token;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("public.pem");
+        std::fs::write(&file, &pair.public_pem).unwrap();
+        for env in [
+            Env::from_pairs([("JWT_PUBLIC_KEY", pair.public_pem.clone())]),
+            Env::from_pairs([("JWT_PUBLIC_KEY_FILE", file.display().to_string())]),
+        ] {
+            let authn = Authenticator::new(&AuthConfig::from_env(&env).unwrap()).unwrap();
+            assert!(authn.check_keys().is_ok());
+            assert_eq!(authn.verify(&token).unwrap().sub, "alice");
+        }
+        let bad = Env::from_pairs([("JWT_PUBLIC_KEY", "not a key")]);
+        assert!(Authenticator::new(&AuthConfig::from_env(&bad).unwrap()).is_err());
+        let bad = Env::from_pairs([("AUTH_MODE", "off")]);
+        assert_eq!(AuthConfig::from_env(&bad).unwrap_err().var, "AUTH_MODE");
     }
 
     #[test]

@@ -5,7 +5,7 @@ pub mod domain;
 pub mod routes;
 pub mod storage;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ pub const PORT: Var = Var::new("PORT", "8083", "Port to listen on.");
 pub const PRIVATE_KEY_FILE: Var = Var::optional(
     "JWT_PRIVATE_KEY_FILE",
     "PEM file with the Ed25519 private key that signs access tokens (a Kubernetes Secret). Unset: one is generated on first start and kept at DATA_DIR/keys/jwt-ed25519.pem.",
+);
+pub const PRIVATE_KEY: Var = Var::optional(
+    "JWT_PRIVATE_KEY",
+    "The signing key's PEM text itself, instead of JWT_PRIVATE_KEY_FILE (e.g. from a secret manager's env injection).",
 );
 pub const TOKEN_TTL: Var = Var::new("ACCESS_TOKEN_TTL", "15m", "Lifetime of an access token.");
 pub const MAX_FAILURES_PER_ACCOUNT: Var = Var::new(
@@ -66,6 +70,7 @@ pub const BINARY: Binary = Binary {
                 AuthConfig::ISSUER,
                 AuthConfig::AUDIENCE,
                 PRIVATE_KEY_FILE,
+                PRIVATE_KEY,
                 TOKEN_TTL,
                 ADMIN_EMAIL,
                 ADMIN_PASSWORD_FILE,
@@ -89,6 +94,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub private_key_file: Option<PathBuf>,
+    /// PEM text from `JWT_PRIVATE_KEY`; never printed (see the Debug impl).
+    pub private_key_pem: Option<SecretPem>,
     pub token_ttl: Duration,
     pub limits: LoginLimits,
     pub admin_email: Option<String>,
@@ -116,6 +123,10 @@ impl Config {
             storage: StorageConfig::from_env(env)?,
             auth: AuthConfig::from_env(env)?,
             private_key_file: env.parse_opt(&PRIVATE_KEY_FILE)?,
+            private_key_pem: env
+                .raw(PRIVATE_KEY.name)
+                .filter(|v| !v.trim().is_empty())
+                .map(SecretPem),
             token_ttl: env.duration(&TOKEN_TTL)?,
             limits: LoginLimits {
                 per_account: positive(&MAX_FAILURES_PER_ACCOUNT)?,
@@ -127,12 +138,25 @@ impl Config {
         })
     }
 
-    /// The signing key: the configured file, or one kept under `DATA_DIR`.
+    /// The signing key: `JWT_PRIVATE_KEY`, the configured file, or one kept under `DATA_DIR`.
     pub fn key_pair(&self) -> anyhow::Result<KeyPair> {
-        Ok(match &self.private_key_file {
-            Some(path) => KeyPair::load(path)?,
-            None => KeyPair::load_or_generate(&self.storage.data_dir.join("keys/jwt-ed25519.pem"))?,
+        Ok(match (&self.private_key_pem, &self.private_key_file) {
+            (Some(SecretPem(pem)), _) => KeyPair::from_pem(pem, Path::new("JWT_PRIVATE_KEY"))?,
+            (None, Some(path)) => KeyPair::load(path)?,
+            (None, None) => {
+                KeyPair::load_or_generate(&self.storage.data_dir.join("keys/jwt-ed25519.pem"))?
+            }
         })
+    }
+}
+
+/// Key material from the environment, redacted in debug output.
+#[derive(Clone)]
+pub struct SecretPem(pub String);
+
+impl std::fmt::Debug for SecretPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretPem(***)")
     }
 }
 
@@ -203,4 +227,39 @@ async fn ensure_admin(config: &Config, store: &dyn UserStore) -> anyhow::Result<
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     build(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signing_key_comes_from_the_environment_a_file_or_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = |pairs: Vec<(&str, String)>| {
+            let mut pairs = pairs;
+            pairs.push(("DATA_DIR", dir.path().display().to_string()));
+            Config::from_env(&Env::from_pairs(pairs)).unwrap()
+        };
+        let generated = base(vec![]).key_pair().unwrap();
+        let file = dir.path().join("keys/jwt-ed25519.pem");
+        assert!(file.exists());
+        let pem = std::fs::read_to_string(&file).unwrap();
+        let from_env = base(vec![("JWT_PRIVATE_KEY", pem)]);
+        assert!(!format!("{from_env:?}").contains("PRIVATE KEY"));
+        assert_eq!(
+            from_env.key_pair().unwrap().public_pem,
+            generated.public_pem
+        );
+        let from_file = base(vec![("JWT_PRIVATE_KEY_FILE", file.display().to_string())]);
+        assert_eq!(
+            from_file.key_pair().unwrap().public_pem,
+            generated.public_pem
+        );
+        assert!(
+            base(vec![("JWT_PRIVATE_KEY", "junk".to_owned())])
+                .key_pair()
+                .is_err()
+        );
+    }
 }
