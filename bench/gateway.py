@@ -214,9 +214,16 @@ def scenario(name, mode, args, work):
         return "http://127.0.0.1:8080/api/products", proxy.pid, svc
     port = free_port()
     if name == "ours":
+        # Authentication on, as deployed: /api/products is a public route, so no token is
+        # checked, but the access step runs; the verifier needs a key to be ready.
+        key = subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519"], check=True,
+                             capture_output=True).stdout
+        public = subprocess.run(["openssl", "pkey", "-pubout"], input=key, check=True,
+                                capture_output=True).stdout.decode()
         proxy = svc.start([args.gateway], env={
             "PORT": str(port), "HOST": "127.0.0.1", "PRODUCT_URL": f"http://127.0.0.1:{product_port}",
             "GATEWAY_WORKERS": workers, "ACCESS_LOG": "false", "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
+            "JWT_PUBLIC_KEY": public,
         }, cpu=proxy_cpu)
         wait_ready(f"http://127.0.0.1:{port}/ready")
     else:

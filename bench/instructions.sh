@@ -69,16 +69,22 @@ run() {
   if [ "$secs" -gt 0 ]; then
     served=$(wrk -t1 -c8 -d"${secs}s" "$url" | awk '/requests in/{print $1}')
   fi
-  kill -TERM "$pid"; wait "$pid" || true
+  kill -TERM "$pid"
+  # nginx without a master process can sit on TERM under valgrind; QUIT ends it gracefully.
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -QUIT "$pid" 2>/dev/null || true
+  wait "$pid" || true
   local total
   total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
   echo "$served $total"
 }
 
 port=$(free_port)
+# Authentication on, as deployed (/api/products is public; the verifier needs a key).
+JWT_PUBLIC_KEY=$(openssl genpkey -algorithm ed25519 | openssl pkey -pubout)
 # Exported, not passed through `env`: valgrind does not follow an exec.
 export PORT="$port" HOST=127.0.0.1 PRODUCT_URL=http://127.0.0.1:8081 GATEWAY_WORKERS=1 \
-  ACCESS_LOG=false RUST_LOG=warn SHUTDOWN_DELAY=0s SHUTDOWN_TIMEOUT=2s
+  ACCESS_LOG=false RUST_LOG=warn SHUTDOWN_DELAY=0s SHUTDOWN_TIMEOUT=2s JWT_PUBLIC_KEY
 gateway=("$target/profiling/gateway")
 nginx_port=$(free_port)
 mkdir -p "$work/nginx"
