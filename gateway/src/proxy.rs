@@ -157,11 +157,36 @@ impl Worker {
         let mut request = request;
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
-        let trace = crate::trace::propagate(request.headers_mut());
+        let trace = crate::trace::propagate(request.headers_mut(), &shared.sampler);
+        let span = match shared.spans {
+            Some(sink) if trace.sampled => {
+                Some((sink, crate::trace::SpanStart::capture(&request, started)))
+            }
+            _ => None,
+        };
         let (route, mut response) = self.route_and_forward(request, client, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
+        if let Some((sink, start)) = span
+            && route != crate::ADMIN_ROUTE
+        {
+            let upstream = (route < shared.table.routes.len()).then(|| {
+                shared.upstreams[shared.table.routes[route].upstream]
+                    .name
+                    .as_str()
+            });
+            crate::trace::export(
+                sink,
+                &trace,
+                start,
+                &method,
+                shared.route_label(route),
+                status,
+                client.addr.ip(),
+                upstream,
+            );
+        }
         if shared.options.access_log && route != crate::ADMIN_ROUTE {
             tracing::info!(
                 target: "shop_gateway::access",

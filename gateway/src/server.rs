@@ -89,6 +89,8 @@ impl Gateway {
             metrics_gw,
             metrics,
             readiness: Readiness::default(),
+            sampler: shop_platform::telemetry::Sampler::from_env(),
+            spans: shop_platform::telemetry::SpanSink::get(),
         });
 
         let requested = SocketAddr::new(config.server.host, config.server.port);

@@ -160,6 +160,31 @@ impl Metrics {
         )
     }
 
+    /// Connection pool gauges (`db_pool_connections{state}`, `db_pool_max_connections`),
+    /// read from the pool at scrape time.
+    pub fn register_pool(&self, pool: sqlx::AnyPool) {
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "db_pool_connections",
+                "Database connections held by the pool, by state (idle, in_use).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let max = IntGauge::new(
+            "db_pool_max_connections",
+            "Most connections the pool may open (DB_MAX_CONNECTIONS).",
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(PoolCollector {
+                pool,
+                connections,
+                max,
+            }))
+            .expect("pool metrics registered once");
+    }
+
     pub fn in_flight(&self) -> &IntGauge {
         &self.in_flight
     }
@@ -191,6 +216,34 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+struct PoolCollector {
+    pool: sqlx::AnyPool,
+    connections: IntGaugeVec,
+    max: IntGauge,
+}
+
+impl prometheus::core::Collector for PoolCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.connections.desc();
+        descs.extend(self.max.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let size = i64::from(self.pool.size());
+        let idle = self.pool.num_idle() as i64;
+        self.connections.with_label_values(&["idle"]).set(idle);
+        self.connections
+            .with_label_values(&["in_use"])
+            .set((size - idle).max(0));
+        self.max
+            .set(i64::from(self.pool.options().get_max_connections()));
+        let mut families = self.connections.collect();
+        families.extend(self.max.collect());
+        families
     }
 }
 
