@@ -47,6 +47,7 @@ PROMETHEUS = os.environ.get("PROMETHEUS", "prometheus")
 PROMTOOL = os.environ.get("PROMTOOL", "promtool")
 NAMESPACE = "shop"  # the namespace the rules are rendered for; Prometheus labels targets with it
 SERVICES = ["product", "user", "order", "gateway"]  # start order: dependencies first
+PORTS = [8081, 8083, 8082, 8080]  # their default ports (compose)
 RATE_INTERVAL = "1m"  # what $__rate_interval becomes at evaluation
 
 failures: list[str] = []
@@ -295,17 +296,48 @@ class Stack:
             self.stop(service)
 
 
+def check_compose_configs() -> None:
+    step("compose observability profile: Prometheus, collector and Grafana configuration")
+    res = subprocess.run([PROMTOOL, "check", "config", str(ROOT / "observability" / "prometheus.yml")],
+                         capture_output=True, text=True)
+    check(res.returncode == 0, f"promtool check config observability/prometheus.yml: {res.stdout}{res.stderr}")
+    col = yaml.safe_load((ROOT / "observability" / "otel-collector.yaml").read_text())
+    for name, pipeline in col["service"]["pipelines"].items():
+        for part in ("receivers", "processors", "exporters"):
+            missing = set(pipeline.get(part, [])) - set(col.get(part) or {})
+            check(not missing, f"otel-collector.yaml pipeline {name}: undefined {part} {sorted(missing)}")
+    check(set(col["service"].get("extensions", [])) <= set(col.get("extensions") or {}),
+          "otel-collector.yaml: service uses an undefined extension")
+    otlp = col["receivers"]["otlp"]["protocols"]
+    check(otlp["grpc"]["endpoint"].endswith(":4317") and otlp["http"]["endpoint"].endswith(":4318"),
+          "otel-collector.yaml: OTLP on the standard ports 4317 (gRPC) and 4318 (HTTP)")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    profile = {n for n, s in compose.items() if "observability" in s.get("profiles", [])}
+    check(profile == {"otel-collector", "jaeger", "prometheus", "grafana"}, f"observability profile: {profile}")
+    mounts = " ".join(compose["grafana"]["volumes"])
+    provider = yaml.safe_load((ROOT / "observability" / "grafana" / "dashboards.yaml").read_text())
+    check(f"./charts/shop/dashboards:{provider['providers'][0]['options']['path']}:ro" in mounts,
+          "Grafana's dashboard provider does not read the mounted chart dashboards")
+    print(f"  ok   prometheus.yml valid; collector pipelines complete; Grafana provisioned")
+
+
 def start_prometheus(work: Path, stack: Stack) -> tuple[subprocess.Popen, str]:
+    """observability/prometheus.yml (the compose scrape config) pointed at the loopback
+    ports, scraping every second, with the chart's rules loaded."""
     port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(work / "rules.yaml")],
-        "scrape_configs": [{
-            "job_name": "shop",
-            "static_configs": [{"targets": [f"127.0.0.1:{stack.ports[s]}"],
-                                "labels": {"service": s, "namespace": NAMESPACE}} for s in SERVICES],
-        }],
-    }
+    config = yaml.safe_load((ROOT / "observability" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(work / "rules.yaml")]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "shop")
+    config["scrape_configs"] = [job]
+    for target in job["static_configs"]:
+        service = target["labels"]["service"]
+        check(target["targets"] == [f"{service}:{dict(zip(SERVICES, PORTS))[service]}"],
+              f"prometheus.yml: {service} target {target['targets']}")
+        target["targets"] = [f"127.0.0.1:{stack.ports[service]}"]
+        target["labels"]["namespace"] = NAMESPACE
+    check(sorted(t["labels"]["service"] for t in job["static_configs"]) == sorted(SERVICES),
+          "prometheus.yml should scrape all four services")
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(work / "prometheus.log", "wb")
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
@@ -485,6 +517,7 @@ def main() -> int:
     boards = dashboards()
     check_dashboards(boards)
     rules = render_rules(work)
+    check_compose_configs()
     queries = dashboard_queries(boards)
 
     receiver = Receiver()
@@ -525,10 +558,11 @@ def main() -> int:
     receiver.shutdown()
 
     print(f"\n{counts['checks']} observability checks, {len(failures)} failed "
-          f"({time.monotonic() - started:.0f}s; logs in {work})")
+          f"({time.monotonic() - started:.0f}s)")
     if failures:
         for f in failures:
             print(f"  FAIL {f}")
+        print(f"logs of the binaries and Prometheus kept in {work}")
         return 1
     shutil.rmtree(work, ignore_errors=True)
     return 0
