@@ -489,8 +489,8 @@ def check_trace(stack: Stack, receiver: Receiver, traced: dict) -> None:
         completed = [e for e in lines if e.get("message") == "request completed"]
         check(bool(completed), f"{service}: no JSON request log line with trace_id {trace_id}")
         for e in completed[:1]:
-            method = e.get("method", e.get("http.request.method"))
-            route = e.get("route", e.get("http.route"))
+            method = e.get("http.request.method")
+            route = e.get("http.route")
             check(e.get("level") == "INFO" and method and route and isinstance(e.get("status"), int)
                   and isinstance(e.get("latency_ms"), (int, float)) and e.get("request_id") and e.get("span_id"),
                   f"{service}: request log line lacks method/route/status/latency/request id: {e}")

@@ -190,9 +190,10 @@ impl Worker {
         if shared.options.access_log && route != crate::ADMIN_ROUTE {
             tracing::info!(
                 target: "shop_gateway::access",
-                method = %method,
-                route = shared.route_label(route),
                 status = status.as_u16(),
+                // The same keys as the services' request lines (OpenTelemetry names).
+                http.request.method = %method,
+                http.route = shared.route_label(route),
                 latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
                 request_id = request_id.to_str().unwrap_or_default(),
                 trace_id = %format_args!("{:032x}", trace.trace_id),
