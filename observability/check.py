@@ -15,6 +15,8 @@
 5. One POST /api/v1/orders: gateway, order, product and user spans share one trace id with
    the right parents, names by route and standard HTTP attributes; a 5xx span is marked as an
    error; the trace id is in the JSON request log line of each of the four services.
+6. With the gateway sampling at ratio 0, an order's trace is logged everywhere and exported
+   nowhere (the services follow the gateway's decision).
 """
 
 from __future__ import annotations
@@ -274,8 +276,8 @@ class Stack:
     def log(self, service: str) -> Path:
         return self.work / f"{service}.log"
 
-    def start(self, service: str) -> None:
-        env = self.base_env | {"PORT": str(self.ports[service]), "DATA_DIR": str(self.work / "data" / service)}
+    def start(self, service: str, **extra: str) -> None:
+        env = self.base_env | {"PORT": str(self.ports[service]), "DATA_DIR": str(self.work / "data" / service)} | extra
         (self.work / "data" / service).mkdir(parents=True, exist_ok=True)
         out = open(self.log(service), "ab")
         self.procs[service] = subprocess.Popen([str(BIN / service)], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -508,6 +510,19 @@ def check_trace(stack: Stack, receiver: Receiver, traced: dict) -> None:
     print(f"  ok   {len(marked)} spans of 5xx answers marked as errors")
 
 
+def check_unsampled(stack: Stack, receiver: Receiver) -> None:
+    step("sampling: OTEL_TRACES_SAMPLER=parentbased_traceidratio, ratio 0, on the gateway")
+    lines = [e for e in log_lines(stack.log("gateway")) if e.get("request_id") == "obs-unsampled"]
+    if not check(len(lines) == 1, f"one gateway log line for the unsampled request expected: {lines}"):
+        return
+    trace_id = lines[0]["trace_id"]
+    logged = [s for s in SERVICES if any(e.get("trace_id") == trace_id for e in log_lines(stack.log(s)))]
+    exported = [s["service"] for s in receiver.spans if s["trace_id"] == trace_id]
+    check(set(logged) == set(SERVICES), f"the unsampled trace id should still be in every log: {logged}")
+    check(not exported, f"an unsampled trace was exported by {exported}")
+    print(f"  ok   trace {trace_id}: logged by all four, exported by none")
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -546,6 +561,12 @@ def main() -> int:
         wait_until("recording rules", lambda: query(prom_url, "shop:sli_errors:ratio_rate5m")[1], timeout=20)
         time.sleep(3)
         evaluate(prom_url, queries, rules)
+        # Sampling: a gateway sampling no new traces; the services follow its decision.
+        stack.stop("gateway")
+        stack.start("gateway", OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
+        unsampled = http("POST", gateway + "/api/v1/orders", {"user_id": "obs-1", "products": ["2"]},
+                         {"x-request-id": "obs-unsampled"})[0]
+        check(unsampled == 201, f"order through the unsampling gateway: {unsampled}")
     finally:
         stack.stop_all()  # SIGTERM: every binary flushes its spans before exiting
         if prom:
@@ -555,6 +576,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 prom.kill()
     check_trace(stack, receiver, traced)
+    check_unsampled(stack, receiver)
     receiver.shutdown()
 
     print(f"\n{counts['checks']} observability checks, {len(failures)} failed "
