@@ -268,6 +268,32 @@ mod tests {
         assert_eq!(method_label(&invented), "_OTHER");
     }
 
+    #[tokio::test]
+    async fn pool_gauges_are_read_at_scrape_time() {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(3)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let metrics = Metrics::new("order");
+        metrics.register_pool(pool.clone());
+        let _held = pool.acquire().await.unwrap();
+        let text = metrics.render();
+        let value = |prefix: &str, label: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(label))
+                .unwrap_or_else(|| panic!("{prefix} {label} missing in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(value("db_pool_connections{", r#"state="in_use""#), "1");
+        assert_eq!(value("db_pool_connections{", r#"state="idle""#), "0");
+        assert_eq!(value("db_pool_max_connections{", r#"service="order""#), "3");
+    }
+
     #[test]
     fn every_family_carries_the_service_label() {
         let metrics = Metrics::new("product");
