@@ -158,8 +158,12 @@ impl Worker {
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
         let trace = crate::trace::propagate(request.headers_mut(), &shared.sampler);
+        // Probes and scrapes are never traced (as in the services).
         let span = match shared.spans {
-            Some(sink) if trace.sampled => {
+            Some(sink)
+                if trace.sampled
+                    && !matches!(request.uri().path(), "/health" | "/ready" | "/metrics") =>
+            {
                 Some((sink, crate::trace::SpanStart::capture(&request, started)))
             }
             _ => None,
@@ -168,9 +172,7 @@ impl Worker {
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
-        if let Some((sink, start)) = span
-            && route != crate::ADMIN_ROUTE
-        {
+        if let Some((sink, start)) = span {
             let upstream = (route < shared.table.routes.len()).then(|| {
                 shared.upstreams[shared.table.routes[route].upstream]
                     .name
