@@ -131,6 +131,9 @@ def schema_rejects_bad_values() -> None:
         "out of range (negative delay)": (["--set", "shutdown.delaySeconds=-1"], "delaySeconds"),
         "enum (log format)": (["--set", "logging.format=xml"], "format"),
         "bad env name": (["--set", "components.user.env.lower-case=1"], "lower-case"),
+        "SLO threshold not a bucket": (["--set-string", "monitoring.prometheusRule.slos.order.latency.thresholdSeconds=0.3"],
+                                       "thresholdSeconds"),
+        "SLO target of 100%": (["--set", "monitoring.prometheusRule.slos.user.availability=100"], "availability"),
     }
     for what, (args, needle) in bad.items():
         out = helm_template("default", KUBE_VERSIONS[0], *args)
@@ -200,6 +203,18 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
             ing = [d for d in docs if d["kind"] == "Ingress"]
             check(len(ing) == 1 and ing[0]["spec"].get("ingressClassName") == "traefik",
                   f"{where}: one Ingress with the configured class expected")
+        if variant == "monitoring":
+            monitoring_objects(docs, where)
+        else:
+            check(not any(has(k) for k in ("ServiceMonitor", "PodMonitor", "PrometheusRule")),
+                  f"{where}: Prometheus Operator objects are opt-in")
+        for d in docs:
+            if d["kind"] == "Deployment":
+                ann = d["spec"]["template"]["metadata"].get("annotations", {})
+                port = str(d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"])
+                check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == port
+                      and ann.get("prometheus.io/path") == "/metrics",
+                      f"{where} {d['metadata']['name']}: prometheus.io annotations missing or wrong: {ann}")
         if variant == "default":
             check(not has("Ingress") and not has("HTTPRoute") and not has("HorizontalPodAutoscaler"),
                   f"{where}: ingress, route and HPAs are opt-in")
@@ -215,6 +230,36 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
                 check(d["apiVersion"] == "gateway.networking.k8s.io/v1" and spec["parentRefs"]
                       and spec["rules"][0]["backendRefs"][0] == {"name": "shop-gateway", "port": 8080},
                       f"{variant} (k8s {kube}): HTTPRoute malformed: {spec}")
+
+
+def monitoring_objects(docs: list[dict], where: str) -> None:
+    """ServiceMonitors, PodMonitors, PrometheusRule and dashboard ConfigMaps: CRDs that
+    kubernetes-validate has no schema for, so their shape is checked here."""
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    for kind, key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        monitors = [d for d in docs if d["kind"] == kind]
+        check(sorted(m["metadata"]["name"] for m in monitors) == sorted(deployments),
+              f"{where}: one {kind} per component expected")
+        for m in monitors:
+            ep = m["spec"][key][0]
+            dep = deployments.get(m["metadata"]["name"])
+            pod_labels = dep["spec"]["template"]["metadata"]["labels"] if dep else {}
+            check(m["apiVersion"] == "monitoring.coreos.com/v1" and ep["port"] == "http"
+                  and ep["path"] == "/metrics" and ep["honorLabels"] is True
+                  and m["metadata"]["labels"].get("release") == "kube-prometheus-stack"
+                  and m["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(),
+                  f"{where} {kind}/{m['metadata']['name']}: malformed: {m['spec']}")
+    rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+    alerts = {r["alert"] for d in rules for g in d["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    check(len(rules) == 1 and {"ShopInstanceDown", "ShopNoReadyEndpoint", "ShopAvailabilityBudgetBurnFast",
+                               "ShopLatencyBudgetBurnSlow"} <= alerts,
+          f"{where}: PrometheusRule missing or incomplete: {sorted(alerts)}")
+    boards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    check(len(boards) == len(list((CHART / "dashboards").glob("*.json"))),
+          f"{where}: one dashboard ConfigMap per charts/shop/dashboards/*.json expected")
+    for b in boards:
+        (name, text), = b["data"].items()
+        check(name.endswith(".json") and json.loads(text).get("uid"), f"{where} {b['metadata']['name']}: not a dashboard")
 
 
 def selectors(node, key=None):
@@ -266,9 +311,11 @@ def kubernetes_validate(outdir: Path) -> None:
     for kube in KUBE_VERSIONS:
         files = sorted(str(p) for p in outdir.glob(f"*-{kube}.yaml")) + sorted(str(p) for p in outdir.glob("kustomize-*.yaml"))
         out = run([tool("kubernetes-validate"), "--strict", "-k", kube, "--quiet", *files])
-        # The only tolerated warning: no schema for the Gateway API CRD (checked in chart_rules).
+        # The only tolerated warnings: no schema for the Gateway API and Prometheus Operator
+        # CRDs (their shape is checked in chart_rules; rules by scripts/check-observability).
         noise = [line for line in (out.stdout + out.stderr).splitlines()
-                 if line.strip() and "Couldn't find schema for kind HTTPRoute" not in line]
+                 if line.strip() and not re.search(r"Couldn't find schema for kind "
+                                                    r"(HTTPRoute|ServiceMonitor|PodMonitor|PrometheusRule)", line)]
         check(out.returncode == 0 and not noise, f"kubernetes-validate {kube}: {chr(10).join(noise)[-2000:]}")
         print(f"  ok   {len(files)} files valid for {kube}")
 
@@ -333,7 +380,8 @@ def hadolint_and_yamllint() -> None:
     out = run([tool("hadolint"), "--config", ".hadolint.yaml", "Dockerfile"])
     check(out.returncode == 0, f"hadolint: {out.stdout}{out.stderr}")
     files = ["charts/shop/Chart.yaml", "charts/shop/values.yaml", *map(str, sorted((CHART / "ci").glob("*.yaml"))),
-             "skaffold.yaml", "docker-compose.yml", ".checkov.yaml", ".checkov-helm.yaml", ".hadolint.yaml", ".yamllint.yaml",
+             "skaffold.yaml", "docker-compose.yml", *map(str, sorted(ROOT.glob("observability/**/*.y*ml"))),
+             ".checkov.yaml", ".checkov-helm.yaml", ".hadolint.yaml", ".yamllint.yaml",
              *map(str, sorted(ROOT.glob("k8s/**/*.yaml")))]
     yamllint = shutil.which("yamllint") or tool("yamllint")
     out = run([yamllint, "--strict", "-c", ".yamllint.yaml", *files])
@@ -465,6 +513,13 @@ def contract(rendered: dict, outdir: Path, described: dict[str, dict]) -> None:
     # docker-compose.yml: same rules.
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for name, svc in compose["services"].items():
+        if "observability" in svc.get("profiles", []):
+            # Third-party images of the opt-in profile: pinned, and every mounted file exists.
+            check(re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", svc.get("image", "")) is not None,
+                  f"compose {name}: image not pinned to a version: {svc.get('image')}")
+            for volume in svc.get("volumes", []):
+                check((ROOT / volume.split(":")[0]).exists(), f"compose {name}: {volume} mounts a missing path")
+            continue
         component = svc["build"]["args"]["SERVICE"]
         info = described[component]
         env = {k: str(v) for k, v in svc.get("environment", {}).items()}

@@ -61,6 +61,10 @@ pub struct Shared {
     pub metrics: Metrics,
     pub metrics_gw: metrics::GatewayMetrics,
     pub readiness: Readiness,
+    /// Decides the sampled flag of each request's trace.
+    pub sampler: shop_platform::telemetry::Sampler,
+    /// Where sampled requests' spans go; `None` when no OTLP endpoint is configured.
+    pub spans: Option<&'static shop_platform::telemetry::SpanSink>,
 }
 
 impl Shared {

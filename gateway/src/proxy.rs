@@ -163,22 +163,50 @@ impl Worker {
         let mut request = request;
         let method = request.method().clone();
         let request_id = crate::ensure_request_id(request.headers_mut());
-        let trace = crate::trace::propagate(request.headers_mut());
+        let trace = crate::trace::propagate(request.headers_mut(), &shared.sampler);
         let credentialed = request.headers().contains_key(header::AUTHORIZATION);
         let origin = match &shared.cors {
             Some(_) => request.headers().get(header::ORIGIN).cloned(),
             None => None,
         };
+        // Probes and scrapes are never traced (as in the services).
+        let span = match shared.spans {
+            Some(sink)
+                if trace.sampled
+                    && !matches!(request.uri().path(), "/health" | "/ready" | "/metrics") =>
+            {
+                Some((sink, crate::trace::SpanStart::capture(&request, started)))
+            }
+            _ => None,
+        };
         let (route, mut response) = self.route_and_forward(request, client, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
+        if let Some((sink, start)) = span {
+            let upstream = (route < shared.table.routes.len()).then(|| {
+                shared.upstreams[shared.table.routes[route].upstream]
+                    .name
+                    .as_str()
+            });
+            crate::trace::export(
+                sink,
+                &trace,
+                start,
+                &method,
+                shared.route_label(route),
+                status,
+                client.addr.ip(),
+                upstream,
+            );
+        }
         if shared.options.access_log && route != crate::ADMIN_ROUTE {
             tracing::info!(
                 target: "shop_gateway::access",
-                method = %method,
-                route = shared.route_label(route),
                 status = status.as_u16(),
+                // The same keys as the services' request lines (OpenTelemetry names).
+                http.request.method = %method,
+                http.route = shared.route_label(route),
                 latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
                 request_id = request_id.to_str().unwrap_or_default(),
                 trace_id = %format_args!("{:032x}", trace.trace_id),

@@ -91,6 +91,8 @@ impl Gateway {
             metrics_gw,
             metrics,
             readiness: Readiness::default(),
+            sampler: shop_platform::telemetry::Sampler::from_env(),
+            spans: shop_platform::telemetry::SpanSink::get(),
         });
         let authenticator = shared.authenticator.clone();
         shared.readiness.add_check("auth_keys", move || {

@@ -1,9 +1,22 @@
-//! W3C trace context through the gateway without a tracing span per request: the
+//! W3C trace context through the gateway without a `tracing` span per request: the
 //! gateway continues the caller's trace (or starts one) with a fresh span id of its own,
-//! so upstream spans are children of the gateway hop.
+//! so upstream spans are children of the gateway hop. The sampling decision (the standard
+//! `OTEL_TRACES_SAMPLER` variables) travels in the flags; only a sampled request, and only
+//! when an OTLP endpoint is configured, costs a span ([`export`]), built after the
+//! response from data the request path already has.
 
-use http::HeaderMap;
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::{Instant, SystemTime};
+
 use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry_sdk::trace::SpanData;
+use shop_platform::telemetry::{Sampler, SpanSink};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -76,8 +89,9 @@ fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
 
-/// Rewrites `traceparent` for the upstream hop and returns the ids used.
-pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
+/// Rewrites `traceparent` for the upstream hop and returns the ids used; `sampler`
+/// decides the sampled flag (by default: the caller's, or yes for a new trace).
+pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
     let inbound = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -87,21 +101,105 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceIds {
             trace_id,
             parent_span_id: Some(parent),
             span_id: nonzero_u64(),
-            sampled: flags & 1 == 1,
+            sampled: sampler.should_sample(trace_id, Some(flags & 1 == 1)),
         },
         None => {
             // A new trace drops any orphaned vendor state.
             headers.remove(&TRACESTATE);
+            let trace_id = fastrand::u128(1..);
             TraceIds {
-                trace_id: fastrand::u128(1..),
+                trace_id,
                 parent_span_id: None,
                 span_id: nonzero_u64(),
-                sampled: true,
+                sampled: sampler.should_sample(trace_id, None),
             }
         }
     };
     headers.insert(TRACEPARENT, ids.traceparent());
     ids
+}
+
+/// What a sampled request's span records beyond what the proxy keeps anyway; captured
+/// before the request is consumed, and only for sampled requests.
+pub struct SpanStart {
+    pub path: String,
+    pub user_agent: Option<String>,
+    pub started: Instant,
+}
+
+impl SpanStart {
+    pub fn capture(request: &http::Request<impl Sized>, started: Instant) -> Self {
+        Self {
+            path: request.uri().path().to_owned(),
+            user_agent: request
+                .headers()
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            started,
+        }
+    }
+}
+
+/// The gateway's server span for one request, named and attributed per the OpenTelemetry
+/// HTTP conventions; 5xx marks it as an error.
+#[allow(clippy::too_many_arguments)]
+pub fn export(
+    sink: &SpanSink,
+    ids: &TraceIds,
+    start: SpanStart,
+    method: &Method,
+    route: &str,
+    status: StatusCode,
+    client: IpAddr,
+    upstream: Option<&str>,
+) {
+    let elapsed = start.started.elapsed();
+    let end_time = SystemTime::now();
+    let start_time = end_time.checked_sub(elapsed).unwrap_or(end_time);
+    let method_label = shop_platform::metrics::method_label(method);
+    let mut attributes = Vec::with_capacity(9);
+    attributes.extend([
+        KeyValue::new("http.request.method", method_label),
+        KeyValue::new("http.route", route.to_owned()),
+        KeyValue::new("url.path", start.path),
+        KeyValue::new("url.scheme", "http"),
+        KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+        KeyValue::new("client.address", client.to_string()),
+    ]);
+    if let Some(agent) = start.user_agent {
+        attributes.push(KeyValue::new("user_agent.original", agent));
+    }
+    if let Some(upstream) = upstream {
+        attributes.push(KeyValue::new("shop.upstream", upstream.to_owned()));
+    }
+    let status = if status.is_server_error() {
+        attributes.push(KeyValue::new("error.type", status.as_str().to_owned()));
+        Status::error(status.canonical_reason().unwrap_or("server error"))
+    } else {
+        Status::Unset
+    };
+    sink.export(SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(ids.trace_id),
+            SpanId::from(ids.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        ),
+        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: ids.parent_span_id.is_some(),
+        span_kind: SpanKind::Server,
+        name: Cow::Owned(format!("{method_label} {route}")),
+        start_time,
+        end_time,
+        attributes,
+        dropped_attributes_count: 0,
+        events: Default::default(),
+        links: Default::default(),
+        status,
+        instrumentation_scope: sink.scope().clone(),
+    });
 }
 
 #[cfg(test)]
@@ -115,7 +213,7 @@ mod tests {
             TRACEPARENT,
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
-        let ids = propagate(&mut headers);
+        let ids = propagate(&mut headers, &Sampler::parse(None, None));
         assert_eq!(ids.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(ids.parent_span_id, Some(0x00f067aa0ba902b7));
         let out = headers[&TRACEPARENT].to_str().unwrap();
@@ -125,6 +223,29 @@ mod tests {
         );
         assert!(!out.contains("00f067aa0ba902b7"));
         assert!(out.ends_with("-01"));
+    }
+
+    #[test]
+    fn sampling_follows_the_caller_and_the_configured_sampler() {
+        let unsampled_caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACEPARENT, HeaderValue::from_static(unsampled_caller));
+        assert!(!propagate(&mut headers, &Sampler::parse(None, None)).sampled);
+        assert!(headers[&TRACEPARENT].to_str().unwrap().ends_with("-00"));
+
+        let never = Sampler::parse(Some("parentbased_traceidratio"), Some("0"));
+        let mut headers = HeaderMap::new();
+        assert!(
+            !propagate(&mut headers, &never).sampled,
+            "a new trace at ratio 0"
+        );
+        assert!(headers[&TRACEPARENT].to_str().unwrap().ends_with("-00"));
+        let sampled_caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert(TRACEPARENT, HeaderValue::from_static(sampled_caller));
+        assert!(
+            propagate(&mut headers, &never).sampled,
+            "the caller's decision wins"
+        );
     }
 
     #[test]
@@ -160,7 +281,7 @@ mod tests {
                 headers.insert(TRACEPARENT, HeaderValue::from_str(v).unwrap());
             }
             headers.insert(TRACESTATE, HeaderValue::from_static("vendor=x"));
-            let ids = propagate(&mut headers);
+            let ids = propagate(&mut headers, &Sampler::parse(None, None));
             assert_eq!(ids.parent_span_id, None, "{bad:?}");
             assert!(parse(headers[&TRACEPARENT].to_str().unwrap()).is_some());
             assert!(!headers.contains_key(&TRACESTATE));

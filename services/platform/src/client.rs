@@ -195,7 +195,8 @@ impl ServiceClient {
         match outcome {
             Ok((status, body)) => {
                 self.count(&method, status.as_str());
-                span.record("http.response.status_code", status.as_u16());
+                // As i64: the OpenTelemetry layer would turn a u16 into a string attribute.
+                span.record("http.response.status_code", i64::from(status.as_u16()));
                 if status.is_server_error() {
                     span.record("otel.status_code", "ERROR");
                 }

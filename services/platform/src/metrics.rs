@@ -160,6 +160,31 @@ impl Metrics {
         )
     }
 
+    /// Connection pool gauges (`db_pool_connections{state}`, `db_pool_max_connections`),
+    /// read from the pool at scrape time.
+    pub fn register_pool(&self, pool: sqlx::AnyPool) {
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "db_pool_connections",
+                "Database connections held by the pool, by state (idle, in_use).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let max = IntGauge::new(
+            "db_pool_max_connections",
+            "Most connections the pool may open (DB_MAX_CONNECTIONS).",
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(PoolCollector {
+                pool,
+                connections,
+                max,
+            }))
+            .expect("pool metrics registered once");
+    }
+
     pub fn in_flight(&self) -> &IntGauge {
         &self.in_flight
     }
@@ -194,6 +219,34 @@ impl Metrics {
     }
 }
 
+struct PoolCollector {
+    pool: sqlx::AnyPool,
+    connections: IntGaugeVec,
+    max: IntGauge,
+}
+
+impl prometheus::core::Collector for PoolCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.connections.desc();
+        descs.extend(self.max.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let size = i64::from(self.pool.size());
+        let idle = self.pool.num_idle() as i64;
+        self.connections.with_label_values(&["idle"]).set(idle);
+        self.connections
+            .with_label_values(&["in_use"])
+            .set((size - idle).max(0));
+        self.max
+            .set(i64::from(self.pool.options().get_max_connections()));
+        let mut families = self.connections.collect();
+        families.extend(self.max.collect());
+        families
+    }
+}
+
 pub(crate) fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
@@ -213,6 +266,32 @@ mod tests {
         assert_eq!(method_label(&http::Method::PATCH), "PATCH");
         let invented = http::Method::from_bytes(b"PURGE").unwrap();
         assert_eq!(method_label(&invented), "_OTHER");
+    }
+
+    #[tokio::test]
+    async fn pool_gauges_are_read_at_scrape_time() {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(3)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let metrics = Metrics::new("order");
+        metrics.register_pool(pool.clone());
+        let _held = pool.acquire().await.unwrap();
+        let text = metrics.render();
+        let value = |prefix: &str, label: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(label))
+                .unwrap_or_else(|| panic!("{prefix} {label} missing in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(value("db_pool_connections{", r#"state="in_use""#), "1");
+        assert_eq!(value("db_pool_connections{", r#"state="idle""#), "0");
+        assert_eq!(value("db_pool_max_connections{", r#"service="order""#), "3");
     }
 
     #[test]

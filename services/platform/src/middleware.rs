@@ -117,7 +117,8 @@ pub(crate) async fn observe(
         elapsed,
     );
     if !quiet {
-        span.record("http.response.status_code", status.as_u16());
+        // As i64: the OpenTelemetry layer would turn a u16 into a string attribute.
+        span.record("http.response.status_code", i64::from(status.as_u16()));
         if status.is_server_error() {
             span.record("otel.status_code", "ERROR");
         }

@@ -74,6 +74,7 @@ impl ServiceParts {
 
     /// The service's own database: `/ready` pings it, and the pool closes after the drain.
     pub fn database(self, db: crate::db::Database) -> Self {
+        self.metrics.register_pool(db.pool().clone());
         let probe = db.clone();
         self.readiness_check("database", move || {
             let db = probe.clone();

@@ -5,14 +5,16 @@
 
 use std::fmt;
 use std::io::IsTerminal;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Span, Subscriber, span};
@@ -61,18 +63,27 @@ impl Telemetry {
         if !named_by_env {
             resource = resource.with_service_name(service.to_owned());
         }
-        let mut builder = SdkTracerProvider::builder().with_resource(
-            resource
-                .with_attribute(opentelemetry::KeyValue::new(
-                    "service.version",
-                    crate::metrics::VERSION,
-                ))
-                .build(),
-        );
+        let resource = resource
+            .with_attribute(opentelemetry::KeyValue::new(
+                "service.version",
+                crate::metrics::VERSION,
+            ))
+            .build();
+        let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
         let exporting = export_configured();
         if exporting {
             let exporter = opentelemetry_otlp::SpanExporter::builder().build()?;
-            builder = builder.with_batch_exporter(exporter);
+            let mut processor = BatchSpanProcessor::builder(exporter).build();
+            processor.set_resource(&resource);
+            let processor = Arc::new(processor);
+            // The first init wins, like the subscriber below.
+            let _ = SPAN_SINK.set(SpanSink {
+                processor: processor.clone(),
+                scope: opentelemetry::InstrumentationScope::builder("shop")
+                    .with_version(crate::metrics::VERSION)
+                    .build(),
+            });
+            builder = builder.with_span_processor(SharedProcessor(processor));
         }
         let provider = builder.build();
         opentelemetry::global::set_tracer_provider(provider.clone());
@@ -116,6 +127,110 @@ impl Telemetry {
             && let Err(err) = self.provider.shutdown_with_timeout(Duration::from_secs(5))
         {
             eprintln!("telemetry: flushing spans failed: {err}");
+        }
+    }
+}
+
+static SPAN_SINK: OnceLock<SpanSink> = OnceLock::new();
+
+/// Where finished spans built by hand go: the same batch exporter as the `tracing` spans,
+/// for a hot path (the gateway) that makes a span only when the trace is sampled and
+/// would rather not pay for a `tracing` span per request.
+#[derive(Debug, Clone)]
+pub struct SpanSink {
+    processor: Arc<BatchSpanProcessor>,
+    scope: opentelemetry::InstrumentationScope,
+}
+
+impl SpanSink {
+    /// The process's sink, when [`Telemetry::init`] found an OTLP endpoint configured.
+    pub fn get() -> Option<&'static SpanSink> {
+        SPAN_SINK.get()
+    }
+
+    /// The instrumentation scope to put on spans handed to [`SpanSink::export`].
+    pub fn scope(&self) -> &opentelemetry::InstrumentationScope {
+        &self.scope
+    }
+
+    /// Queues a finished span for the batch exporter; never blocks (a full queue drops it).
+    pub fn export(&self, span: SpanData) {
+        self.processor.on_end(span);
+    }
+}
+
+/// The provider owns its processors; this one shares the batch processor with [`SpanSink`],
+/// so the provider's shutdown flushes hand-built spans too.
+#[derive(Debug)]
+struct SharedProcessor(Arc<BatchSpanProcessor>);
+
+impl SpanProcessor for SharedProcessor {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.0.on_start(span, cx);
+    }
+    fn on_end(&self, span: SpanData) {
+        self.0.on_end(span);
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+}
+
+/// The sampler named by `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, for code that
+/// decides without the SDK (the gateway). Same names, defaults and trace-id ratio rule as
+/// the SDK's, so every hop of a trace decides alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    /// Follow the caller's sampled flag when there is a caller.
+    parent_based: bool,
+    /// Roots (or every span, when not parent based) whose trace-id value is below this
+    /// bound are sampled: `ratio * 2^63`, compared with the low 63 bits of the trace id.
+    bound: u64,
+}
+
+impl Sampler {
+    pub fn from_env() -> Self {
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+        Self::parse(
+            std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+            arg.as_deref(),
+        )
+    }
+
+    /// Unknown names fall back to `parentbased_always_on` and a missing or bad ratio to
+    /// 1.0, as the SDK does.
+    pub fn parse(name: Option<&str>, arg: Option<&str>) -> Self {
+        let ratio = || {
+            arg.and_then(|a| a.trim().parse::<f64>().ok())
+                .unwrap_or(1.0)
+        };
+        let (parent_based, ratio) = match name.map(str::trim).unwrap_or("parentbased_always_on") {
+            "always_on" => (false, 1.0),
+            "always_off" => (false, 0.0),
+            "traceidratio" => (false, ratio()),
+            "parentbased_always_off" => (true, 0.0),
+            "parentbased_traceidratio" => (true, ratio()),
+            _ => (true, 1.0),
+        };
+        let bound = if ratio >= 1.0 {
+            u64::MAX
+        } else {
+            (ratio.max(0.0) * (1u64 << 63) as f64) as u64
+        };
+        Self {
+            parent_based,
+            bound,
+        }
+    }
+
+    /// Whether a span in `trace_id` is sampled; `parent` is the caller's sampled flag.
+    pub fn should_sample(&self, trace_id: u128, parent: Option<bool>) -> bool {
+        match parent {
+            Some(sampled) if self.parent_based => sampled,
+            _ => self.bound == u64::MAX || ((trace_id as u64) >> 1) < self.bound,
         }
     }
 }
@@ -282,5 +397,51 @@ where
         line.extend(fields);
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampler;
+
+    #[test]
+    fn default_sampler_follows_the_parent_and_samples_roots() {
+        let s = Sampler::parse(None, None);
+        assert!(s.should_sample(7, None));
+        assert!(s.should_sample(7, Some(true)));
+        assert!(!s.should_sample(7, Some(false)));
+    }
+
+    #[test]
+    fn ratio_sampler_decides_by_trace_id_like_the_sdk() {
+        let s = Sampler::parse(Some("parentbased_traceidratio"), Some("0.25"));
+        // Low 64 bits >> 1 below 0.25 * 2^63 are sampled; the high half is ignored.
+        assert!(s.should_sample(u128::from(u64::MAX / 8), None));
+        assert!(!s.should_sample((1u128 << 100) | u128::from(u64::MAX / 2), None));
+        assert!(
+            s.should_sample(u128::from(u64::MAX), Some(true)),
+            "parent wins"
+        );
+        let sampled = (0..10_000u64)
+            .filter(|i| s.should_sample(u128::from(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)), None))
+            .count();
+        assert!((2_000..3_000).contains(&sampled), "{sampled} of 10000");
+    }
+
+    #[test]
+    fn non_parent_based_and_fallbacks() {
+        let off = Sampler::parse(Some("always_off"), None);
+        assert!(!off.should_sample(1, Some(true)));
+        assert!(Sampler::parse(Some("always_on"), None).should_sample(1, Some(false)));
+        let bad_arg = Sampler::parse(Some("traceidratio"), Some("lots"));
+        assert!(
+            bad_arg.should_sample(u128::MAX, None),
+            "a bad ratio means 1.0"
+        );
+        let unknown = Sampler::parse(Some("xray"), None);
+        assert_eq!(unknown, Sampler::parse(None, None));
+        let pb_off = Sampler::parse(Some("parentbased_always_off"), None);
+        assert!(!pb_off.should_sample(1, None));
+        assert!(pb_off.should_sample(1, Some(true)));
     }
 }
