@@ -369,6 +369,9 @@ def drive_traffic(gateway: str, request_id: str) -> dict:
                             "password": "correct horse battery staple"})  # 409 duplicate
     call("POST", "/users", {"name": "", "email": "not-an-email", "password": "x"})  # 422
     call("GET", "/users/obs-1")
+    # Logins: one that works, one that does not (user_logins_total by outcome).
+    call("POST", "/auth/login", {"email": "ada@example.com", "password": "correct horse battery staple"})
+    call("POST", "/auth/login", {"email": "ada@example.com", "password": "wrong horse"})  # 401
     call("POST", "/products", {"name": "Keyboard", "price": 49.5, "quantity": 5})
     for _ in range(5):
         call("GET", "/products")

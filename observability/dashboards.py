@@ -227,6 +227,8 @@ def service_board(service: str) -> Board:
     if service == "user":
         b.row("Accounts")
         b.add("Users registered", [(f"sum({rate('users_registered_total', NS, svc)})", "registered")], unit="ops")
+        b.add("Logins by outcome", [(f"sum by (outcome) ({rate('user_logins_total', NS, svc)})", "{{outcome}}")],
+              unit="ops")
     return b
 
 
