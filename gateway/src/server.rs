@@ -175,7 +175,7 @@ impl Gateway {
                 let client = match kube_client {
                     Some(client) => client,
                     None => kube::Client::try_default().await.map_err(|e| {
-                        anyhow::anyhow!("{NAME}: DISCOVERY=kubernetes but no API server: {e}")
+                        anyhow::anyhow!("{NAME}: DISCOVERY=kubernetes needs API server access (in-cluster service account or KUBECONFIG): {e}")
                     })?,
                 };
                 let namespace = namespace
