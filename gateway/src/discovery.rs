@@ -211,10 +211,17 @@ fn apply(upstream: &Upstream, status: &Status, store: &Store<EndpointSlice>) {
         .iter()
         .filter_map(|url| Endpoint::parse(url).ok())
         .collect();
-    let before = upstream.endpoints().len();
+    let unchanged = {
+        let before = upstream.endpoints();
+        before.len() == resolved.ready.len()
+            && before
+                .iter()
+                .zip(&resolved.ready)
+                .all(|(e, url)| url.strip_prefix("http://") == Some(e.authority.as_str()))
+    };
     upstream.set_endpoints(endpoints);
     status.record_resolved(&resolved);
-    if before != resolved.ready.len() {
+    if !unchanged {
         tracing::info!(
             upstream = %upstream.name,
             service = %status.target.service,
