@@ -159,7 +159,12 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
             sc = pod.get("securityContext", {})
             check(sc.get("runAsNonRoot") is True and sc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
                   f"{where} {name}: pod securityContext not restricted")
-            check(pod.get("automountServiceAccountToken") is False, f"{where} {name}: token automounted")
+            # Only the gateway calls the API server, and only when it watches EndpointSlices
+            # (then a Role allows exactly that).
+            watches = name == "Deployment/shop-gateway" and any(
+                d["kind"] == "RoleBinding" and d["metadata"]["name"] == "shop-gateway" for d in docs)
+            check(pod.get("automountServiceAccountToken") is watches,
+                  f"{where} {name}: token {'not ' if watches else ''}mounted")
             for c in pod["containers"]:
                 csc = c.get("securityContext", {})
                 check(csc.get("readOnlyRootFilesystem") is True and csc.get("allowPrivilegeEscalation") is False
@@ -455,7 +460,7 @@ def var_names(description: dict, component: str) -> set[str]:
     names = {v["name"] for v in description["vars"]}
     if "<UPSTREAM>_URL" in names:  # the gateway: one variable per upstream of its route table
         table = yaml.safe_load((ROOT / "gateway" / "routes.yaml").read_text())
-        names |= {f"{u.upper().replace('-', '_')}_URL" for u in table["upstreams"]}
+        names |= {f"{u.upper().replace('-', '_')}_{suffix}" for u in table["upstreams"] for suffix in ("URL", "SERVICE")}
     return names
 
 
@@ -565,6 +570,11 @@ def live(rendered: dict) -> None:
     try:
         for c in ("product", "user", "order", "gateway"):
             env = dict(configmaps[f"shop-{c}"])
+            if env.get("DISCOVERY") == "kubernetes":
+                # No API server here: the same upstreams as static lists on loopback.
+                env["DISCOVERY"] = "static"
+                for other in ("product", "order", "user"):
+                    env[f"{other.upper()}_URL"] = f"http://127.0.0.1:{ports[other]}"
             # Same variables, local addresses: services are on loopback, not cluster DNS.
             for k, v in env.items():
                 for other in COMPONENTS:

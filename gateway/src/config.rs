@@ -10,6 +10,7 @@ use shop_platform::{AuthConfig, Binary, Runtime};
 
 use crate::access::Cors;
 
+use crate::discovery::Target;
 use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
 use crate::upstream::Endpoint;
 
@@ -21,6 +22,24 @@ pub const ROUTES: Var = Var::optional(
 pub const UPSTREAM_URLS: Var = Var::optional(
     "<UPSTREAM>_URL",
     "Endpoints of an upstream, comma-separated, e.g. PRODUCT_URL=http://10.0.0.5:8081,http://10.0.0.6:8081 (ORDER_URL, USER_URL likewise).",
+);
+pub const DISCOVERY: Var = Var::new(
+    "DISCOVERY",
+    "static",
+    "Where upstream endpoints come from: static (the <UPSTREAM>_URL lists) or kubernetes (the EndpointSlices of each upstream's Service, watched through the API server).",
+);
+pub const DISCOVERY_NAMESPACE: Var = Var::optional(
+    "DISCOVERY_NAMESPACE",
+    "Namespace of the upstream Services (kubernetes discovery); default: the gateway's own (in a pod) or the kubeconfig context's.",
+);
+pub const UPSTREAM_SERVICES: Var = Var::optional(
+    "<UPSTREAM>_SERVICE",
+    "Service an upstream follows (kubernetes discovery), e.g. PRODUCT_SERVICE=shop-product; default: the upstream's name.",
+);
+pub const DISCOVERY_PORT_NAME: Var = Var::new(
+    "DISCOVERY_PORT_NAME",
+    "http",
+    "Name of the Service port to send to (kubernetes discovery); looked up in every EndpointSlice.",
 );
 pub const WORKERS: Var = Var::new(
     "GATEWAY_WORKERS",
@@ -100,6 +119,15 @@ pub const BINARY: Binary = Binary {
         ("Server", &ServerConfig::vars(PORT)),
         ("Routing", &[ROUTES, UPSTREAM_URLS, WORKERS]),
         (
+            "Discovery",
+            &[
+                DISCOVERY,
+                DISCOVERY_NAMESPACE,
+                UPSTREAM_SERVICES,
+                DISCOVERY_PORT_NAME,
+            ],
+        ),
+        (
             "Upstream connections and resilience",
             &[
                 CONNECT_TIMEOUT,
@@ -127,11 +155,27 @@ pub const BINARY: Binary = Binary {
     runtime: Runtime::CurrentThread,
 };
 
+/// Where upstream endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// The `<UPSTREAM>_URL` lists (or the route file's), fixed for the process's life.
+    Static,
+    /// EndpointSlices of one Service per upstream, followed through the API server.
+    Kubernetes {
+        /// `None`: the client's default namespace.
+        namespace: Option<String>,
+        /// Upstream name -> which Service and port it follows.
+        targets: BTreeMap<String, Target>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    /// Upstream name -> endpoint URLs, in a stable order.
+    /// Upstream name -> endpoint URLs, in a stable order (empty with kubernetes discovery:
+    /// the endpoints arrive from the watch).
     pub upstreams: BTreeMap<String, Vec<String>>,
+    pub discovery: Discovery,
     pub routes: Vec<RouteSpec>,
     pub workers: usize,
     pub connect_timeout: Duration,
@@ -164,8 +208,61 @@ impl Config {
         let table: TableFile = serde_yaml::from_str(&table_text)
             .map_err(|e| ConfigError::new(&ROUTES, "", format!("route table: {e}")))?;
         let mut upstreams: BTreeMap<String, Vec<String>> = table.upstreams.into_iter().collect();
+        let discovery = match env.parse::<String>(&DISCOVERY)?.trim() {
+            "static" => Discovery::Static,
+            "kubernetes" => {
+                let port_name = env.parse::<String>(&DISCOVERY_PORT_NAME)?;
+                let targets = upstreams
+                    .keys()
+                    .map(|name| {
+                        let var_name = format!("{}_SERVICE", env_prefix(name));
+                        let service = env
+                            .raw(&var_name)
+                            .map(|v| v.trim().to_owned())
+                            .filter(|v| !v.is_empty())
+                            .unwrap_or_else(|| name.clone());
+                        if !is_dns_label(&service) {
+                            return Err(ConfigError::named(
+                                var_name,
+                                service,
+                                "a Service name is a DNS label (lowercase letters, digits, '-')",
+                            ));
+                        }
+                        let target = Target {
+                            service,
+                            port_name: port_name.clone(),
+                        };
+                        Ok((name.clone(), target))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let namespace = env
+                    .parse_opt::<String>(&DISCOVERY_NAMESPACE)?
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty());
+                if let Some(ns) = namespace.as_deref().filter(|ns| !is_dns_label(ns)) {
+                    return Err(ConfigError::new(
+                        &DISCOVERY_NAMESPACE,
+                        ns,
+                        "a namespace is a DNS label (lowercase letters, digits, '-')",
+                    ));
+                }
+                Discovery::Kubernetes { namespace, targets }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    &DISCOVERY,
+                    other,
+                    "must be static or kubernetes",
+                ));
+            }
+        };
         for (name, endpoints) in upstreams.iter_mut() {
-            let var_name = format!("{}_URL", name.to_ascii_uppercase().replace('-', "_"));
+            if discovery != Discovery::Static {
+                // Endpoints come from the watch; a static list here would be stale.
+                endpoints.clear();
+                continue;
+            }
+            let var_name = format!("{}_URL", env_prefix(name));
             if let Some(list) = env.raw(&var_name).filter(|v| !v.trim().is_empty()) {
                 *endpoints = list.split(',').map(|s| s.trim().to_owned()).collect();
             }
@@ -207,6 +304,7 @@ impl Config {
         Ok(Self {
             server: ServerConfig::from_env(env, &PORT)?,
             upstreams,
+            discovery,
             routes: table.routes,
             workers,
             connect_timeout: env.duration(&CONNECT_TIMEOUT)?,
@@ -238,6 +336,21 @@ impl Config {
     pub fn set_upstream(&mut self, name: &str, endpoints: Vec<String>) {
         self.upstreams.insert(name.to_owned(), endpoints);
     }
+}
+
+/// `order-v2` -> `ORDER_V2`, the prefix of an upstream's variables.
+fn env_prefix(upstream: &str) -> String {
+    upstream.to_ascii_uppercase().replace('-', "_")
+}
+
+/// RFC 1123 label: what Kubernetes accepts as a Service or namespace name.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 #[cfg(test)]
@@ -288,5 +401,48 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.var, "GATEWAY_ROUTES");
         assert!(err.to_string().contains("unknown upstream"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_discovery_follows_one_service_per_upstream() {
+        let env = Env::from_pairs([
+            ("DISCOVERY", "kubernetes"),
+            ("PRODUCT_SERVICE", "shop-product"),
+            ("PRODUCT_URL", "http://ignored:1"),
+            ("DISCOVERY_NAMESPACE", "shop"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        let Discovery::Kubernetes { namespace, targets } = &config.discovery else {
+            panic!("{:?}", config.discovery);
+        };
+        assert_eq!(namespace.as_deref(), Some("shop"));
+        assert_eq!(targets["product"].service, "shop-product");
+        assert_eq!(
+            targets["order"].service, "order",
+            "defaults to the upstream name"
+        );
+        assert_eq!(targets["user"].port_name, "http");
+        assert!(
+            config.upstreams.values().all(Vec::is_empty),
+            "no static endpoints"
+        );
+    }
+
+    #[test]
+    fn invalid_discovery_settings_name_the_variable() {
+        let err = Config::from_env(&Env::from_pairs([("DISCOVERY", "dns")])).unwrap_err();
+        assert_eq!(err.var, "DISCOVERY");
+        let err = Config::from_env(&Env::from_pairs([
+            ("DISCOVERY", "kubernetes"),
+            ("USER_SERVICE", "Shop_User"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "USER_SERVICE");
+        let err = Config::from_env(&Env::from_pairs([
+            ("DISCOVERY", "kubernetes"),
+            ("DISCOVERY_NAMESPACE", "-x"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "DISCOVERY_NAMESPACE");
     }
 }

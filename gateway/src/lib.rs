@@ -10,6 +10,7 @@ pub mod access;
 pub mod cache;
 pub mod config;
 pub mod deadline;
+pub mod discovery;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -121,10 +122,12 @@ impl Shared {
                 CircuitState::Open => "open",
                 CircuitState::HalfOpen => "half_open",
             };
-            report.insert(
-                u.name.clone(),
-                json!({"endpoints": endpoints.len(), "healthy": healthy, "circuit": circuit}),
-            );
+            let mut entry =
+                json!({"endpoints": endpoints.len(), "healthy": healthy, "circuit": circuit});
+            if let Some(status) = &u.discovery {
+                entry["discovery"] = status.report();
+            }
+            report.insert(u.name.clone(), entry);
         }
         report.into()
     }

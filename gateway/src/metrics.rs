@@ -14,6 +14,8 @@ pub struct GatewayMetrics {
     endpoints: IntGaugeVec,
     circuit: IntGaugeVec,
     stream_errors: IntCounterVec,
+    discovery_errors: IntCounterVec,
+    discovery_up: IntGaugeVec,
     pub rate_limited: IntCounter,
     cache: IntCounterVec,
 }
@@ -44,7 +46,7 @@ impl GatewayMetrics {
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "gateway_upstream_endpoints",
-                "Endpoints per upstream by state (healthy, ejected).",
+                "Endpoints per upstream by state: healthy and ejected (balanced over, or resting after refused connections); with kubernetes discovery also not_ready and terminating (known, sent nothing new).",
             ),
             &["upstream", "state"],
         )
@@ -61,6 +63,22 @@ impl GatewayMetrics {
             Opts::new(
                 "gateway_upstream_stream_errors_total",
                 "Responses whose body broke off mid-stream (the client saw a closed stream).",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let discovery_errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_discovery_watch_errors_total",
+                "Failed EndpointSlice lists or watches per upstream (each is retried with backoff; the last known endpoints stay in use).",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let discovery_up = IntGaugeVec::new(
+            Opts::new(
+                "gateway_discovery_watch_up",
+                "1 while an upstream's EndpointSlices are listed and watched without error; 0 while syncing or retrying.",
             ),
             &["upstream"],
         )
@@ -85,6 +103,8 @@ impl GatewayMetrics {
             Box::new(endpoints.clone()),
             Box::new(circuit.clone()),
             Box::new(stream_errors.clone()),
+            Box::new(discovery_errors.clone()),
+            Box::new(discovery_up.clone()),
             Box::new(rate_limited.clone()),
         ] {
             registry
@@ -97,6 +117,8 @@ impl GatewayMetrics {
             endpoints,
             circuit,
             stream_errors,
+            discovery_errors,
+            discovery_up,
             rate_limited,
             cache,
         }
@@ -132,6 +154,10 @@ impl GatewayMetrics {
         self.stream_errors.with_label_values(&[upstream])
     }
 
+    pub fn discovery_errors(&self, upstream: &str) -> IntCounter {
+        self.discovery_errors.with_label_values(&[upstream])
+    }
+
     /// Gauges that describe state rather than events are computed at scrape time.
     pub fn refresh(&self, upstreams: &[Upstream]) {
         let now = now_ms();
@@ -144,6 +170,18 @@ impl GatewayMetrics {
             self.endpoints
                 .with_label_values(&[u.name.as_str(), "ejected"])
                 .set(ejected);
+            if let Some(status) = &u.discovery {
+                let (_, not_ready, terminating) = status.counts();
+                self.endpoints
+                    .with_label_values(&[u.name.as_str(), "not_ready"])
+                    .set(not_ready as i64);
+                self.endpoints
+                    .with_label_values(&[u.name.as_str(), "terminating"])
+                    .set(terminating as i64);
+                self.discovery_up
+                    .with_label_values(&[u.name.as_str()])
+                    .set(i64::from(status.is_watching()));
+            }
             let state = match u.breaker.state() {
                 CircuitState::Closed => 0,
                 CircuitState::Open => 1,

@@ -18,7 +18,7 @@ use crate::proxy::OutboundBody;
 use crate::upstream::Endpoint;
 
 pub struct Pool {
-    idle: RefCell<HashMap<usize, Vec<Idle>>>,
+    idle: RefCell<HashMap<u64, Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -41,7 +41,7 @@ pub enum SendError {
 /// response body has ended.
 pub struct Lease {
     pool: Rc<Pool>,
-    key: usize,
+    key: u64,
     sender: SendRequest<OutboundBody>,
 }
 
@@ -52,8 +52,8 @@ impl Lease {
     }
 }
 
-fn key(endpoint: &Arc<Endpoint>) -> usize {
-    Arc::as_ptr(endpoint) as usize
+fn key(endpoint: &Arc<Endpoint>) -> u64 {
+    endpoint.id
 }
 
 impl Pool {
@@ -87,7 +87,7 @@ impl Pool {
         });
     }
 
-    fn put(&self, key: usize, sender: SendRequest<OutboundBody>) {
+    fn put(&self, key: u64, sender: SendRequest<OutboundBody>) {
         if sender.is_closed() {
             return;
         }
@@ -101,7 +101,7 @@ impl Pool {
         }
     }
 
-    fn take(&self, key: usize) -> Option<SendRequest<OutboundBody>> {
+    fn take(&self, key: u64) -> Option<SendRequest<OutboundBody>> {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(&key)?;
         let now = Instant::now();
@@ -160,7 +160,7 @@ impl Pool {
         }
     }
 
-    fn lease(self: &Rc<Self>, key: usize, sender: SendRequest<OutboundBody>) -> Lease {
+    fn lease(self: &Rc<Self>, key: u64, sender: SendRequest<OutboundBody>) -> Lease {
         Lease {
             pool: self.clone(),
             key,

@@ -21,8 +21,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
-use crate::config::Config;
+use crate::config::{Config, Discovery};
 use crate::deadline::Deadlines;
+use crate::discovery;
 use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
 use crate::proxy::{Client, Worker};
@@ -36,6 +37,7 @@ pub struct Gateway {
     listeners: Vec<TcpListener>,
     local_addr: SocketAddr,
     config: Config,
+    kube_client: Option<kube::Client>,
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -64,16 +66,52 @@ impl Gateway {
                     .iter()
                     .map(|u| Endpoint::parse(u).map_err(anyhow::Error::msg))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(Upstream::new(
+                let upstream = Upstream::new(
                     name.clone(),
                     endpoints,
                     Breaker::new(config.breaker_failures, config.breaker_cooldown),
                     RetryBudget::new(config.retry_budget),
                     config.eject_backoff,
                     metrics_gw.stream_errors(name),
-                ))
+                );
+                Ok(match &config.discovery {
+                    Discovery::Static => upstream,
+                    Discovery::Kubernetes { targets, .. } => {
+                        upstream.with_discovery(Arc::new(discovery::Status::new(
+                            targets[name].clone(),
+                            metrics_gw.discovery_errors(name),
+                        )))
+                    }
+                })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let readiness = Readiness::default();
+        let statuses: Vec<_> = upstreams
+            .iter()
+            .filter_map(|u| Some((u.name.clone(), u.discovery.clone()?)))
+            .collect();
+        if !statuses.is_empty() {
+            // Until every Service has been listed once the gateway knows no endpoints and
+            // would answer 503 to everything: keep it out of its Service until then. Later
+            // watch errors keep the last known endpoints and do not flip readiness.
+            readiness.add_check("discovery", move || {
+                let unsynced: Vec<String> = statuses
+                    .iter()
+                    .filter(|(_, s)| !s.is_synced())
+                    .map(|(name, s)| format!("{name} ({})", s.target.service))
+                    .collect();
+                async move {
+                    if unsynced.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "endpoints not listed yet for {}",
+                            unsynced.join(", ")
+                        ))
+                    }
+                }
+            });
+        }
         let shared = Arc::new(Shared {
             table,
             upstreams,
@@ -90,7 +128,7 @@ impl Gateway {
             cache: (config.cache_bytes > 0).then(|| ResponseCache::new(config.cache_bytes)),
             metrics_gw,
             metrics,
-            readiness: Readiness::default(),
+            readiness,
             sampler: shop_platform::telemetry::Sampler::from_env(),
             spans: shop_platform::telemetry::SpanSink::get(),
         });
@@ -113,7 +151,15 @@ impl Gateway {
             listeners,
             local_addr,
             config,
+            kube_client: None,
         })
+    }
+
+    /// The API client for kubernetes discovery (tests pass a mock); without one, `run`
+    /// infers it like kubectl: in-cluster service account, else `KUBECONFIG`.
+    pub fn with_kube_client(mut self, client: kube::Client) -> Self {
+        self.kube_client = Some(client);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -130,7 +176,24 @@ impl Gateway {
             listeners,
             local_addr,
             config,
+            kube_client,
         } = self;
+        let _discovery = match &config.discovery {
+            Discovery::Static => None,
+            Discovery::Kubernetes { namespace, .. } => {
+                let client = match kube_client {
+                    Some(client) => client,
+                    None => kube::Client::try_default().await.map_err(|e| {
+                        anyhow::anyhow!("{NAME}: DISCOVERY=kubernetes needs API server access (in-cluster service account or KUBECONFIG): {e}")
+                    })?,
+                };
+                let namespace = namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                tracing::info!(service = NAME, namespace = %namespace, "discovering upstream endpoints from EndpointSlices");
+                Some(AbortOnDrop(discovery::spawn(client, &namespace, &shared)))
+            }
+        };
         let stop_accepting = CancellationToken::new();
         let cut_off = CancellationToken::new();
         let mut workers = Vec::with_capacity(listeners.len());
@@ -186,6 +249,17 @@ impl Gateway {
         }
         tracing::info!(service = NAME, "stopped");
         Ok(())
+    }
+}
+
+/// Stops the watch tasks when the gateway stops.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 

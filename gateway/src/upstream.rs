@@ -3,8 +3,8 @@
 //! with exponential backoff), a circuit breaker and a retry budget. All state is atomics
 //! shared by every worker thread.
 //!
-//! The endpoint list sits behind an `ArcSwap` so a discovery source (static config today,
-//! Kubernetes EndpointSlices later) can replace it without stopping traffic.
+//! The endpoint list sits behind an `ArcSwap` so a discovery source (the static list, or
+//! Kubernetes EndpointSlices: `discovery`) can replace it without stopping traffic.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -21,6 +21,10 @@ pub fn now_ms() -> u64 {
 
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Unique for the process: worker pools key connections by it. (An address would
+    /// outlive the endpoint: a freed `Endpoint` can be reallocated at the same address for
+    /// another pod, and the pool must never hand it the old pod's connections.)
+    pub id: u64,
     pub authority: Authority,
     /// `Host` for requests sent here, built once.
     pub host_header: http::HeaderValue,
@@ -44,7 +48,9 @@ impl Endpoint {
             .ok_or_else(|| format!("{url:?}: no host"))?;
         let host_header =
             http::HeaderValue::from_str(authority.as_str()).map_err(|e| format!("{url:?}: {e}"))?;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             host_header,
             authority,
             in_flight: AtomicU32::new(0),
@@ -237,6 +243,8 @@ pub struct Upstream {
     pub breaker: Breaker,
     pub budget: RetryBudget,
     pub eject_backoff: Duration,
+    /// Set when the endpoints come from Kubernetes rather than the static list.
+    pub discovery: Option<Arc<crate::discovery::Status>>,
 }
 
 impl Upstream {
@@ -255,7 +263,13 @@ impl Upstream {
             breaker,
             budget,
             eject_backoff,
+            discovery: None,
         }
+    }
+
+    pub fn with_discovery(mut self, status: Arc<crate::discovery::Status>) -> Self {
+        self.discovery = Some(status);
+        self
     }
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {

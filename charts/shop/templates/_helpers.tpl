@@ -162,10 +162,19 @@ seccompProfile:
 {{- $_ := set $env "USER_URL" (include "shop.url" (dict "root" $root "component" "user")) }}
 {{- end }}
 {{- if eq .component "gateway" }}
+{{- if eq $v.discovery.mode "kubernetes" }}
+{{- $_ := set $env "DISCOVERY" "kubernetes" }}
+{{- $_ := set $env "DISCOVERY_NAMESPACE" $root.Release.Namespace }}
+{{- $_ := set $env "DISCOVERY_PORT_NAME" "http" }}
+{{- end }}
 {{- range $upstream := list "product" "order" "user" }}
+{{- if eq $v.discovery.mode "kubernetes" }}
+{{- $_ := set $env (printf "%s_SERVICE" (upper $upstream)) (include "shop.componentName" (dict "root" $root "component" $upstream)) }}
+{{- else }}
 {{- $_ := set $env (printf "%s_URL" (upper $upstream)) (include "shop.url" (dict "root" $root "component" $upstream)) }}
 {{- end }}
 {{- with $v.auth.corsAllowedOrigins }}{{- $_ := set $env "CORS_ALLOWED_ORIGINS" . }}{{- end }}
+{{- end }}
 {{- end }}
 {{- range $name, $value := $c.env }}{{- $_ := set $env $name (toString $value) }}{{- end }}
 {{- range $name := keys $env | sortAlpha }}
