@@ -444,6 +444,8 @@ async fn the_gateway_routes_to_what_discovery_finds() {
         ("GATEWAY_ROUTES", routes.to_str().unwrap()),
         ("DISCOVERY", "kubernetes"),
         ("PRODUCT_SERVICE", "product"),
+        // Discovery is tested here; access control in tests/auth.rs at the root.
+        ("AUTH_MODE", "demo"),
     ]))
     .unwrap();
     let (client, mut api) = ApiServer::client("product");
