@@ -32,6 +32,7 @@ pub struct ServiceParts {
     readiness: Readiness,
     close_hooks: Vec<CloseHook>,
     authenticator: Option<Authenticator>,
+    openapi: Option<axum::body::Bytes>,
 }
 
 impl ServiceParts {
@@ -43,6 +44,7 @@ impl ServiceParts {
             readiness: Readiness::default(),
             close_hooks: Vec::new(),
             authenticator: None,
+            openapi: None,
         }
     }
 
@@ -82,6 +84,12 @@ impl ServiceParts {
         .on_close(async move { db.close().await })
     }
 
+    /// Serves the service's OpenAPI document at `GET /openapi.json`.
+    pub fn openapi(mut self, doc: &serde_json::Value) -> Self {
+        self.openapi = Some(doc.to_string().into());
+        self
+    }
+
     /// Runs after the last request has drained (closing pools, flushing buffers).
     pub fn on_close(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
         self.close_hooks.push(Box::pin(hook));
@@ -97,6 +105,15 @@ impl ServiceParts {
         let local_addr = listener.local_addr()?;
         let routes = match self.authenticator {
             Some(authenticator) => routes.layer(axum::Extension(authenticator)),
+            None => routes,
+        };
+        let routes = match self.openapi {
+            Some(doc) => routes.route(
+                "/openapi.json",
+                axum::routing::get(move || async move {
+                    ([(http::header::CONTENT_TYPE, "application/json")], doc)
+                }),
+            ),
             None => routes,
         };
         let router = stack(

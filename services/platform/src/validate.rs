@@ -33,8 +33,11 @@ pub fn id_or_new(field: &str, given: Option<String>) -> Result<String, AppError>
 }
 
 /// The seed API's `?id=` lookups (`GET /product?id=1`, `GET /users?id=1`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct IdQuery {
+    /// The id to look up (required).
+    #[param(required = true, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     id: Option<String>,
 }
 
@@ -44,6 +47,7 @@ impl IdQuery {
             AppError::bad_request("missing_parameter", "query parameter id is required")
                 .with_field("id")
         })
+        .and_then(|given| id("id", &given).map(|()| given))
     }
 }
 
