@@ -7,6 +7,7 @@
 //! crosses threads. Shared state (routes, endpoint health, breakers, metrics) is atomics.
 
 pub mod access;
+pub mod apidocs;
 pub mod cache;
 pub mod config;
 pub mod deadline;
@@ -40,6 +41,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// are numbered from 0.
 pub const UNMATCHED_ROUTE: usize = usize::MAX;
 pub const ADMIN_ROUTE: usize = usize::MAX - 1;
+pub const DOCS_ROUTE: usize = usize::MAX - 2;
 
 /// Behaviour switches read on the hot path.
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub metrics_gw: metrics::GatewayMetrics,
     pub readiness: Readiness,
+    pub docs: apidocs::ApiDocs,
 }
 
 impl Shared {
@@ -68,6 +71,7 @@ impl Shared {
         match route {
             UNMATCHED_ROUTE => "unmatched",
             ADMIN_ROUTE => "admin",
+            DOCS_ROUTE => "docs",
             id => &self.table.routes[id].label,
         }
     }

@@ -242,6 +242,9 @@ impl Worker {
             return (crate::UNMATCHED_ROUTE, preflight);
         }
         let Some((route_id, route)) = shared.table.find(path) else {
+            if let Some(response) = crate::apidocs::serve(shared, path, request.method()).await {
+                return (crate::DOCS_ROUTE, response);
+            }
             return (
                 crate::UNMATCHED_ROUTE,
                 error(AppError::not_found("no route for this path")),

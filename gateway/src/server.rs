@@ -90,6 +90,7 @@ impl Gateway {
             cache: (config.cache_bytes > 0).then(|| ResponseCache::new(config.cache_bytes)),
             metrics_gw,
             metrics,
+            docs: Default::default(),
             readiness: Readiness::default(),
         });
         let authenticator = shared.authenticator.clone();
