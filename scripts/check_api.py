@@ -170,7 +170,9 @@ def fuzz(args):
         "--max-time", str(args.fuzz_seconds),
         "--request-timeout", "10",
         "--max-response-time", "10",
-        "--workers", "2",
+        # One worker: with several threads, CPython 3.11 can fail inside hypothesis
+        # ("AST constructor recursion depth mismatch"), an interpreter bug, not ours.
+        "--workers", "1",
         "--seed", str(args.seed),
         "--suppress-health-check", "all",
         "--report", "ndjson", "--report-ndjson-path", report,
@@ -281,7 +283,9 @@ def dechunk(data):
 
 
 def hostile_cases(doc, token, rng):
-    """(name, request head, body) for every operation and every kind of hostility."""
+    """(name, request head, body, strict) for every operation and every kind of hostility.
+    A strict case is invalid: it must get a 4xx JSON error. The others (odd headers or
+    query parameters on a valid GET) may also succeed; they must never get a 5xx."""
     auth = f"Authorization: Bearer {token}\r\n".encode()
     ops = []
     for path, item in doc["paths"].items():
@@ -291,8 +295,8 @@ def hostile_cases(doc, token, rng):
             if m in item:
                 ops.append((m.upper(), re.sub(r"\{[^}]+\}", "1", path)))
 
-    def head(method, target, headers=b"", length=None, ctype=b"application/json"):
-        h = f"{method} ".encode() + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + auth
+    def head(method, target, headers=b"", length=None, ctype=b"application/json", credentials=auth):
+        h = f"{method} ".encode() + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + credentials
         if ctype is not None:
             h += b"Content-Type: " + ctype + b"\r\n"
         if length is not None:
@@ -314,29 +318,39 @@ def hostile_cases(doc, token, rng):
             "huge numbers": b'{"price": 1e999999, "quantity": 123456789012345678901234567890}',
         }
         for name, body in bodies.items():
-            yield f"{method} {path}: {name}", head(method, target, length=len(body)), body
-        body = b'{"name":"x"}'
+            yield f"{method} {path}: {name}", head(method, target, length=len(body)), body, True
+        # A body that is no operation's valid input; a GET must carry none at all.
+        body = b'{"unexpected_field":1}'
         for ctype in (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x",
-                      b"application/json; charset=\xff\xfe", b"\x00\x01garbage"):
-            yield f"{method} {path}: content type {ctype[:30]!r}", head(method, target, length=len(body), ctype=ctype), body
-        yield f"{method} {path}: no content type", head(method, target, length=len(body), ctype=None), body
+                      b"application/json; charset=\xff\xfe"):
+            yield f"{method} {path}: content type {ctype[:30]!r}", head(method, target, length=len(body), ctype=ctype), body, True
+        yield f"{method} {path}: no content type", head(method, target, length=len(body), ctype=None), body, True
+        plain = method == "GET"
+        body = b"" if plain else body
         absurd = {
             "a 32 KiB header": b"X-Absurd: " + b"a" * 32_768 + b"\r\n",
-            "90 headers": b"".join(f"X-H{i}: {i}\r\n".encode() for i in range(90)),
+            "95 headers": b"".join(f"X-H{i}: {i}\r\n".encode() for i in range(95)),
             "invalid UTF-8 header values": b"X-Bad: \xff\xfe\r\nX-Request-Id: \xc3\x28\r\nTraceparent: \xff\r\n",
             "garbage traceparent and request id": b"Traceparent: 00-zz-zz-zz\r\nX-Request-Id: " + b"x" * 2000 + b"\r\n",
             "identity headers from the client": b"X-User-Id: admin\r\nX-User-Role: admin\r\n",
             "an absurd Idempotency-Key": b"Idempotency-Key: " + b"k" * 5000 + b"\r\n",
         }
         for name, extra in absurd.items():
-            yield f"{method} {path}: {name}", head(method, target, extra, length=len(body)), body
+            strict = not plain or name == "95 headers"
+            yield f"{method} {path}: {name}", head(method, target, extra, length=len(body)), body, strict
         for query in (b"?limit=-1&cursor=%FF%FE", b"?limit=99999999999999999999", b"?id=%00%ff&user_id=" + b"u" * 3000,
                       b"?" + b"&".join(b"a%d=1" % i for i in range(500))):
-            yield f"{method} {path}: query {query[:30]!r}", head(method, target + query, length=len(body)), body
-    for method, path in ops[:3]:
-        yield f"{method} {path}: invalid UTF-8 in the path", head(method, path.encode() + b"/%FF%FE", length=0), b""
-        yield f"{method} {path}: an encoded slash", head(method, path.encode() + b"/..%2F..%2Freservations", length=0), b""
-        yield f"{method} {path}: bad Authorization", head(method, path.encode(), b"Authorization: Bearer " + rng.randbytes(64).hex().encode() + b"\r\n", length=0), b""
+            yield f"{method} {path}: query {query[:30]!r}", head(method, target + query, length=len(body)), body, not plain
+    for method, path in ops:
+        yield f"{method} {path}: invalid UTF-8 in the path", head(method, path.encode() + b"/%FF%FE", length=0), b"", True
+        yield f"{method} {path}: an encoded slash", head(method, path.encode() + b"/..%2F..%2Freservations", length=0), b"", True
+        if path.startswith("/api/v1/orders") or path.startswith("/api/v1/users/"):
+            bad = b"Authorization: Bearer " + rng.randbytes(64).hex().encode() + b"\r\n"
+            yield f"{method} {path}: a forged token", head(method, path.encode(), length=0, credentials=bad), b"", True
+    # Bytes no HTTP/1.1 parser accepts: hyper refuses them (400, no body) before any
+    # handler runs, so these are the one kind of answer that is not JSON.
+    for method, path in ops[:2]:
+        yield f"{method} {path}: a NUL byte in a header", head(method, path.encode(), b"X-Nul: a\x00b\r\n", length=0), b"", "parser"
 
 
 def big_body_cases(doc, token):
@@ -347,13 +361,13 @@ def big_body_cases(doc, token):
     body = b'{"name":"' + b"x" * size + b'"}'
     yield ("POST /api/v1/products: 20 MiB JSON with Content-Length",
            b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + auth
-           + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+           + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body), body, True)
     chunked = b"".join(b"%x\r\n" % len(c) + c + b"\r\n" for c in (body[i:i + 65536] for i in range(0, len(body), 65536))) + b"0\r\n\r\n"
     yield ("POST /api/v1/products: 20 MiB JSON, chunked (no length)",
            b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + auth
-           + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunked)
+           + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunked, True)
     yield ("GET /api/v1/products: an absurd Content-Length",
-           b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 99999999999999\r\n\r\n", b"")
+           b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 99999999999999\r\n\r\n", b"", True)
 
 
 def is_json_error(headers, body):
@@ -375,7 +389,7 @@ def hostile(args, doc):
     bad, counts, started = [], {}, time.monotonic()
     cases = list(hostile_cases(doc, args.token, rng)) + list(big_body_cases(doc, args.token))
     peak = rss_before
-    for i, (name, head, body) in enumerate(cases):
+    for i, (name, head, body, strict) in enumerate(cases):
         try:
             status, headers, answer = raw_request(host, port, head, body)
         except (socket.timeout, TimeoutError):
@@ -385,7 +399,10 @@ def hostile(args, doc):
             bad.append(f"{name}: connection failed: {e}")
             continue
         counts[status] = counts.get(status, 0) + 1
-        if status is None or not 400 <= status < 500 or not is_json_error(headers, answer):
+        client_error = status is not None and 400 <= status < 500
+        error = client_error and (is_json_error(headers, answer) or strict == "parser")
+        success = strict is False and status is not None and 200 <= status < 300
+        if not (error or success):
             bad.append(f"{name}: {status} {headers.get('content-type')} {answer[:200]!r}")
         if i % 50 == 0:
             peak = max(peak, rss(launcher))
@@ -405,7 +422,10 @@ def hostile(args, doc):
         bad.append(f"memory: peak RSS {peak >> 20} MiB over {args.max_rss_mib} MiB")
     if bad:
         fail(f"{len(bad)} hostile requests were not answered with a 4xx JSON error:\n  " + "\n  ".join(bad[:40]))
-    print("  hostile input: every answer a 4xx JSON error; every service still ready")
+    parser = sum(1 for c in cases if c[3] == "parser")
+    print(f"  hostile input: every invalid request got a 4xx JSON error ({parser} refused by the HTTP parser "
+          "itself, without a body); valid GETs with odd headers or queries succeeded; no 5xx, no hang; "
+          "every service still ready")
 
 
 def rss(process):

@@ -203,7 +203,7 @@ pub fn merge(table: &RouteTable, names: &[&str], docs: &[Value]) -> Value {
                     } else {
                         route.access.write
                     };
-                    secured |= decorate(&mut op, route, policy, names[upstream], &mut used_ids);
+                    secured |= decorate(&mut op, method, route, policy, names[upstream], &mut used_ids);
                     let entry = paths.entry(public.clone()).or_insert_with(|| json!({}));
                     entry[method] = op;
                 }
@@ -247,6 +247,7 @@ Operations marked with the `bearer` security scheme need `Authorization: Bearer 
 /// Adds the gateway's side of an operation; returns whether it needs a token.
 fn decorate(
     op: &mut Value,
+    method: &str,
     route: &Route,
     policy: Policy,
     upstream: &str,
@@ -317,12 +318,16 @@ fn decorate(
         openapi::add_error(op, 400, &["invalid_path"], "the path has dot segments, empty segments or encoded separators");
         openapi::add_error(op, 404, &["not_found"], "nothing at this path");
     }
-    gateway_errors(op);
+    gateway_errors(op, method);
     secured || op.get("security").is_some()
 }
 
 /// What the gateway itself may answer to any request it would proxy.
-fn gateway_errors(op: &mut Value) {
+fn gateway_errors(op: &mut Value, method: &str) {
+    if method == "get" {
+        openapi::add_error(op, 400, &["body_not_allowed"], "a GET request carries no body");
+    }
+    openapi::add_error(op, 431, &["too_many_headers"], "more header lines than the gateway forwards");
     openapi::add_error(op, 413, &["payload_too_large"], "the body (or its `Content-Length`) is over the gateway's limit");
     openapi::add_error(op, 429, &["rate_limited"], "too many requests from this address; wait `Retry-After` seconds");
     openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
