@@ -208,11 +208,13 @@ def summarise(path):
                 continue
             (kind, data), = event.items() if len(event) == 1 else (("", {}),)
             if kind == "PhaseFinished":
-                phases.append(f"{data.get('phase', {}).get('name', '?')}={data.get('status', '?')}")
+                name = data.get("phase", {}).get("name", "?")
+                if name in ("examples", "coverage", "fuzzing", "stateful"):
+                    phases.append(f"{name}={data.get('status', '?')}")
             if kind == "ScenarioFinished":
                 recorder = data.get("recorder", {})
-                label = recorder.get("label")
-                if label:
+                label = recorder.get("label") or ""
+                if re.match(r"^[A-Z]+ /", label):
                     operations.add(label)
                 cases += len(recorder.get("cases", {}))
                 for checks in recorder.get("checks", {}).values():
@@ -224,7 +226,7 @@ def summarise(path):
         "cases": cases,
         "failures": failures,
         "errors": errors,
-        "phases": ", ".join(phases) or "?",
+        "phases": ", ".join(dict.fromkeys(phases)) or "?",
     }
 
 

@@ -142,6 +142,10 @@ pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router 
     });
     routes
         .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            config.body_limit,
+            middleware::read_body,
+        ))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(
             observer,
