@@ -450,7 +450,7 @@ def main():
     parser.add_argument("--fuzz-seconds", type=int, default=60)
     parser.add_argument("--work", required=True)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("API_FUZZ_SEED", "0")) or random.randrange(1 << 30))
-    parser.add_argument("--max-rss-mib", type=int, default=int(os.environ.get("API_MAX_RSS_MIB", "1024")))
+    parser.add_argument("--max-rss-mib", type=int, default=int(os.environ.get("API_MAX_RSS_MIB", "512")))
     parser.add_argument("--only", default="documents,fuzz,hostile")
     args = parser.parse_args()
     only = args.only.split(",")

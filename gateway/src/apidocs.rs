@@ -133,7 +133,10 @@ async fn fetch(authority: &str) -> Result<Value, String> {
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let outcome = async {
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         if response.status() != StatusCode::OK {
             return Err(format!("answered {}", response.status().as_u16()));
         }
@@ -203,7 +206,14 @@ pub fn merge(table: &RouteTable, names: &[&str], docs: &[Value]) -> Value {
                     } else {
                         route.access.write
                     };
-                    secured |= decorate(&mut op, method, route, policy, names[upstream], &mut used_ids);
+                    secured |= decorate(
+                        &mut op,
+                        method,
+                        route,
+                        policy,
+                        names[upstream],
+                        &mut used_ids,
+                    );
                     let entry = paths.entry(public.clone()).or_insert_with(|| json!({}));
                     entry[method] = op;
                 }
@@ -295,7 +305,12 @@ fn decorate(
     let secured = policy != Policy::Public;
     if secured {
         op["security"] = json!([{BEARER_SCHEME: []}]);
-        op["x-required-role"] = (if policy == Policy::Admin { "admin" } else { "user" }).into();
+        op["x-required-role"] = (if policy == Policy::Admin {
+            "admin"
+        } else {
+            "user"
+        })
+        .into();
     }
     if op.get("security").is_some() {
         openapi::add_error(
@@ -315,7 +330,12 @@ fn decorate(
         openapi::add_error(op, 403, &["forbidden"], "the token's user is not an admin");
     }
     if path_params {
-        openapi::add_error(op, 400, &["invalid_path"], "the path has dot segments, empty segments or encoded separators");
+        openapi::add_error(
+            op,
+            400,
+            &["invalid_path"],
+            "the path has dot segments, empty segments or encoded separators",
+        );
         openapi::add_error(op, 404, &["not_found"], "nothing at this path");
     }
     gateway_errors(op, method);
@@ -325,16 +345,51 @@ fn decorate(
 /// What the gateway itself may answer to any request it would proxy.
 fn gateway_errors(op: &mut Value, method: &str) {
     if method == "get" {
-        openapi::add_error(op, 400, &["body_not_allowed"], "a GET request carries no body");
+        openapi::add_error(
+            op,
+            400,
+            &["body_not_allowed"],
+            "a GET request carries no body",
+        );
     }
-    openapi::add_error(op, 431, &["too_many_headers"], "more header lines than the gateway forwards");
-    openapi::add_error(op, 413, &["payload_too_large"], "the body (or its `Content-Length`) is over the gateway's limit");
-    openapi::add_error(op, 429, &["rate_limited"], "too many requests from this address; wait `Retry-After` seconds");
+    openapi::add_error(
+        op,
+        431,
+        &["too_many_headers"],
+        "more header lines than the gateway forwards",
+    );
+    openapi::add_error(
+        op,
+        413,
+        &["payload_too_large"],
+        "the body (or its `Content-Length`) is over the gateway's limit",
+    );
+    openapi::add_error(
+        op,
+        429,
+        &["rate_limited"],
+        "too many requests from this address; wait `Retry-After` seconds",
+    );
     openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
-    openapi::add_error(op, 502, &["bad_gateway"], "the service closed the connection without a whole answer");
-    openapi::add_error(op, 503, &["circuit_open", "dependency_unavailable"], "the service is failing or has no healthy endpoint; retry after `Retry-After` seconds");
+    openapi::add_error(
+        op,
+        502,
+        &["bad_gateway"],
+        "the service closed the connection without a whole answer",
+    );
+    openapi::add_error(
+        op,
+        503,
+        &["circuit_open", "dependency_unavailable"],
+        "the service is failing or has no healthy endpoint; retry after `Retry-After` seconds",
+    );
     openapi::set_header(op, 503, "Retry-After", "seconds to wait before retrying");
-    openapi::add_error(op, 504, &["upstream_timeout"], "the service did not answer in time");
+    openapi::add_error(
+        op,
+        504,
+        &["upstream_timeout"],
+        "the service did not answer in time",
+    );
 }
 
 /// A created resource links to where it can be read: `POST /x` 201 -> `GET /x/{id}`.
@@ -414,30 +469,71 @@ fn local_paths() -> Vec<(String, Value)> {
         "summary": "This document (OpenAPI 3.1)",
         "responses": {"200": {"description": "The merged API document", "content": {"application/json": {"schema": {"type": "object"}}}}}
     });
-    openapi::add_error(&mut doc_op, 503, &["docs_unavailable"], "a service's document cannot be fetched right now");
-    openapi::set_header(&mut doc_op, 503, "Retry-After", "seconds to wait before retrying");
+    openapi::add_error(
+        &mut doc_op,
+        503,
+        &["docs_unavailable"],
+        "a service's document cannot be fetched right now",
+    );
+    openapi::set_header(
+        &mut doc_op,
+        503,
+        "Retry-After",
+        "seconds to wait before retrying",
+    );
     let text = |id: &str, summary: &str, media: &str| {
         json!({"tags": ["gateway"], "operationId": id, "summary": summary,
             "responses": {"200": {"description": summary, "content": {media: {"schema": {"type": "string"}}}}}})
     };
     let mut ops = vec![
         (DOCUMENT, doc_op),
-        (PAGE, text("api_docs_page", "The API documentation page", "text/html")),
-        (SCRIPT, text("api_docs_script", "The documentation page's script", "text/javascript")),
-        (STYLE, text("api_docs_style", "The documentation page's style", "text/css")),
-        ("/health", json!({"tags": ["gateway"], "operationId": "health", "summary": "Liveness: 200 while the process runs",
+        (
+            PAGE,
+            text("api_docs_page", "The API documentation page", "text/html"),
+        ),
+        (
+            SCRIPT,
+            text(
+                "api_docs_script",
+                "The documentation page's script",
+                "text/javascript",
+            ),
+        ),
+        (
+            STYLE,
+            text(
+                "api_docs_style",
+                "The documentation page's style",
+                "text/css",
+            ),
+        ),
+        (
+            "/health",
+            json!({"tags": ["gateway"], "operationId": "health", "summary": "Liveness: 200 while the process runs",
             "responses": {"200": {"description": "Alive", "content": {"application/json": {"schema": {
-                "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}}}}})),
-        ("/ready", json!({"tags": ["gateway"], "operationId": "ready", "summary": "Readiness, with the upstreams' health",
+                "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}}}}}),
+        ),
+        (
+            "/ready",
+            json!({"tags": ["gateway"], "operationId": "ready", "summary": "Readiness, with the upstreams' health",
             "responses": {
                 "200": {"description": "Ready", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "503": {"description": "Not ready (a check fails, or shutting down)", "content": {"application/json": {"schema": {"type": "object"}}}}}})),
-        ("/metrics", text("metrics", "Prometheus metrics", "text/plain")),
+                "503": {"description": "Not ready (a check fails, or shutting down)", "content": {"application/json": {"schema": {"type": "object"}}}}}}),
+        ),
+        (
+            "/metrics",
+            text("metrics", "Prometheus metrics", "text/plain"),
+        ),
     ];
     for (path, op) in ops.iter_mut() {
         // The probes are answered before rate limiting; the documentation after it.
         if is_local(path) {
-            openapi::add_error(op, 429, &["rate_limited"], "too many requests from this address; wait `Retry-After` seconds");
+            openapi::add_error(
+                op,
+                429,
+                &["rate_limited"],
+                "too many requests from this address; wait `Retry-After` seconds",
+            );
             openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
         }
     }
@@ -481,7 +577,10 @@ mod tests {
                     ("/products", "post", "create_product"),
                     ("/reservations", "post", "reserve"),
                 ]),
-                "user" => service(&[("/users", "post", "register"), ("/auth/login", "post", "login")]),
+                "user" => service(&[
+                    ("/users", "post", "register"),
+                    ("/auth/login", "post", "login"),
+                ]),
                 _ => service(&[]),
             })
             .collect();
@@ -490,20 +589,37 @@ mod tests {
         assert!(paths.contains_key("/api/v1/products/{id}"));
         assert!(paths.contains_key("/api/products"));
         assert!(!paths.contains_key("/api/product"), "no such upstream path");
-        assert!(!paths.keys().any(|p| p.contains("reservations")), "internal");
-        assert_eq!(paths["/api/products"]["get"]["operationId"], "list_products_seed");
+        assert!(
+            !paths.keys().any(|p| p.contains("reservations")),
+            "internal"
+        );
+        assert_eq!(
+            paths["/api/products"]["get"]["operationId"],
+            "list_products_seed"
+        );
         assert_eq!(paths["/api/products"]["get"]["x-compatibility"], true);
-        assert_eq!(paths["/api/v1/products"]["get"]["operationId"], "list_products");
+        assert_eq!(
+            paths["/api/v1/products"]["get"]["operationId"],
+            "list_products"
+        );
         assert!(paths["/api/v1/products"]["get"].get("security").is_none());
         let create = &paths["/api/v1/products"]["post"];
         assert_eq!(create["x-required-role"], "admin");
-        assert!(create["responses"]["401"]["headers"].get("WWW-Authenticate").is_some());
+        assert!(
+            create["responses"]["401"]["headers"]
+                .get("WWW-Authenticate")
+                .is_some()
+        );
         assert!(create["responses"]["403"].is_object());
         assert_eq!(
             create["responses"]["201"]["links"]["read"]["operationId"],
             "get_product"
         );
-        assert!(paths["/api/v1/auth/login"]["post"].get("security").is_none());
+        assert!(
+            paths["/api/v1/auth/login"]["post"]
+                .get("security")
+                .is_none()
+        );
         assert!(paths.contains_key(DOCUMENT));
     }
 

@@ -508,8 +508,7 @@ fn refuse_malformed(request: &Request<Incoming>) -> Option<Response<ResponseBody
         )));
     }
     // An upstream would answer without reading it and close the connection mid-upload.
-    if matches!(*request.method(), Method::GET | Method::HEAD) && !request.body().is_end_stream()
-    {
+    if matches!(*request.method(), Method::GET | Method::HEAD) && !request.body().is_end_stream() {
         return Some(error(AppError::bad_request(
             "body_not_allowed",
             "a GET or HEAD request carries no body",

@@ -2,8 +2,8 @@
 //! here from the product service's prices; a client-sent total is only checked.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use shop_platform::{AppError, Caller, Money, validate};
+use utoipa::ToSchema;
 
 pub const MAX_LINE_QUANTITY: i64 = 10_000;
 pub const MAX_LINES: usize = 100;
@@ -15,11 +15,21 @@ pub const MAX_LINES: usize = 100;
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub id: Option<String>,
     /// Whose order: taken from the caller's token; when given it must be the caller (or
     /// the caller an admin). Required only when authentication is off.
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub user_id: Option<String>,
     /// The seed's form: product ids, one unit each (repeats add up). Give this or `items`.
     #[schema(nullable = false, min_items = 1, max_items = 100, inline)]

@@ -3,9 +3,6 @@
 use std::sync::Arc;
 
 use axum::Router;
-use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +11,9 @@ use serde::Deserialize;
 use shop_platform::{
     ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, ServiceClient,
 };
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::checkout::{IdempotencyKey, Placed, place_order};
 use crate::domain::{NewOrder, Order};
@@ -91,7 +91,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_order_seed))
 }
 
-const CREATE_ERRORS_403: &str = "`forbidden`: `user_id` names someone else and the caller is not an admin";
+const CREATE_ERRORS_403: &str =
+    "`forbidden`: `user_id` names someone else and the caller is not an admin";
 const CREATE_ERRORS_409: &str = "`order_exists`: an order with this id exists\n\n`insufficient_stock`: not enough units of a product\n\n`price_changed`: a price changed while the order was placed; retry";
 const CREATE_ERRORS_422: &str = "`validation_failed`: a field breaks its constraints, a product or the user does not exist, `total` differs from the computed total, or the `Idempotency-Key` was used with another body";
 

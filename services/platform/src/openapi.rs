@@ -74,25 +74,80 @@ pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
         let params = op["parameters"].as_array().cloned().unwrap_or_default();
         let in_ = |place: &str| params.iter().any(|p| p["in"] == place);
         if has_body {
-            add_error(op, 400, &["malformed_json", "unreadable_body"], "the body is not JSON, or could not be read");
-            add_error(op, 413, &["payload_too_large"], "the body is larger than the limit");
-            add_error(op, 415, &["unsupported_media_type"], "the body is not `Content-Type: application/json`");
-            add_error(op, 422, &["validation_failed"], "a field breaks its constraints; `error.field` names it");
+            add_error(
+                op,
+                400,
+                &["malformed_json", "unreadable_body"],
+                "the body is not JSON, or could not be read",
+            );
+            add_error(
+                op,
+                413,
+                &["payload_too_large"],
+                "the body is larger than the limit",
+            );
+            add_error(
+                op,
+                415,
+                &["unsupported_media_type"],
+                "the body is not `Content-Type: application/json`",
+            );
+            add_error(
+                op,
+                422,
+                &["validation_failed"],
+                "a field breaks its constraints; `error.field` names it",
+            );
         }
         if in_("query") {
-            add_error(op, 400, &["invalid_query"], "a query parameter has the wrong type");
+            add_error(
+                op,
+                400,
+                &["invalid_query"],
+                "a query parameter has the wrong type",
+            );
         }
         if in_("path") {
-            add_error(op, 400, &["bad_request"], "a path parameter is not valid UTF-8");
+            add_error(
+                op,
+                400,
+                &["bad_request"],
+                "a path parameter is not valid UTF-8",
+            );
         }
         if op.get("security").is_some() {
             secured = true;
-            add_error(op, 401, &["unauthenticated", "invalid_token"], "no bearer token, or not a valid one (see `WWW-Authenticate`)");
-            set_header(op, 401, "WWW-Authenticate", "RFC 6750 challenge, e.g. `Bearer realm=\"shop\", error=\"invalid_token\"`");
+            add_error(
+                op,
+                401,
+                &["unauthenticated", "invalid_token"],
+                "no bearer token, or not a valid one (see `WWW-Authenticate`)",
+            );
+            set_header(
+                op,
+                401,
+                "WWW-Authenticate",
+                "RFC 6750 challenge, e.g. `Bearer realm=\"shop\", error=\"invalid_token\"`",
+            );
         }
-        add_error(op, 500, &["internal"], "a bug; the server log has the details under this request's `x-request-id`");
-        add_error(op, 503, &["dependency_unavailable"], "the database or another service cannot answer right now; retry after `Retry-After` seconds");
-        add_error(op, 504, &["timeout"], "the request took longer than the server's limit");
+        add_error(
+            op,
+            500,
+            &["internal"],
+            "a bug; the server log has the details under this request's `x-request-id`",
+        );
+        add_error(
+            op,
+            503,
+            &["dependency_unavailable"],
+            "the database or another service cannot answer right now; retry after `Retry-After` seconds",
+        );
+        add_error(
+            op,
+            504,
+            &["timeout"],
+            "the request took longer than the server's limit",
+        );
         set_header(op, 503, "Retry-After", "seconds to wait before retrying");
     });
     if secured {
@@ -136,7 +191,10 @@ pub fn add_error(op: &mut Value, status: u16, codes: &[&str], text: &str) {
     if response.is_null() {
         *response = json!({"description": format!("{}: {text}", backticked(codes))});
     } else {
-        let mut description = response["description"].as_str().unwrap_or_default().to_owned();
+        let mut description = response["description"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let missing: Vec<&str> = codes
             .iter()
             .copied()
@@ -215,7 +273,8 @@ pub fn narrow_error_codes(doc: &mut Value) {
 pub fn set_header(op: &mut Value, status: u16, name: &str, description: &str) {
     let response = &mut op["responses"][status.to_string()];
     if response.is_object() {
-        response["headers"][name] = json!({"description": description, "schema": {"type": "string"}});
+        response["headers"][name] =
+            json!({"description": description, "schema": {"type": "string"}});
     }
 }
 
@@ -267,8 +326,8 @@ mod tests {
     fn errors_merge_codes_per_status() {
         let mut op = json!({"responses": {"400": {"description": "`missing_parameter`: no id"}}});
         add_error(&mut op, 400, &["invalid_query"], "bad query");
-        let codes = &op["responses"]["400"]["content"]["application/json"]["schema"]["allOf"][1]
-            ["properties"]["error"]["properties"]["code"]["enum"];
+        let codes = &op["responses"]["400"]["content"]["application/json"]["schema"]["allOf"][1]["properties"]
+            ["error"]["properties"]["code"]["enum"];
         assert_eq!(codes, &json!(["missing_parameter", "invalid_query"]));
         add_error(&mut op, 400, &["invalid_query"], "bad query");
         assert_eq!(
@@ -296,7 +355,10 @@ mod tests {
         .unwrap();
         let keys: Vec<&String> = body["error"].as_object().unwrap().keys().collect();
         for key in keys {
-            assert!(detail["properties"].get(key).is_some(), "{key} undocumented");
+            assert!(
+                detail["properties"].get(key).is_some(),
+                "{key} undocumented"
+            );
         }
     }
 }

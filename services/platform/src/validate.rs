@@ -37,17 +37,24 @@ pub fn id_or_new(field: &str, given: Option<String>) -> Result<String, AppError>
 #[into_params(parameter_in = Query)]
 pub struct IdQuery {
     /// The id to look up (required).
-    #[param(required = true, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    #[param(
+        required = true,
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_-]{1,64}$"
+    )]
     id: Option<String>,
 }
 
 impl IdQuery {
     pub fn required(self) -> Result<String, AppError> {
-        self.id.filter(|id| !id.is_empty()).ok_or_else(|| {
-            AppError::bad_request("missing_parameter", "query parameter id is required")
-                .with_field("id")
-        })
-        .and_then(|given| id("id", &given).map(|()| given))
+        self.id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                AppError::bad_request("missing_parameter", "query parameter id is required")
+                    .with_field("id")
+            })
+            .and_then(|given| id("id", &given).map(|()| given))
     }
 }
 

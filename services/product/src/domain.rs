@@ -1,8 +1,8 @@
 //! Products and stock reservations, with the validation rules the API enforces.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use shop_platform::{AppError, Money, validate};
+use utoipa::ToSchema;
 
 pub const MAX_QUANTITY: i64 = 1_000_000_000;
 
@@ -22,10 +22,19 @@ pub struct Product {
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub id: Option<String>,
     /// Leading and trailing whitespace is trimmed; no control characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
     pub price: Money,
     /// Units in stock (default 0).
@@ -39,7 +48,12 @@ pub struct NewProduct {
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 1)]
 pub struct ProductPatch {
-    #[schema(nullable = false, min_length = 1, max_length = 200, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: Option<String>,
     #[schema(nullable = false)]
     pub price: Option<Money>,
@@ -51,9 +65,19 @@ pub struct ProductPatch {
 #[serde(deny_unknown_fields)]
 pub struct ReservationRequest {
     /// Chosen by the caller so a retry is recognised; generated when absent.
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub id: Option<String>,
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub order_id: Option<String>,
     /// Repeated products are merged.
     #[schema(min_items = 1, max_items = 100)]

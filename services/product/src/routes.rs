@@ -3,9 +3,6 @@
 use std::sync::Arc;
 
 use axum::Router;
-use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +10,9 @@ use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::validate::{self, IdQuery};
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::{NewProduct, Product, ProductPatch, Reservation, ReservationRequest};
 use crate::storage::{ProductStore, Release, Reserved, StoreError};
@@ -109,7 +109,8 @@ struct ListParams {
     cursor: Option<String>,
 }
 
-const PAGE_HEADERS: &str = "A JSON array; when more rows exist, `Link` (rel=next) and `X-Next-Cursor` name the next page.";
+const PAGE_HEADERS: &str =
+    "A JSON array; when more rows exist, `Link` (rel=next) and `X-Next-Cursor` name the next page.";
 
 /// List products, oldest first.
 #[utoipa::path(get, path = "/products", tag = "products", operation_id = "list_products",

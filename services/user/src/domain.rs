@@ -5,9 +5,9 @@ use std::fmt;
 
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 pub use shop_platform::auth::Role;
 use shop_platform::{AppError, validate};
+use utoipa::ToSchema;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct User {
@@ -37,13 +37,25 @@ impl fmt::Debug for Password {
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[schema(
+        nullable = false,
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub id: Option<String>,
     /// Trimmed; no control characters.
-    #[schema(min_length = 1, max_length = 100, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
     /// Unique, compared case-insensitively.
-    #[schema(max_length = 254, pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$")]
+    #[schema(
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$"
+    )]
     pub email: String,
     /// Stored only as an argon2id hash; never returned.
     #[schema(value_type = String, format = Password, min_length = 6, max_length = 1024)]
@@ -131,7 +143,10 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
-    #[schema(max_length = 254, pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$")]
+    #[schema(
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$"
+    )]
     pub email: String,
     #[schema(value_type = String, format = Password, min_length = 1, max_length = 1024)]
     pub password: Password,

@@ -6,9 +6,6 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::Router;
-use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +14,9 @@ use shop_platform::auth::{IssuedToken, KeyPair, TokenSigner};
 use shop_platform::validate::IdQuery;
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics};
 use tokio::sync::Semaphore;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::{
     Credentials, LoginLimits, NewUser, Password, Role, User, decoy_hash, hash_password,
@@ -124,7 +124,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jwks))
 }
 
-const REGISTER_409: &str = "`user_exists`: a user with this id exists\n\n`email_taken`: the email has an account";
+const REGISTER_409: &str =
+    "`user_exists`: a user with this id exists\n\n`email_taken`: the email has an account";
 const ID_PARAM: &str = "User id";
 
 /// Register (the seed's route; the same as `POST /users`).
