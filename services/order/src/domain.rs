@@ -13,6 +13,7 @@ pub const MAX_LINES: usize = 100;
 /// Serialised only to fingerprint a request for `Idempotency-Key`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"products": ["1", "2"]}))]
 pub struct NewOrder {
     /// Optional client-chosen id; generated (a UUID) when absent.
     #[schema(
@@ -46,7 +47,7 @@ pub struct NewOrder {
 /// A product id.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(transparent)]
-#[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+#[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64, example = "1")]
 pub struct ProductId(pub String);
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

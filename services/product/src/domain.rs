@@ -20,6 +20,7 @@ pub struct Product {
 /// `POST /products` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Keyboard", "price": 49.9, "quantity": 25}))]
 pub struct NewProduct {
     /// Optional client-chosen id; generated (a UUID) when absent.
     #[schema(

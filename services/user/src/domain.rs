@@ -35,6 +35,7 @@ impl fmt::Debug for Password {
 /// `POST /users` (and the seed's `POST /user`) body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Ada", "email": "ada@example.com", "password": "correct horse"}))]
 pub struct NewUser {
     /// Optional client-chosen id; generated (a UUID) when absent.
     #[schema(
