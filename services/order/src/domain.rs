@@ -47,7 +47,12 @@ pub struct NewOrder {
 /// A product id.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(transparent)]
-#[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64, example = "1")]
+#[schema(
+    pattern = "^[A-Za-z0-9_-]{1,64}$",
+    min_length = 1,
+    max_length = 64,
+    example = "1"
+)]
 pub struct ProductId(pub String);
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
