@@ -78,6 +78,12 @@ def check_documents(args):
         validate(doc, cls=OpenAPIV31SpecValidator)
         if not doc["openapi"].startswith("3.1"):
             fail(f"{name}: openapi is {doc['openapi']}, not 3.1")
+        for own in ("/health", "/ready", "/metrics", "/openapi.json"):
+            if "get" not in doc["paths"].get(own, {}):
+                fail(f"{name}: GET {own} is served but not documented")
+            status, _, _ = get(f"{base}{own}")
+            if status != 200:
+                fail(f"{name}: GET {own} answered {status}")
         ops = sum(1 for item in doc["paths"].values() for m in METHODS if m in item)
         print(f"  {name}: /openapi.json is valid OpenAPI {doc['openapi']} ({len(doc['paths'])} paths, {ops} operations)")
         documents[name] = doc

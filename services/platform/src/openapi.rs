@@ -153,7 +153,61 @@ pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
     if secured {
         doc["components"]["securitySchemes"][BEARER_SCHEME] = bearer_scheme();
     }
+    for (path, item) in platform_paths() {
+        doc["paths"][path] = item;
+    }
     doc
+}
+
+/// What every binary serves besides its API (see [`crate::probes`] and
+/// [`crate::ServiceParts::openapi`]).
+pub const PLATFORM_PATHS: [&str; 4] = ["/health", "/ready", "/metrics", "/openapi.json"];
+
+fn platform_paths() -> [(&'static str, Value); 4] {
+    let object = json!({"type": "object"});
+    let op = |id: &str, summary: &str, responses: Value| json!({"get": {"tags": ["operations"], "operationId": id, "summary": summary, "responses": responses}});
+    [
+        (
+            "/health",
+            op(
+                "health",
+                "Liveness: 200 while the process runs",
+                json!({"200": {
+                "description": "Alive",
+                "content": {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}}}}),
+            ),
+        ),
+        (
+            "/ready",
+            op(
+                "ready",
+                "Readiness: every dependency check passes and not shutting down",
+                json!({
+                "200": {"description": "Ready", "content": {"application/json": {"schema": object}}},
+                "503": {"description": "Not ready; the body names each failing check", "content": {"application/json": {"schema": object}}}}),
+            ),
+        ),
+        (
+            "/metrics",
+            op(
+                "metrics",
+                "Prometheus metrics",
+                json!({"200": {
+                "description": "Text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}),
+            ),
+        ),
+        (
+            "/openapi.json",
+            op(
+                "openapi",
+                "This document",
+                json!({"200": {
+                "description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": object}}}}),
+            ),
+        ),
+    ]
 }
 
 pub fn bearer_scheme() -> Value {

@@ -555,6 +555,10 @@ pub async fn assert_router_matches_document(router: &Router, doc: &Value, routes
     let paths = doc["paths"].as_object().expect("a document with paths");
     assert!(!paths.is_empty(), "the document has no paths");
     for (path, item) in paths {
+        // Served by the platform around every router (tested with it), not by this one.
+        if crate::openapi::PLATFORM_PATHS.contains(&path.as_str()) {
+            continue;
+        }
         let concrete = path.replace('{', "x").replace('}', "");
         let concrete = concrete.as_str();
         for method in [
