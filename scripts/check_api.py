@@ -170,7 +170,7 @@ def fuzz(args):
     command = [
         st, "run", f"{args.gateway}/api/openapi.json",
         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-                    "response_headers_conformance,response_schema_conformance",
+                    "response_headers_conformance,response_schema_conformance,negative_data_rejection",
         "--header", f"Authorization: Bearer {args.token}",
         "--phases", "examples,coverage,fuzzing,stateful",
         "--max-time", str(args.fuzz_seconds),

@@ -16,31 +16,20 @@ pub const MAX_LINES: usize = 100;
 #[schema(example = json!({"products": ["1", "2"]}))]
 pub struct NewOrder {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
     /// Whose order: taken from the caller's token; when given it must be the caller (or
     /// the caller an admin). Required only when authentication is off.
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub user_id: Option<String>,
     /// The seed's form: product ids, one unit each (repeats add up). Give this or `items`.
-    #[schema(nullable = false, min_items = 1, max_items = 100, inline)]
+    #[schema(min_items = 1, max_items = 100, inline)]
     pub products: Option<Vec<ProductId>>,
     /// Product ids with quantities. Give this or `products`. At most 10000 units of one
     /// product in all.
-    #[schema(nullable = false, min_items = 1, max_items = 100)]
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Option<Vec<OrderLineRequest>>,
     /// Optional: if given, it must equal the computed total.
-    #[schema(nullable = false)]
     pub total: Option<Money>,
 }
 

@@ -223,7 +223,7 @@ async fn list_orders(
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> AppResult<Response> {
     let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
-    let mut user_id = params.user_id.filter(|u| !u.is_empty());
+    let mut user_id = params.user_id;
     if let Some(user_id) = &user_id {
         shop_platform::validate::id("user_id", user_id)?;
         caller.require_access(user_id, "orders")?;

@@ -49,7 +49,7 @@ impl PartialSchema for Money {
             "description": "An amount of money with at most two decimal places (exact: stored as cents). Sent as a JSON number; a decimal string is accepted too.",
             "oneOf": [
                 {"type": "number", "minimum": 0, "maximum": max},
-                {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,2})?$"}
+                {"type": "string", "pattern": "^[0-9]+(\\.[0-9]{1,2})?$"}
             ],
             "examples": [24.99]
         }))

@@ -23,12 +23,7 @@ pub struct Product {
 #[schema(example = json!({"name": "Keyboard", "price": 49.9, "quantity": 25}))]
 pub struct NewProduct {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
     /// Leading and trailing whitespace is trimmed; no control characters.
     #[schema(
@@ -50,15 +45,13 @@ pub struct NewProduct {
 #[schema(min_properties = 1)]
 pub struct ProductPatch {
     #[schema(
-        nullable = false,
         min_length = 1,
         max_length = 200,
         pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
     )]
     pub name: Option<String>,
-    #[schema(nullable = false)]
     pub price: Option<Money>,
-    #[schema(nullable = false, minimum = 0, maximum = 1_000_000_000)]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub quantity: Option<i64>,
 }
 
@@ -66,19 +59,9 @@ pub struct ProductPatch {
 #[serde(deny_unknown_fields)]
 pub struct ReservationRequest {
     /// Chosen by the caller so a retry is recognised; generated when absent.
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub order_id: Option<String>,
     /// Repeated products are merged.
     #[schema(min_items = 1, max_items = 100)]

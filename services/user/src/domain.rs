@@ -38,12 +38,7 @@ impl fmt::Debug for Password {
 #[schema(example = json!({"name": "Ada", "email": "ada@example.com", "password": "correct horse"}))]
 pub struct NewUser {
     /// Optional client-chosen id; generated (a UUID) when absent.
-    #[schema(
-        nullable = false,
-        pattern = "^[A-Za-z0-9_-]{1,64}$",
-        min_length = 1,
-        max_length = 64
-    )]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
     /// Trimmed; no control characters.
     #[schema(
@@ -55,7 +50,7 @@ pub struct NewUser {
     /// Unique, compared case-insensitively.
     #[schema(
         max_length = 254,
-        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$"
+        pattern = "^\\s*[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\s*$"
     )]
     pub email: String,
     /// Stored only as an argon2id hash; never returned.
@@ -146,7 +141,7 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
 pub struct Credentials {
     #[schema(
         max_length = 254,
-        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?$"
+        pattern = "^\\s*[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\s*$"
     )]
     pub email: String,
     #[schema(value_type = String, format = Password, min_length = 1, max_length = 1024)]
