@@ -186,7 +186,9 @@ def fuzz(args):
     ]
     started = time.monotonic()
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.fuzz_seconds + 240)
+        # In the work directory: schemathesis keeps a cache where it runs.
+        result = subprocess.run(command, capture_output=True, text=True, cwd=args.work,
+                                timeout=args.fuzz_seconds + 240)
     except subprocess.TimeoutExpired:
         fail(f"schemathesis did not finish within {args.fuzz_seconds + 240} s")
     output = result.stdout + result.stderr

@@ -170,6 +170,9 @@ mod tests {
             assert!(Money::parse_decimal(loose).is_err(), "{loose:?}");
         }
         assert!(parse("1e300").is_err());
+        // Just over the largest amount: a correctly rounded parse keeps the excess.
+        assert!(parse("1000000000000.0001").is_err());
+        assert_eq!(parse("1000000000000").unwrap().cents(), MAX_CENTS);
         assert!(parse("true").is_err());
         assert_eq!(parse("-1.5").unwrap().cents(), -150);
     }
