@@ -103,6 +103,7 @@ fn routes() -> OpenApiRouter<AppState> {
 struct ListParams {
     /// Page size.
     #[param(minimum = 1, maximum = 100, default = 50)]
+    #[serde(default, deserialize_with = "shop_platform::pagination::limit")]
     limit: Option<u32>,
     /// From the previous page's `X-Next-Cursor` header.
     #[param(max_length = 64)]
