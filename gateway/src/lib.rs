@@ -7,6 +7,7 @@
 //! crosses threads. Shared state (routes, endpoint health, breakers, metrics) is atomics.
 
 pub mod access;
+pub mod apidocs;
 pub mod cache;
 pub mod config;
 pub mod deadline;
@@ -41,6 +42,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// are numbered from 0.
 pub const UNMATCHED_ROUTE: usize = usize::MAX;
 pub const ADMIN_ROUTE: usize = usize::MAX - 1;
+pub const DOCS_ROUTE: usize = usize::MAX - 2;
 
 /// Behaviour switches read on the hot path.
 #[derive(Debug, Clone)]
@@ -66,6 +68,7 @@ pub struct Shared {
     pub sampler: shop_platform::telemetry::Sampler,
     /// Where sampled requests' spans go; `None` when no OTLP endpoint is configured.
     pub spans: Option<&'static shop_platform::telemetry::SpanSink>,
+    pub docs: apidocs::ApiDocs,
 }
 
 impl Shared {
@@ -73,6 +76,7 @@ impl Shared {
         match route {
             UNMATCHED_ROUTE => "unmatched",
             ADMIN_ROUTE => "admin",
+            DOCS_ROUTE => "docs",
             id => &self.table.routes[id].label,
         }
     }

@@ -270,6 +270,9 @@ impl Worker {
             return (crate::UNMATCHED_ROUTE, preflight);
         }
         let Some((route_id, route)) = shared.table.find(path) else {
+            if let Some(response) = crate::apidocs::serve(shared, path, request.method()).await {
+                return (crate::DOCS_ROUTE, response);
+            }
             return (
                 crate::UNMATCHED_ROUTE,
                 error(AppError::not_found("no route for this path")),
@@ -282,6 +285,9 @@ impl Worker {
                 .authorize(&shared.authenticator, policy, request.headers_mut())
         {
             return (route_id, refused.into_response());
+        }
+        if let Some(refused) = refuse_malformed(&request) {
+            return (route_id, refused);
         }
         let path = request.uri().path();
         if let Some(length) = request
@@ -513,6 +519,30 @@ fn from_cache(entry: &Entry, not_modified: bool, result: &'static str) -> Respon
     headers.insert(header::ETAG, entry.etag.clone());
     headers.insert(X_CACHE, HeaderValue::from_static(result));
     response
+}
+
+/// Upstreams parse at most 100 header lines and the gateway adds a few of its own: more
+/// than this is refused here, as JSON, rather than by an upstream's parser without a body.
+pub const MAX_HEADERS: usize = 90;
+
+/// Requests no upstream could answer well, refused before anything is forwarded. Both
+/// checks are a length and a flag already known.
+fn refuse_malformed(request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    if request.headers().len() > MAX_HEADERS {
+        return Some(error(AppError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_many_headers",
+            format!("at most {MAX_HEADERS} header lines"),
+        )));
+    }
+    // An upstream would answer without reading it and close the connection mid-upload.
+    if matches!(*request.method(), Method::GET | Method::HEAD) && !request.body().is_end_stream() {
+        return Some(error(AppError::bad_request(
+            "body_not_allowed",
+            "a GET or HEAD request carries no body",
+        )));
+    }
+    None
 }
 
 fn too_large() -> AppError {

@@ -27,6 +27,9 @@ pub struct RouteSpec {
     pub read: Option<Policy>,
     /// Who may send anything else; `user` when unset.
     pub write: Option<Policy>,
+    /// Kept for an older API (the seed's): marked so in the published API document.
+    #[serde(default)]
+    pub compatibility: bool,
 }
 
 /// A compiled route. `label` is the route's pattern, used as the metrics `route` label so
@@ -36,10 +39,16 @@ pub struct Route {
     pub label: String,
     pub upstream: usize,
     pub access: RouteAccess,
+    pub compatibility: bool,
     strip: String,
 }
 
 impl Route {
+    /// What is removed from the front of a matched path before it goes upstream.
+    pub fn strip(&self) -> &str {
+        &self.strip
+    }
+
     /// The upstream path and query for a matched request path.
     pub fn rewrite(&self, path: &str, query: Option<&str>) -> String {
         let rest = path.strip_prefix(self.strip.as_str()).unwrap_or(path);
@@ -147,6 +156,7 @@ impl RouteTable {
                 label,
                 upstream,
                 access: RouteAccess::new(spec.read, spec.write),
+                compatibility: spec.compatibility,
                 strip: spec.strip.clone(),
             });
         }

@@ -131,6 +131,7 @@ impl Gateway {
             readiness,
             sampler: shop_platform::telemetry::Sampler::from_env(),
             spans: shop_platform::telemetry::SpanSink::get(),
+            docs: Default::default(),
         });
         let authenticator = shared.authenticator.clone();
         shared.readiness.add_check("auth_keys", move || {

@@ -868,3 +868,159 @@ async fn upstream_connections_are_reused_and_closed_after_the_idle_timeout() {
     );
     gw.stop().await;
 }
+
+/// A stub service whose `/openapi.json` documents `paths` (GET each, operation id given).
+async fn documented_upstream(paths: &[(&str, &str)]) -> String {
+    let mut doc =
+        json!({"openapi": "3.1.0", "info": {"title": "stub", "version": "1"}, "paths": {}});
+    for (path, id) in paths {
+        doc["paths"][*path] =
+            json!({"get": {"operationId": id, "responses": {"200": {"description": "ok"}}}});
+    }
+    stub(Router::new().route(
+        "/openapi.json",
+        get(move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc) }
+        }),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn serves_the_merged_api_document_and_a_self_contained_docs_page() {
+    let product = documented_upstream(&[("/products/{id}", "get_product")]).await;
+    let order = documented_upstream(&[("/orders", "list_orders")]).await;
+    let user = documented_upstream(&[("/.well-known/jwks.json", "jwks")]).await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &product),
+        ("ORDER_URL", &order),
+        ("USER_URL", &user),
+    ]);
+    let http = client();
+    let response = http
+        .get(format!("{}/api/openapi.json", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(
+        paths["/api/v1/products/{id}"]["get"]["operationId"],
+        "get_product"
+    );
+    assert_eq!(
+        paths["/api/orders"]["get"]["operationId"],
+        "list_orders_seed"
+    );
+    assert_eq!(paths["/api/v1/orders"]["get"]["x-required-role"], "user");
+    assert!(
+        paths["/.well-known/jwks.json"]["get"]
+            .get("security")
+            .is_none()
+    );
+    for own in ["/api/openapi.json", "/api/docs", "/health"] {
+        assert!(paths.contains_key(own), "{own}");
+    }
+
+    let page = http
+        .get(format!("{}/api/docs", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let html = page.text().await.unwrap();
+    for asset in ["/api/docs/docs.js", "/api/docs/docs.css"] {
+        assert!(html.contains(asset), "{asset}");
+        let r = http.get(format!("{}{asset}", gw.url)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{asset}");
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no CDN"
+    );
+
+    let r = http
+        .post(format!("{}/api/openapi.json", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    gw.stop().await;
+
+    // A service that cannot send its document: a JSON 503, not a partial document.
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &closed_port_url()),
+        ("ORDER_URL", &order),
+        ("USER_URL", &user),
+    ]);
+    let r = http
+        .get(format!("{}/api/openapi.json", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "docs_unavailable");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_get_bodies_and_more_headers_than_upstreams_parse_as_json() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let http = client();
+    let r = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_not_allowed");
+
+    let mut headers = HeaderMap::new();
+    for i in 0..=shop_gateway::proxy::MAX_HEADERS {
+        headers.insert(
+            axum::http::HeaderName::try_from(format!("x-h{i}")).unwrap(),
+            "1".parse().unwrap(),
+        );
+    }
+    let r = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .headers(headers)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_headers");
+
+    // A few headers fewer pass through.
+    let r = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .header("x-one", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    gw.stop().await;
+}

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use shop_platform::{AppError, Caller, Money, validate};
+use utoipa::ToSchema;
 
 pub const MAX_LINE_QUANTITY: i64 = 10_000;
 pub const MAX_LINES: usize = 100;
@@ -10,23 +11,45 @@ pub const MAX_LINES: usize = 100;
 /// `POST /orders` body. The seed's form lists product ids, one unit each
 /// (`"products": ["1","2"]`); the REST form gives quantities (`"items"`).
 /// Serialised only to fingerprint a request for `Idempotency-Key`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"products": ["1", "2"]}))]
 pub struct NewOrder {
+    /// Optional client-chosen id; generated (a UUID) when absent.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
     /// Whose order: taken from the caller's token; when given it must be the caller (or
     /// the caller an admin). Required only when authentication is off.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub user_id: Option<String>,
-    pub products: Option<Vec<String>>,
+    /// The seed's form: product ids, one unit each (repeats add up). Give this or `items`.
+    #[schema(min_items = 1, max_items = 100, inline)]
+    pub products: Option<Vec<ProductId>>,
+    /// Product ids with quantities. Give this or `products`. At most 10000 units of one
+    /// product in all.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Option<Vec<OrderLineRequest>>,
     /// Optional: if given, it must equal the computed total.
     pub total: Option<Money>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// A product id.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(transparent)]
+#[schema(
+    pattern = "^[A-Za-z0-9_-]{1,64}$",
+    min_length = 1,
+    max_length = 64,
+    example = "1"
+)]
+pub struct ProductId(pub String);
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLineRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub product_id: String,
+    #[schema(minimum = 1, maximum = 10_000)]
     pub quantity: i64,
 }
 
@@ -47,7 +70,7 @@ pub struct RequestedLine {
     pub field: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OrderItem {
     pub product_id: String,
     pub name: String,
@@ -56,7 +79,7 @@ pub struct OrderItem {
     pub line_total: Money,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Order {
     pub id: String,
     pub user_id: String,
@@ -65,6 +88,7 @@ pub struct Order {
     pub items: Vec<OrderItem>,
     pub total: Money,
     pub status: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     #[serde(skip)]
     pub reservation_id: String,
@@ -107,7 +131,7 @@ impl NewOrder {
             (Some(products), None) => products
                 .into_iter()
                 .enumerate()
-                .map(|(i, id)| (format!("products[{i}]"), id, 1))
+                .map(|(i, id)| (format!("products[{i}]"), id.0, 1))
                 .collect(),
             (None, Some(items)) => items
                 .into_iter()

@@ -15,7 +15,7 @@ use shop_platform::{
     Shutdown, StorageConfig,
 };
 
-pub use routes::{AppState, app};
+pub use routes::{AppState, app, openapi};
 pub use storage::{OrderStore, SqlOrderStore};
 
 pub const NAME: &str = "order";
@@ -113,6 +113,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     ServiceParts::new(NAME, config.server, metrics)
         .database(db)
         .auth(Authenticator::new(&config.auth)?)
+        .openapi(&openapi())
         .on_close(async move { recovery.abort() })
         .readiness_check("product", move || {
             let products = products.clone();

@@ -6,15 +6,17 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::{
     ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, ServiceClient,
 };
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::checkout::{IdempotencyKey, Placed, place_order};
-use crate::domain::NewOrder;
+use crate::domain::{NewOrder, Order};
 use crate::storage::{OrderStore, StoreError};
 
 #[derive(Clone)]
@@ -60,17 +62,58 @@ impl From<StoreError> for AppError {
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/orders", post(create_order).get(list_orders))
-        .route("/orders/{id}", get(get_order))
-        .route("/order", post(create_order))
-        .with_state(state)
+    routes().split_for_parts().0.with_state(state)
 }
+
+/// The service's OpenAPI document, from the same annotations the router is built from.
+pub fn openapi() -> serde_json::Value {
+    let mut doc = shop_platform::openapi::document(routes().split_for_parts().1);
+    // Exactly one of the two forms (checked by NewOrder::validate).
+    doc["components"]["schemas"]["NewOrder"]["oneOf"] =
+        serde_json::json!([{"required": ["products"]}, {"required": ["items"]}]);
+    doc
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "shop order service", description = "Places orders (priced and stock-checked by the product service) and lists them."),
+    tags(
+        (name = "orders", description = "Orders."),
+        (name = "compatibility", description = "The seed API's routes, kept for its walkthrough."),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_order, list_orders))
+        .routes(routes!(get_order))
+        .routes(routes!(create_order_seed))
+}
+
+const CREATE_ERRORS_403: &str =
+    "`forbidden`: `user_id` names someone else and the caller is not an admin";
+const CREATE_ERRORS_409: &str = "`order_exists`: an order with this id exists\n\n`insufficient_stock`: not enough units of a product\n\n`price_changed`: a price changed while the order was placed; retry";
+const CREATE_ERRORS_422: &str = "`validation_failed`: a field breaks its constraints, a product or the user does not exist, `total` differs from the computed total, or the `Idempotency-Key` was used with another body";
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Marks a response replayed from an earlier request with the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// Place an order. Totals are computed by the server; the order is stored only once
+/// stock is reserved. With `Idempotency-Key`, a retry returns the first answer.
+#[utoipa::path(post, path = "/orders", tag = "orders", operation_id = "create_order",
+    request_body = NewOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key and body return the first answer", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Placed", body = Order, headers(
+            ("Location" = String, description = "the order's URL"),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key"))),
+        (status = 403, description = CREATE_ERRORS_403),
+        (status = 409, description = CREATE_ERRORS_409),
+        (status = 422, description = CREATE_ERRORS_422),
+    ))]
 async fn create_order(
     State(state): State<AppState>,
     caller: Caller,
@@ -124,13 +167,55 @@ async fn create_order(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Place an order (the seed's route; the same as `POST /orders`).
+#[utoipa::path(post, path = "/order", tag = "compatibility", operation_id = "create_order_seed",
+    request_body = NewOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key and body return the first answer", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Placed", body = Order, headers(
+            ("Location" = String, description = "the order's URL"),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key"))),
+        (status = 403, description = CREATE_ERRORS_403),
+        (status = 409, description = CREATE_ERRORS_409),
+        (status = 422, description = CREATE_ERRORS_422),
+    ))]
+async fn create_order_seed(
+    state: State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: ApiJson<NewOrder>,
+) -> AppResult<Response> {
+    create_order(state, caller, headers, body).await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Whose orders (default: the caller's own; admins may name anyone or omit it for all).
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     user_id: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 100, default = 50)]
+    #[serde(default, deserialize_with = "shop_platform::pagination::limit")]
     limit: Option<u32>,
+    /// From the previous page's `X-Next-Cursor` header.
+    #[param(max_length = 64)]
     cursor: Option<String>,
 }
 
+/// List orders, oldest first.
+#[utoipa::path(get, path = "/orders", tag = "orders", operation_id = "list_orders",
+    params(ListParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A JSON array; when more rows exist, `Link` (rel=next) and `X-Next-Cursor` name the next page.", body = Vec<Order>, headers(
+            ("Link" = String, description = "`<...>; rel=\"next\"` when another page exists"),
+            ("X-Next-Cursor" = String, description = "the cursor of the next page"))),
+        (status = 400, description = "`invalid_cursor`: the cursor is not one this API issued"),
+        (status = 403, description = "`forbidden`: `user_id` names someone else and the caller is not an admin"),
+        (status = 422, description = "`validation_failed`: `limit` is out of range or `user_id` breaks its pattern"),
+    ))]
 /// A customer lists their own orders (`user_id` defaults to them); admins, and everyone
 /// when authentication is off, may list anyone's or all.
 async fn list_orders(
@@ -139,7 +224,7 @@ async fn list_orders(
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> AppResult<Response> {
     let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
-    let mut user_id = params.user_id.filter(|u| !u.is_empty());
+    let mut user_id = params.user_id;
     if let Some(user_id) = &user_id {
         shop_platform::validate::id("user_id", user_id)?;
         caller.require_access(user_id, "orders")?;
@@ -154,11 +239,22 @@ async fn list_orders(
     Ok(Page::from_rows(rows, page).into_response("/orders", &query))
 }
 
+/// One order (its owner or an admin).
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", operation_id = "get_order",
+    params(("id" = String, Path, description = "Order id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 403, description = "`forbidden`: the order is someone else's"),
+        (status = 404, description = "`not_found`: no order with this id"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 async fn get_order(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
+    shop_platform::validate::id("id", &id)?;
     match state.store.get(&id).await? {
         Some(order) => {
             caller.require_access(&order.user_id, "orders")?;

@@ -518,3 +518,15 @@ shop_platform::backend_tests!(
     a_dependency_down_is_a_quick_503_not_a_hang,
     a_peer_that_hangs_is_cut_off_by_the_upstream_timeout,
 );
+
+/// The router and the OpenAPI document describe the same routes, both ways.
+#[tokio::test]
+async fn the_router_and_the_openapi_document_agree() {
+    let h = Harness::new(Backend::Sqlite).await;
+    shop_platform::testing::assert_router_matches_document(
+        &h.router,
+        &shop_order::openapi(),
+        include_str!("../src/routes.rs"),
+    )
+    .await;
+}

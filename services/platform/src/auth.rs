@@ -27,7 +27,7 @@ pub const DEFAULT_AUDIENCE: &str = "shop";
 /// Clock skew tolerated between the signer's and a verifier's clocks.
 const LEEWAY_SECS: u64 = 5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Customer,
@@ -198,10 +198,14 @@ fn now_secs() -> u64 {
 }
 
 /// An access token as OAuth2 clients expect it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct IssuedToken {
+    /// Send as `Authorization: Bearer <access_token>`.
     pub access_token: String,
+    #[schema(value_type = String, pattern = "^Bearer$")]
     pub token_type: &'static str,
+    /// Seconds until the token expires.
+    #[schema(minimum = 1)]
     pub expires_in: u64,
 }
 

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod metrics;
 pub mod middleware;
 pub mod money;
+pub mod openapi;
 pub mod pagination;
 pub mod probes;
 pub mod server;

@@ -135,6 +135,34 @@ pub(crate) async fn observe(
 
 /// An inbound `x-request-id` worth keeping: short, printable ASCII (it lands in logs and
 /// headers verbatim). Anything else is replaced with a fresh id.
+/// Reads a request's whole body before routing (bounded by the body limit). Handlers
+/// buffer JSON bodies anyway; this also covers the answers given without looking at the
+/// body (404, 405, 401, 403): a server that replies and closes with unread bytes in its
+/// socket makes the kernel reset the connection, and the caller (the gateway, mid-upload)
+/// loses the reply and sees a broken connection instead.
+pub(crate) async fn read_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    use axum::body::{Body, HttpBody};
+    use http_body_util::BodyExt;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => {
+            next.run(Request::from_parts(parts, Body::from(collected.to_bytes())))
+                .await
+        }
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => AppError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is larger than the configured limit",
+        )
+        .into_response(),
+        Err(_) => AppError::bad_request("unreadable_body", "the request body could not be read")
+            .into_response(),
+    }
+}
+
 pub fn is_acceptable_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())

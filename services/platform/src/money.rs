@@ -37,35 +37,30 @@ impl Money {
             .map(Money)
     }
 
-    /// Parses a decimal amount with at most two decimal places.
+    /// Parses the string form of an amount: digits, optionally a point and one or two
+    /// more (the published pattern `^[0-9]+(\.[0-9]{1,2})?$`); nothing else, not even
+    /// spaces or a sign.
     pub fn parse_decimal(text: &str) -> Result<Money, String> {
-        let t = text.trim();
-        let (negative, digits) = match t.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, t),
+        let (whole, frac) = match text.split_once('.') {
+            Some((whole, frac)) => (whole, Some(frac)),
+            None => (text, None),
         };
-        let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
-        if whole.is_empty() && frac.is_empty()
-            || !whole.bytes().all(|b| b.is_ascii_digit())
-            || !frac.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(format!("{text:?} is not a decimal amount"));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || frac.is_some_and(|f| !digits(f)) {
+            return Err(format!("{text:?} is not a decimal amount like 24.99"));
         }
+        let frac = frac.unwrap_or("");
         if frac.len() > 2 {
             return Err("at most two decimal places".to_owned());
         }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| "amount too large".to_owned())?
-        };
+        let whole: i64 = whole.parse().map_err(|_| "amount too large".to_owned())?;
         let frac_cents: i64 = format!("{frac:0<2}").parse().expect("two digits");
         let cents = whole
             .checked_mul(100)
             .and_then(|c| c.checked_add(frac_cents))
             .filter(|c| *c <= MAX_CENTS)
             .ok_or_else(|| "amount too large".to_owned())?;
-        Ok(Money(if negative { -cents } else { cents }))
+        Ok(Money(cents))
     }
 
     fn from_f64(value: f64) -> Result<Money, String> {
@@ -171,7 +166,13 @@ mod tests {
         assert!(parse("1.005").is_err());
         assert!(parse("\"1.005\"").is_err());
         assert!(parse("\"abc\"").is_err());
+        for loose in [" 5", "5.", ".5", "-1", "+1", "1e2", "", "0x10"] {
+            assert!(Money::parse_decimal(loose).is_err(), "{loose:?}");
+        }
         assert!(parse("1e300").is_err());
+        // Just over the largest amount: a correctly rounded parse keeps the excess.
+        assert!(parse("1000000000000.0001").is_err());
+        assert_eq!(parse("1000000000000").unwrap().cents(), MAX_CENTS);
         assert!(parse("true").is_err());
         assert_eq!(parse("-1.5").unwrap().cents(), -150);
     }

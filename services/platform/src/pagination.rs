@@ -14,6 +14,24 @@ use crate::error::AppError;
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 100;
 
+/// Reads `limit` as the documents state it, an integer written in digits: `u32`'s own
+/// parser would also take `+5`. Anything else is a 400 `invalid_query`.
+pub fn limit<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    use serde::Deserialize;
+    use serde::de::Error;
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(D::Error::custom(format!(
+            "limit: {text:?} is not a whole number"
+        )));
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| D::Error::custom("limit: too large"))
+}
+
 /// What a list query asks storage for: rows after `after`, at most `limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRequest {

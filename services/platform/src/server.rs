@@ -32,6 +32,7 @@ pub struct ServiceParts {
     readiness: Readiness,
     close_hooks: Vec<CloseHook>,
     authenticator: Option<Authenticator>,
+    openapi: Option<axum::body::Bytes>,
 }
 
 impl ServiceParts {
@@ -43,6 +44,7 @@ impl ServiceParts {
             readiness: Readiness::default(),
             close_hooks: Vec::new(),
             authenticator: None,
+            openapi: None,
         }
     }
 
@@ -83,6 +85,12 @@ impl ServiceParts {
         .on_close(async move { db.close().await })
     }
 
+    /// Serves the service's OpenAPI document at `GET /openapi.json`.
+    pub fn openapi(mut self, doc: &serde_json::Value) -> Self {
+        self.openapi = Some(doc.to_string().into());
+        self
+    }
+
     /// Runs after the last request has drained (closing pools, flushing buffers).
     pub fn on_close(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
         self.close_hooks.push(Box::pin(hook));
@@ -98,6 +106,15 @@ impl ServiceParts {
         let local_addr = listener.local_addr()?;
         let routes = match self.authenticator {
             Some(authenticator) => routes.layer(axum::Extension(authenticator)),
+            None => routes,
+        };
+        let routes = match self.openapi {
+            Some(doc) => routes.route(
+                "/openapi.json",
+                axum::routing::get(move || async move {
+                    ([(http::header::CONTENT_TYPE, "application/json")], doc)
+                }),
+            ),
             None => routes,
         };
         let router = stack(
@@ -126,6 +143,10 @@ pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router 
     });
     routes
         .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            config.body_limit,
+            middleware::read_body,
+        ))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(
             observer,

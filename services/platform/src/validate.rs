@@ -33,17 +33,28 @@ pub fn id_or_new(field: &str, given: Option<String>) -> Result<String, AppError>
 }
 
 /// The seed API's `?id=` lookups (`GET /product?id=1`, `GET /users?id=1`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct IdQuery {
+    /// The id to look up (required).
+    #[param(
+        required = true,
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_-]{1,64}$"
+    )]
     id: Option<String>,
 }
 
 impl IdQuery {
     pub fn required(self) -> Result<String, AppError> {
-        self.id.filter(|id| !id.is_empty()).ok_or_else(|| {
-            AppError::bad_request("missing_parameter", "query parameter id is required")
-                .with_field("id")
-        })
+        self.id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                AppError::bad_request("missing_parameter", "query parameter id is required")
+                    .with_field("id")
+            })
+            .and_then(|given| id("id", &given).map(|()| given))
     }
 }
 

@@ -2,55 +2,82 @@
 
 use serde::{Deserialize, Serialize};
 use shop_platform::{AppError, Money, validate};
+use utoipa::ToSchema;
 
 pub const MAX_QUANTITY: i64 = 1_000_000_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Product {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: String,
     pub name: String,
     pub price: Money,
+    /// Units in stock.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub quantity: i64,
 }
 
 /// `POST /products` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Keyboard", "price": 49.9, "quantity": 25}))]
 pub struct NewProduct {
-    /// Optional client-chosen id; generated when absent.
+    /// Optional client-chosen id; generated (a UUID) when absent.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
+    /// Leading and trailing whitespace is trimmed; no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
     pub price: Money,
+    /// Units in stock (default 0).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000, default = 0)]
     pub quantity: i64,
 }
 
 /// `PATCH /products/{id}` body: any subset of the mutable fields.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct ProductPatch {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: Option<String>,
     pub price: Option<Money>,
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub quantity: Option<i64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationRequest {
     /// Chosen by the caller so a retry is recognised; generated when absent.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub order_id: Option<String>,
+    /// Repeated products are merged.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<ReservationLine>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationLine {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub product_id: String,
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub quantity: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReservedLine {
     pub product_id: String,
     pub quantity: i64,
@@ -58,7 +85,7 @@ pub struct ReservedLine {
     pub unit_price: Money,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Reservation {
     pub id: String,
     pub order_id: Option<String>,
@@ -67,11 +94,13 @@ pub struct Reservation {
 }
 
 fn validate_name(name: &str) -> Result<String, AppError> {
+    // The limit counts what was sent, as the published schema's maxLength does.
+    let too_long = name.chars().count() > 200;
     let name = name.trim();
     if name.is_empty() {
         return Err(AppError::validation("name", "must not be empty"));
     }
-    if name.chars().count() > 200 {
+    if too_long {
         return Err(AppError::validation(
             "name",
             "must be at most 200 characters",

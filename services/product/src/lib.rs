@@ -13,7 +13,7 @@ use shop_platform::{
     StorageConfig,
 };
 
-pub use routes::{AppState, app};
+pub use routes::{AppState, app, openapi};
 pub use storage::{ProductStore, SqlProductStore};
 
 pub const NAME: &str = "product";
@@ -66,6 +66,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
         .auth(Authenticator::new(&config.auth)?)
+        .openapi(&openapi())
         .bind(app(AppState::new(store, &metrics)))
         .await
 }

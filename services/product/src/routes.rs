@@ -6,13 +6,15 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::validate::{self, IdQuery};
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::domain::{NewProduct, ProductPatch, ReservationRequest};
+use crate::domain::{NewProduct, Product, ProductPatch, Reservation, ReservationRequest};
 use crate::storage::{ProductStore, Release, Reserved, StoreError};
 
 #[derive(Clone)]
@@ -68,21 +70,59 @@ impl From<StoreError> for AppError {
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/products", get(list_products).post(create_product))
-        .route("/products/{id}", get(get_product).patch(update_product))
-        .route("/product", get(get_product_by_query))
-        .route("/reservations", post(reserve))
-        .route("/reservations/{id}", delete(release))
-        .with_state(state)
+    routes().split_for_parts().0.with_state(state)
 }
 
-#[derive(Debug, Deserialize)]
+/// The service's OpenAPI document, from the same annotations the router is built from.
+pub fn openapi() -> serde_json::Value {
+    shop_platform::openapi::document(routes().split_for_parts().1)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "shop product service", description = "The catalogue and its stock. `/reservations` is internal: only the order service may call it (the gateway has no route to it)."),
+    tags(
+        (name = "products", description = "The catalogue."),
+        (name = "reservations", description = "Stock held for orders (internal)."),
+        (name = "compatibility", description = "The seed API's routes, kept for its walkthrough."),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_products, create_product))
+        .routes(routes!(get_product, update_product))
+        .routes(routes!(get_product_by_query))
+        .routes(routes!(reserve))
+        .routes(routes!(release))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Page size.
+    #[param(minimum = 1, maximum = 100, default = 50)]
+    #[serde(default, deserialize_with = "shop_platform::pagination::limit")]
     limit: Option<u32>,
+    /// From the previous page's `X-Next-Cursor` header.
+    #[param(max_length = 64)]
     cursor: Option<String>,
 }
 
+const PAGE_HEADERS: &str =
+    "A JSON array; when more rows exist, `Link` (rel=next) and `X-Next-Cursor` name the next page.";
+
+/// List products, oldest first.
+#[utoipa::path(get, path = "/products", tag = "products", operation_id = "list_products",
+    params(ListParams),
+    responses(
+        (status = 200, description = PAGE_HEADERS, body = Vec<Product>, headers(
+            ("Link" = String, description = "`<...>; rel=\"next\"` when another page exists"),
+            ("X-Next-Cursor" = String, description = "the cursor of the next page"))),
+        (status = 400, description = "`invalid_cursor`: the cursor is not one this API issued"),
+        (status = 422, description = "`validation_failed`: `limit` is out of range"),
+    ))]
 async fn list_products(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<ListParams>,
@@ -92,11 +132,28 @@ async fn list_products(
     Ok(Page::from_rows(rows, page).into_response("/products", &format!("limit={}", page.limit)))
 }
 
+/// One product.
+#[utoipa::path(get, path = "/products/{id}", tag = "products", operation_id = "get_product",
+    params(("id" = String, Path, description = "Product id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 404, description = "`not_found`: no product with this id"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+    validate::id("id", &id)?;
     find(&state, &id).await
 }
 
-/// Seed route: `GET /product?id=1`.
+/// One product by `?id=` (the seed's route).
+#[utoipa::path(get, path = "/product", tag = "compatibility", operation_id = "get_product_by_query",
+    params(IdQuery),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 400, description = "`missing_parameter`: no `id` given"),
+        (status = 404, description = "`not_found`: no product with this id"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 async fn get_product_by_query(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<IdQuery>,
@@ -111,6 +168,15 @@ async fn find(state: &AppState, id: &str) -> AppResult<Response> {
     }
 }
 
+/// Add a product (admins).
+#[utoipa::path(post, path = "/products", tag = "products", operation_id = "create_product",
+    request_body = NewProduct,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = Product, headers(("Location" = String, description = "the product's URL"))),
+        (status = 403, description = "`forbidden`: the caller is not an admin"),
+        (status = 409, description = "`product_exists`: a product with this id exists"),
+    ))]
 /// Catalogue writes are for admins. Stock reservations are not public: the gateway has
 /// no route to them and the chart's NetworkPolicy lets only the order service in.
 async fn create_product(
@@ -131,6 +197,16 @@ async fn create_product(
         .into_response())
 }
 
+/// Change a product's name, price or stock (admins).
+#[utoipa::path(patch, path = "/products/{id}", tag = "products", operation_id = "update_product",
+    params(("id" = String, Path, description = "Product id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body = ProductPatch,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The updated product", body = Product),
+        (status = 403, description = "`forbidden`: the caller is not an admin"),
+        (status = 404, description = "`not_found`: no product with this id"),
+    ))]
 async fn update_product(
     State(state): State<AppState>,
     caller: Caller,
@@ -138,6 +214,7 @@ async fn update_product(
     ApiJson(patch): ApiJson<ProductPatch>,
 ) -> AppResult<Response> {
     caller.require_admin()?;
+    validate::id("id", &id)?;
     let patch = patch.validate()?;
     match state.store.update(&id, &patch).await? {
         Some(product) => Ok(axum::Json(product).into_response()),
@@ -145,6 +222,14 @@ async fn update_product(
     }
 }
 
+/// Reserve stock for an order (internal; idempotent by `id`).
+#[utoipa::path(post, path = "/reservations", tag = "reservations", operation_id = "reserve_stock",
+    request_body = ReservationRequest,
+    responses(
+        (status = 201, description = "Reserved", body = Reservation),
+        (status = 200, description = "Replayed: this reservation was made before", body = Reservation),
+        (status = 409, description = "`insufficient_stock`: not enough units\n\n`reservation_released`, `reservation_exists`: the id was released, or used with other lines"),
+    ))]
 async fn reserve(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<ReservationRequest>,
@@ -189,6 +274,13 @@ async fn reserve(
     }
 }
 
+/// Release a reservation's stock (internal).
+#[utoipa::path(delete, path = "/reservations/{id}", tag = "reservations", operation_id = "release_stock",
+    params(("id" = String, Path, description = "Reservation id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 204, description = "Released (or never held)"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 /// Idempotent: afterwards the reservation holds nothing, whether it held stock, was
 /// released before, or never existed (its id is then closed against a late reserve).
 async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<StatusCode> {

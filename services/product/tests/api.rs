@@ -510,3 +510,15 @@ shop_platform::backend_tests!(
     framework_errors_are_json_and_request_ids_are_echoed,
     a_retried_reservation_takes_stock_once,
 );
+
+/// The router and the OpenAPI document describe the same routes, both ways.
+#[tokio::test]
+async fn the_router_and_the_openapi_document_agree() {
+    let h = Harness::new(Backend::Sqlite).await;
+    shop_platform::testing::assert_router_matches_document(
+        &h.router,
+        &shop_product::openapi(),
+        include_str!("../src/routes.rs"),
+    )
+    .await;
+}

@@ -7,12 +7,15 @@ use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVe
 use serde::{Deserialize, Serialize};
 pub use shop_platform::auth::Role;
 use shop_platform::{AppError, validate};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct User {
     pub id: String,
     pub name: String,
+    /// Lower-cased.
     pub email: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// `customer` for every registration; `admin` only by configuration.
     pub role: Role,
@@ -30,12 +33,28 @@ impl fmt::Debug for Password {
 }
 
 /// `POST /users` (and the seed's `POST /user`) body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Ada", "email": "ada@example.com", "password": "correct horse"}))]
 pub struct NewUser {
+    /// Optional client-chosen id; generated (a UUID) when absent.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     pub id: Option<String>,
+    /// Trimmed; no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
+    /// Unique, compared case-insensitively.
+    #[schema(
+        max_length = 254,
+        pattern = "^\\s*[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\s*$"
+    )]
     pub email: String,
+    /// Stored only as an argon2id hash; never returned.
+    #[schema(value_type = String, format = Password, min_length = 6, max_length = 1024)]
     pub password: Password,
 }
 
@@ -50,16 +69,18 @@ pub struct Registration {
 
 /// The seed's walkthrough registers with "secret"; longer is better and up to the user.
 pub const MIN_PASSWORD_CHARS: usize = 6;
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Characters, as the published schema's `maxLength` counts.
+pub const MAX_PASSWORD_CHARS: usize = 1024;
 
 impl NewUser {
     pub fn validate(self) -> Result<Registration, AppError> {
         let id = validate::id_or_new("id", self.id)?;
+        let too_long = self.name.chars().count() > 100;
         let name = self.name.trim();
         if name.is_empty() {
             return Err(AppError::validation("name", "must not be empty"));
         }
-        if name.chars().count() > 100 || name.chars().any(char::is_control) {
+        if too_long || name.chars().any(char::is_control) {
             return Err(AppError::validation(
                 "name",
                 "must be at most 100 characters, without control characters",
@@ -73,10 +94,10 @@ impl NewUser {
                 format!("must be at least {MIN_PASSWORD_CHARS} characters"),
             ));
         }
-        if password.len() > MAX_PASSWORD_BYTES {
+        if password.chars().count() > MAX_PASSWORD_CHARS {
             return Err(AppError::validation(
                 "password",
-                format!("must be at most {MAX_PASSWORD_BYTES} bytes"),
+                format!("must be at most {MAX_PASSWORD_CHARS} characters"),
             ));
         }
         Ok(Registration {
@@ -90,9 +111,13 @@ impl NewUser {
 
 /// A pragmatic check (one `@`, a dotted domain, no spaces), lower-cased for uniqueness.
 pub fn normalize_email(raw: &str) -> Result<String, AppError> {
-    let email = raw.trim().to_lowercase();
     let invalid = || AppError::validation("email", "must be an address like name@example.com");
-    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Lengths in characters of what was sent, as the published schema counts them.
+    if raw.chars().count() > 254 {
+        return Err(invalid());
+    }
+    let email = raw.trim().to_lowercase();
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid());
     }
     let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
@@ -100,7 +125,7 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
         .split('.')
         .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
     if local.is_empty()
-        || local.len() > 64
+        || local.chars().count() > 64
         || domain.contains('@')
         || !domain.contains('.')
         || !labels_ok
@@ -111,10 +136,15 @@ pub fn normalize_email(raw: &str) -> Result<String, AppError> {
 }
 
 /// `POST /auth/login` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
+    #[schema(
+        max_length = 254,
+        pattern = "^\\s*[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@(?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\.)+[^.@\\s\\x00-\\x1f\\x7f-\\x9f-](?:[^.@\\s\\x00-\\x1f\\x7f-\\x9f]*[^.@\\s\\x00-\\x1f\\x7f-\\x9f-])?\\s*$"
+    )]
     pub email: String,
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 1024)]
     pub password: Password,
 }
 
@@ -123,10 +153,10 @@ impl Credentials {
     /// content are only ever compared, so only their size is checked.
     pub fn validate(self) -> Result<(String, Password), AppError> {
         let email = normalize_email(&self.email)?;
-        if self.password.0.is_empty() || self.password.0.len() > MAX_PASSWORD_BYTES {
+        if self.password.0.is_empty() || self.password.0.chars().count() > MAX_PASSWORD_CHARS {
             return Err(AppError::validation(
                 "password",
-                format!("must be 1 to {MAX_PASSWORD_BYTES} bytes"),
+                format!("must be 1 to {MAX_PASSWORD_CHARS} characters"),
             ));
         }
         Ok((email, self.password))

@@ -18,7 +18,7 @@ use shop_platform::{
 };
 
 use crate::domain::{LoginLimits, NewUser, Password, Role, User, hash_password};
-pub use routes::{AppState, app};
+pub use routes::{AppState, app, openapi};
 pub use storage::{SqlUserStore, UserStore};
 
 pub const NAME: &str = "user";
@@ -175,6 +175,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
         .auth(Authenticator::new(&auth)?)
+        .openapi(&openapi())
         .bind(app(state))
         .await
 }

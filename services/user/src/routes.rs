@@ -9,12 +9,14 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use prometheus::{IntCounter, IntCounterVec};
-use shop_platform::auth::{KeyPair, TokenSigner};
+use shop_platform::auth::{IssuedToken, KeyPair, TokenSigner};
 use shop_platform::validate::IdQuery;
 use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics};
 use tokio::sync::Semaphore;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::{
     Credentials, LoginLimits, NewUser, Password, Role, User, decoy_hash, hash_password,
@@ -94,15 +96,56 @@ impl From<StoreError> for AppError {
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/users", post(register).get(get_user_by_query))
-        .route("/users/{id}", get(get_user))
-        .route("/user", post(register))
-        .route("/auth/login", post(login))
-        .route("/.well-known/jwks.json", get(jwks))
-        .with_state(state)
+    routes().split_for_parts().0.with_state(state)
 }
 
+/// The service's OpenAPI document, from the same annotations the router is built from.
+pub fn openapi() -> serde_json::Value {
+    shop_platform::openapi::document(routes().split_for_parts().1)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "shop user service", description = "Registration, login (signed access tokens) and account lookup."),
+    tags(
+        (name = "users", description = "Accounts."),
+        (name = "auth", description = "Access tokens and the key that signs them."),
+        (name = "compatibility", description = "The seed API's routes, kept for its walkthrough."),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(register, get_user_by_query))
+        .routes(routes!(get_user))
+        .routes(routes!(register_seed))
+        .routes(routes!(login))
+        .routes(routes!(jwks))
+}
+
+const REGISTER_409: &str =
+    "`user_exists`: a user with this id exists\n\n`email_taken`: the email has an account";
+const ID_PARAM: &str = "User id";
+
+/// Register (the seed's route; the same as `POST /users`).
+#[utoipa::path(post, path = "/user", tag = "compatibility", operation_id = "register_seed",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "Registered", body = User, headers(("Location" = String, description = "the user's URL"))),
+        (status = 409, description = REGISTER_409),
+    ))]
+async fn register_seed(state: State<AppState>, body: ApiJson<NewUser>) -> AppResult<Response> {
+    register(state, body).await
+}
+
+/// Register an account (a customer).
+#[utoipa::path(post, path = "/users", tag = "users", operation_id = "register",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "Registered", body = User, headers(("Location" = String, description = "the user's URL"))),
+        (status = 409, description = REGISTER_409),
+    ))]
 async fn register(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<NewUser>,
@@ -140,15 +183,36 @@ async fn register(
         .into_response())
 }
 
+/// One account (its owner or an admin).
+#[utoipa::path(get, path = "/users/{id}", tag = "users", operation_id = "get_user",
+    params(("id" = String, Path, description = ID_PARAM, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = User),
+        (status = 403, description = "`forbidden`: the account is someone else's"),
+        (status = 404, description = "`not_found`: no user with this id"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 async fn get_user(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
+    shop_platform::validate::id("id", &id)?;
     find(&state, &caller, &id).await
 }
 
-/// Seed route: `GET /users?id=1`.
+/// One account by `?id=` (the seed's route).
+#[utoipa::path(get, path = "/users", tag = "compatibility", operation_id = "get_user_by_query",
+    params(IdQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = User),
+        (status = 400, description = "`missing_parameter`: no `id` given"),
+        (status = 403, description = "`forbidden`: the account is someone else's"),
+        (status = 404, description = "`not_found`: no user with this id"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern"),
+    ))]
 async fn get_user_by_query(
     State(state): State<AppState>,
     caller: Caller,
@@ -165,6 +229,14 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> AppResult<Response
     }
 }
 
+/// Log in: email and password for a short-lived access token.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", operation_id = "login",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "An access token (`Cache-Control: no-store`)", body = IssuedToken),
+        (status = 401, description = "`invalid_credentials`: the email or password is not right"),
+        (status = 429, description = "`too_many_attempts`: too many failed logins for this email or address; wait `Retry-After` seconds", headers(("Retry-After" = String, description = "seconds to wait"))),
+    ))]
 /// `POST /auth/login`: email and password for a short-lived access token.
 ///
 /// Every attempt that gets past throttling costs one argon2 verification, whether or not
@@ -261,6 +333,11 @@ fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>) -> String {
         )
 }
 
+/// The public half of the signing key (a JWK set), for verifiers.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", operation_id = "jwks",
+    responses(
+        (status = 200, description = "RFC 7517 JWK set (Ed25519 keys)", body = JwkSet),
+    ))]
 /// The public half of the signing key, for verifiers (the gateway, the other services).
 async fn jwks(State(state): State<AppState>) -> Response {
     let mut response = axum::Json(state.jwks.as_ref().clone()).into_response();
@@ -269,4 +346,27 @@ async fn jwks(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("public, max-age=300"),
     );
     response
+}
+
+/// RFC 7517 JWK set.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct JwkSet {
+    keys: Vec<Jwk>,
+}
+
+/// An Ed25519 public key (RFC 8037).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct Jwk {
+    #[schema(pattern = "^OKP$")]
+    kty: String,
+    #[schema(pattern = "^Ed25519$")]
+    crv: String,
+    /// The public key, base64url.
+    x: String,
+    kid: Option<String>,
+    #[schema(rename = "use")]
+    use_: Option<String>,
+    alg: Option<String>,
 }

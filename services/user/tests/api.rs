@@ -76,6 +76,8 @@ impl Harness {
         match r.status {
             StatusCode::OK => true,
             StatusCode::NOT_FOUND => false,
+            // An id outside the published pattern cannot name a user.
+            StatusCode::UNPROCESSABLE_ENTITY => false,
             other => panic!("GET /users/{id}: unexpected {other}: {:?}", r.body),
         }
     }
@@ -306,12 +308,22 @@ async fn lookups_that_find_nothing_or_lack_an_id(backend: Backend) {
         assert_json_error(&r, StatusCode::BAD_REQUEST, "missing_parameter", Some("id"));
     }
 
-    // Ids are exact: no case folding, no prefix match, no SQL wildcard.
-    for id in ["%25", "_", "1%25", "1%20", "01"] {
+    // Ids are exact: no case folding, no prefix match, no SQL wildcard; characters the
+    // id pattern does not allow are refused before any lookup.
+    for id in ["_", "01", "1-"] {
         assert_eq!(
             h.get(&format!("/users?id={id}")).await.status,
             StatusCode::NOT_FOUND,
             "{id:?}"
+        );
+    }
+    for id in ["%25", "1%25", "1%20"] {
+        let r = h.get(&format!("/users?id={id}")).await;
+        assert_json_error(
+            &r,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            Some("id"),
         );
     }
     assert_eq!(h.get("/users?id=1").await.status, StatusCode::OK);
@@ -1065,3 +1077,15 @@ shop_platform::backend_tests!(
     users_survive_a_restart,
     health_and_readiness_on_the_running_app,
 );
+
+/// The router and the OpenAPI document describe the same routes, both ways.
+#[tokio::test]
+async fn the_router_and_the_openapi_document_agree() {
+    let h = Harness::new(Backend::Sqlite).await;
+    shop_platform::testing::assert_router_matches_document(
+        &h.router,
+        &shop_user::openapi(),
+        include_str!("../src/routes.rs"),
+    )
+    .await;
+}
