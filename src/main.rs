@@ -182,7 +182,6 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 
 /// A random password for the local admin, created once and readable only by its owner.
 fn write_admin_password(path: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
     if path.exists() {
         return Ok(());
     }
@@ -192,12 +191,7 @@ fn write_admin_password(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(path)
-        .and_then(|mut file| writeln!(file, "{password}"))
+    shop_platform::auth::write_secret_file(path, &format!("{password}\n"))
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
 

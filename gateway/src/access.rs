@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use serde::Deserialize;
 use shop_platform::AppError;
-use shop_platform::auth::{Role, TokenError, bearer};
+use shop_platform::auth::{Role, TokenError, bearer, now_secs};
 use shop_platform::identity::{USER_ID, USER_ROLE, forbidden};
 
 use crate::proxy::{ResponseBody, error};
@@ -154,12 +154,6 @@ impl TokenCache {
         entries.insert(token.into(), identity.clone());
         Ok(identity)
     }
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn refused(err: AppError) -> Response<ResponseBody> {

@@ -16,7 +16,7 @@ use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use crate::AppError;
@@ -25,7 +25,7 @@ use crate::AppError;
 pub const DEFAULT_ISSUER: &str = "shop";
 pub const DEFAULT_AUDIENCE: &str = "shop";
 /// Clock skew tolerated between the signer's and a verifier's clocks.
-const LEEWAY_SECS: u64 = 5;
+pub(crate) const LEEWAY_SECS: u64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -146,7 +146,7 @@ impl KeyPair {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        write_private(path, &pair.private_pem).map_err(io)?;
+        write_secret_file(path, &pair.private_pem).map_err(io)?;
         std::fs::write(public_path(path), &pair.public_pem).map_err(io)?;
         Ok(pair)
     }
@@ -171,13 +171,14 @@ pub fn public_path(private: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
+/// Creates `path` readable only by its owner; refuses to overwrite an existing file.
+pub fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(pem.as_bytes())
+    options.open(path)?.write_all(contents.as_bytes())
 }
 
 /// A short, stable name for a public key (first 8 bytes of it, base64url).
@@ -191,7 +192,7 @@ pub(crate) fn now_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -286,48 +287,6 @@ impl TokenError {
     }
 }
 
-#[derive(Clone)]
-pub struct TokenVerifier {
-    key: DecodingKey,
-    validation: Validation,
-}
-
-impl TokenVerifier {
-    /// Verifies EdDSA tokens only: an `alg` of `none`, an HMAC algorithm keyed with the
-    /// public key, or any other algorithm is refused before the signature is looked at.
-    pub fn new(public_pem: &str, issuer: &str, audience: &str) -> Result<Self, KeyError> {
-        let key =
-            DecodingKey::from_ed_pem(public_pem.as_bytes()).map_err(|_| KeyError::Invalid {
-                path: PathBuf::from("<public key>"),
-            })?;
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = LEEWAY_SECS;
-        validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        Ok(Self { key, validation })
-    }
-
-    pub fn for_pair(pair: &KeyPair, issuer: &str, audience: &str) -> Self {
-        Self::new(&pair.public_pem, issuer, audience).expect("a KeyPair holds a valid key")
-    }
-
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        use jsonwebtoken::errors::ErrorKind;
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid,
-            })
-    }
-
-    /// The claims of the request's bearer token.
-    pub fn verify_request(&self, headers: &HeaderMap) -> Result<Claims, TokenError> {
-        self.verify(bearer(headers).ok_or(TokenError::Missing)?)
-    }
-}
-
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
@@ -358,8 +317,8 @@ mod tests {
         TokenSigner::new(pair, "shop", "shop", Duration::from_secs(900))
     }
 
-    fn verifier(pair: &KeyPair) -> TokenVerifier {
-        TokenVerifier::for_pair(pair, "shop", "shop")
+    fn verifier(pair: &KeyPair) -> crate::Authenticator {
+        crate::Authenticator::new(&crate::AuthConfig::with_pair(pair)).unwrap()
     }
 
     #[test]

@@ -33,7 +33,6 @@ const JWKS_REFRESH: Duration = Duration::from_secs(300);
 /// A token naming an unknown key may trigger a refetch, but not more often than this.
 const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
 const JWKS_TIMEOUT: Duration = Duration::from_secs(3);
-const LEEWAY_SECS: u64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -205,7 +204,7 @@ struct KeySet {
 impl Authenticator {
     pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
         let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = LEEWAY_SECS;
+        validation.leeway = auth::LEEWAY_SECS;
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
