@@ -1115,3 +1115,97 @@ pub async fn run(
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_map_to_the_workspace_binaries() {
+        let bin = Path::new("/target/debug");
+        for image in [
+            "shop-order:0.1.0",
+            "ghcr.io/acme/shop-order:1.2@sha256:abc",
+            "registry.local:5000/shop-order",
+        ] {
+            assert_eq!(
+                image_binary(bin, image).unwrap(),
+                bin.join("order"),
+                "{image}"
+            );
+        }
+        assert!(image_binary(bin, "postgres:17").is_err());
+        assert!(image_binary(bin, "shop-payments:1").is_err());
+    }
+
+    #[test]
+    fn only_the_image_entrypoint_exists_in_the_image() {
+        let binary = Path::new("/target/debug/gateway");
+        assert_eq!(
+            command_path(binary, "/usr/local/bin/service").unwrap(),
+            "/target/debug/gateway"
+        );
+        assert!(command_path(binary, "/bin/sh").is_err());
+    }
+
+    #[test]
+    fn fd_paths_are_formatted_without_allocating() {
+        let mut buffer = [0u8; 32];
+        for fd in [0, 7, 10, 123, 65535] {
+            let path = fd_path(fd, &mut buffer);
+            // SAFETY: fd_path NUL-terminates inside the buffer.
+            let text = unsafe { std::ffi::CStr::from_ptr(path) };
+            assert_eq!(text.to_str().unwrap(), format!("/proc/self/fd/{fd}"));
+        }
+    }
+
+    #[test]
+    fn volume_files_get_their_mode_and_group_read_for_fs_group() {
+        let dir = std::env::temp_dir().join(format!("mini-kubelet-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        write_file(&dir, "a/key.pem", b"secret", 0o400, None).unwrap();
+        let mode = std::fs::metadata(dir.join("a/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o400);
+        if unsafe { libc::geteuid() } == 0 {
+            write_file(&dir, "grouped", b"secret", 0o400, Some(65532)).unwrap();
+            let meta = std::fs::metadata(dir.join("grouped")).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o440);
+            assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65532);
+        }
+        assert!(write_file(&dir, "../escape", b"x", 0o400, None).is_err());
+        assert!(write_file(&dir, "a//b", b"x", 0o400, None).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_reports_follow_the_container_state() {
+        let mut report = Report::waiting("web", "shop-web:1", "ContainerCreating", "");
+        assert!(!report.running());
+        assert_eq!(
+            report.json()["state"]["waiting"]["reason"],
+            "ContainerCreating"
+        );
+        report.state = State::Running {
+            since: "2026-01-01T00:00:00Z".into(),
+        };
+        report.last = Some(State::Terminated {
+            code: 137,
+            reason: "Error".into(),
+            started: "a".into(),
+            finished: "b".into(),
+        });
+        report.restarts = 1;
+        let json = report.json();
+        assert!(report.running());
+        assert_eq!(json["restartCount"], 1);
+        assert_eq!(json["lastState"]["terminated"]["exitCode"], 137);
+        assert_eq!(
+            json["state"]["running"]["startedAt"],
+            "2026-01-01T00:00:00Z"
+        );
+    }
+}

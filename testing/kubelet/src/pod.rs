@@ -281,3 +281,36 @@ async fn remove(api: &Api<Pod>, name: &str, uid: &str) {
         Err(e) => log!("pod {name}: delete failed: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_addresses_are_never_reused_and_skip_network_and_broadcast() {
+        let mut addresses = Addresses::new("10.244");
+        let taken: Vec<String> = (0..600).map(|_| addresses.take()).collect();
+        assert_eq!(taken[0], "10.244.0.2");
+        let unique: std::collections::HashSet<_> = taken.iter().collect();
+        assert_eq!(unique.len(), taken.len());
+        assert!(
+            taken
+                .iter()
+                .all(|a| !a.ends_with(".0") && !a.ends_with(".255")),
+            "{taken:?}"
+        );
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_it_changes() {
+        let mut conditions = Conditions::default();
+        conditions.set("Ready", false);
+        let first = conditions.0["Ready"].1.clone();
+        conditions.set("Ready", false);
+        assert_eq!(conditions.0["Ready"].1, first);
+        conditions.set("Ready", true);
+        let json = conditions.json();
+        assert_eq!(json[0]["type"], "Ready");
+        assert_eq!(json[0]["status"], "True");
+    }
+}

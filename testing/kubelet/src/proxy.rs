@@ -241,3 +241,86 @@ impl Proxy {
         // No endpoint: the connection is closed (kube-proxy rejects it).
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    fn slice(name: &str, port: u16, endpoints: &[(&str, bool, bool)]) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "shop-order"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port}],
+            "endpoints": endpoints.iter().map(|(ip, ready, terminating)| serde_json::json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": *ready || *terminating, "terminating": terminating},
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    fn proxy(slices: Vec<EndpointSlice>) -> Proxy {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&Event::Init);
+        for s in slices {
+            writer.apply_watcher_event(&Event::InitApply(s));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        let (services, _) = reflector::store();
+        Proxy {
+            services,
+            slices: store,
+            apiserver: "127.0.0.1:6443".parse().unwrap(),
+            listening: Mutex::default(),
+            hosts: PathBuf::new(),
+            hosts_base: String::new(),
+        }
+    }
+
+    fn key() -> ObjectRef<Service> {
+        ObjectRef::new("shop-order").within("shop")
+    }
+
+    #[test]
+    fn ready_endpoints_of_every_slice_with_the_named_port() {
+        let p = proxy(vec![
+            slice(
+                "a",
+                8082,
+                &[("10.244.0.2", true, false), ("10.244.0.3", false, true)],
+            ),
+            slice(
+                "b",
+                9000,
+                &[("10.244.0.4", true, false), ("10.244.0.5", false, false)],
+            ),
+        ]);
+        let mut chosen = p.endpoints(&key(), Some("http"));
+        chosen.sort();
+        assert_eq!(
+            chosen,
+            vec![
+                "10.244.0.2:8082".parse().unwrap(),
+                "10.244.0.4:9000".parse().unwrap()
+            ]
+        );
+        assert!(p.endpoints(&key(), Some("metrics")).is_empty());
+        let other: ObjectRef<Service> = ObjectRef::new("shop-order").within("elsewhere");
+        assert!(p.endpoints(&other, Some("http")).is_empty());
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_only_when_none_is_ready() {
+        let p = proxy(vec![slice(
+            "a",
+            8082,
+            &[("10.244.0.3", false, true), ("10.244.0.5", false, false)],
+        )]);
+        assert_eq!(
+            p.endpoints(&key(), Some("http")),
+            vec!["10.244.0.3:8082".parse::<SocketAddr>().unwrap()]
+        );
+    }
+}
