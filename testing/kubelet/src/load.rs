@@ -291,6 +291,7 @@ pub async fn run(args: Args) -> Result<()> {
         "error_samples": record.errors.iter().take(20)
             .map(|(at, e)| format!("{:.3}s {e}", at.as_secs_f64())).collect::<Vec<_>>(),
         "error_times_s": record.errors.iter().map(|(at, _)| at.as_secs_f64()).collect::<Vec<_>>(),
+        "error_kinds": error_kinds(&record.errors),
         "longest_gap_ms": longest_gap.as_millis() as u64,
         "max_in_flight": load.max_in_flight.load(Ordering::SeqCst),
         "concurrency": concurrency,
@@ -309,4 +310,47 @@ pub async fn run(args: Args) -> Result<()> {
         report["longest_gap_ms"]
     );
     Ok(())
+}
+
+/// Failures grouped by what happened: the gateway's error code and message, or the last
+/// cause of a transport error.
+fn error_kinds(errors: &[(Duration, String)]) -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for (_, error) in errors {
+        let kind = match error.split_once(": ") {
+            Some((status, body)) if status.starts_with("HTTP ") => {
+                let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+                format!(
+                    "{status} {}: {}",
+                    body["error"]["code"].as_str().unwrap_or("?"),
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap_or(body.to_string().as_str())
+                )
+            }
+            _ => error.rsplit(": ").next().unwrap_or(error).to_owned(),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_grouped_by_cause() {
+        let errors = [
+            (Duration::ZERO, "error sending request for url (http://x/): client error (SendRequest): connection closed before message completed".to_owned()),
+            (Duration::ZERO, r#"HTTP 502 Bad Gateway: {"error":{"code":"bad_gateway","message":"order closed the connection without answering"}}"#.to_owned()),
+            (Duration::ZERO, r#"HTTP 502 Bad Gateway: {"error":{"code":"bad_gateway","message":"order closed the connection without answering"}}"#.to_owned()),
+        ];
+        let kinds = error_kinds(&errors);
+        assert_eq!(kinds["connection closed before message completed"], 1);
+        assert_eq!(
+            kinds["HTTP 502 Bad Gateway bad_gateway: order closed the connection without answering"],
+            2
+        );
+    }
 }

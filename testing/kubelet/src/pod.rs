@@ -48,14 +48,12 @@ impl Addresses {
     }
 
     fn take(&mut self) -> String {
+        // x.y.0 and x.y.255 are skipped: network and broadcast-looking addresses.
+        while matches!(self.next % 256, 0 | 255) {
+            self.next += 1;
+        }
         let n = self.next;
         self.next += 1;
-        let n = if n % 256 == 0 || n % 256 == 255 {
-            self.next += 2;
-            n + 2
-        } else {
-            n
-        };
         format!("{}.{}.{}", self.network, n / 256, n % 256)
     }
 }
@@ -255,13 +253,13 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
 }
 
 async fn patch(api: &Api<Pod>, name: &str, status: Value) {
-    if let Err(e) = api
+    let result = api
         .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-    {
-        if !matches!(&e, kube::Error::Api(s) if s.is_not_found()) {
-            log!("pod {name}: status update failed: {e}");
-        }
+        .await;
+    match result {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => log!("pod {name}: status update failed: {e}"),
     }
 }
 
