@@ -247,7 +247,8 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
         }
     }
     proxy::remove_address(&ip).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // The container logs stay for post-mortems; the volumes (secrets, tokens) go.
+    let _ = std::fs::remove_dir_all(dir.join("volumes"));
     remove(&api, &name, &uid).await;
     log!("pod {name}: gone");
 }
