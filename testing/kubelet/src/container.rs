@@ -72,6 +72,8 @@ pub struct Report {
     pub image: String,
     pub ready: bool,
     started: bool,
+    /// The running process: the container ID (`shop-mini-kubelet://<pid>`).
+    pid: Option<u32>,
     restarts: i32,
     state: State,
     last: Option<State>,
@@ -101,6 +103,7 @@ impl Report {
             image: image.to_owned(),
             ready: false,
             started: false,
+            pid: None,
             restarts: 0,
             state: State::Waiting {
                 reason: reason.to_owned(),
@@ -117,7 +120,7 @@ impl Report {
     pub fn json(&self) -> Value {
         json!({
             "name": self.name, "image": self.image, "imageID": "",
-            "containerID": format!("shop-mini-kubelet://{}", self.name),
+            "containerID": self.pid.map(|pid| format!("shop-mini-kubelet://{pid}")),
             "ready": self.ready, "started": self.started, "restartCount": self.restarts,
             "state": state_json(&self.state),
             "lastState": self.last.as_ref().map(state_json).unwrap_or(json!({})),
@@ -143,6 +146,8 @@ pub struct Prepared {
     no_new_privs: bool,
     log: PathBuf,
     ip: String,
+    /// The pod's network namespace, joined by each of its processes.
+    netns: PathBuf,
     spec: Container,
     restart_policy: String,
     grace: Duration,
@@ -306,7 +311,13 @@ fn write_items(
 }
 
 /// Materialises the pod's volumes under `dir/volumes` and resolves every container.
-pub async fn prepare_pod(ctx: &PodCtx, pod: &Pod, ip: &str, dir: &Path) -> Result<Vec<Prepared>> {
+pub async fn prepare_pod(
+    ctx: &PodCtx,
+    pod: &Pod,
+    ip: &str,
+    netns: &Path,
+    dir: &Path,
+) -> Result<Vec<Prepared>> {
     let spec = pod.spec.clone().unwrap_or_default();
     let namespace = pod.namespace().unwrap_or_default();
     let fs_group = spec
@@ -501,9 +512,6 @@ pub async fn prepare_pod(ctx: &PodCtx, pod: &Pod, ip: &str, dir: &Path) -> Resul
             };
             set(&mut env, var.name.clone(), value);
         }
-        // Every pod shares this node's network namespace (no per-pod one), so a wildcard
-        // listener would collide: the service binds its pod IP instead of 0.0.0.0.
-        set(&mut env, "HOST".into(), ip.to_owned());
 
         let mut mounts = Vec::new();
         for m in container.volume_mounts.iter().flatten() {
@@ -557,6 +565,7 @@ pub async fn prepare_pod(ctx: &PodCtx, pod: &Pod, ip: &str, dir: &Path) -> Resul
             no_new_privs: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
             log: dir.join(format!("{}.log", container.name)),
             ip: ip.to_owned(),
+            netns: netns.to_owned(),
             spec: container.clone(),
             restart_policy: spec.restart_policy.clone().unwrap_or("Always".into()),
             grace: Duration::from_secs(
@@ -592,8 +601,9 @@ fn check(result: libc::c_int, what: &'static str) -> std::io::Result<()> {
     Err(e)
 }
 
-/// Starts `argv` as this container: its environment, its own mount namespace with the
-/// volumes at their mountPaths (and a private /run), its user; output to the log file.
+/// Starts `argv` as this container: the pod's network namespace, its environment, its own
+/// mount namespace with the volumes at their mountPaths (and a private /run), its user;
+/// output to the log file.
 fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
     if p.mounts.len() > 64 {
         return Err(std::io::Error::other("more than 64 volume mounts"));
@@ -610,6 +620,10 @@ fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
         }
         binds.push((cstring(&m.source)?, cstring(&m.target)?, m.read_only));
     }
+    // Opened here, joined in the child: the namespace file is under the node's /run, which
+    // the child's own /run covers.
+    let netns = std::fs::File::open(&p.netns)?;
+    let netns_fd = std::os::fd::AsRawFd::as_raw_fd(&netns);
     let user = p.user.clone();
     let (read_only_root, no_new_privs) = (p.read_only_root, p.no_new_privs);
     let log = std::fs::OpenOptions::new()
@@ -634,6 +648,10 @@ fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
     unsafe {
         command.pre_exec(move || {
             let null = std::ptr::null::<libc::c_char>();
+            check(
+                libc::setns(netns_fd, libc::CLONE_NEWNET),
+                "joining the pod's network namespace",
+            )?;
             check(libc::unshare(libc::CLONE_NEWNS), "unshare")?;
             check(
                 libc::mount(
@@ -721,7 +739,9 @@ fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    command.spawn()
+    let child = command.spawn();
+    drop(netns);
+    child
 }
 
 /// `/proc/self/fd/N` without allocating (between fork and exec).
@@ -998,6 +1018,7 @@ pub async fn run(
         };
         report.started = !has_startup;
         report.ready = !has_startup && !has_readiness;
+        report.pid = pid;
         let _ = reports.send(report.clone()).await;
 
         let (started_tx, started_rx) = watch::channel(!has_startup);

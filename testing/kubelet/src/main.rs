@@ -8,10 +8,12 @@
 //!   gateway until told to stop, then a check that every acknowledged order is stored once.
 //!
 //! Meant to run inside a private network and mount namespace (`unshare --net --mount`):
-//! it adds pod and Service addresses to that namespace's loopback device.
+//! it creates the pod network there (a bridge, a network namespace per pod) and adds
+//! Service addresses to that namespace's loopback device.
 
 mod container;
 mod load;
+mod network;
 mod node;
 mod pod;
 mod proxy;
@@ -63,7 +65,7 @@ impl Args {
 
 const USAGE: &str = "usage:
   mini-kubelet node --name NODE --bin-dir DIR --work DIR --apiserver HOST:PORT --hosts FILE
-                    [--pod-network 10.244.0.]
+                    [--pod-network 10.244] [--external-service NS/NAME=HOST:PORT]
   mini-kubelet load --url URL --admin-email EMAIL --admin-password-file FILE --stop-file FILE
                     --report FILE [--concurrency N] [--retry-failed true]";
 

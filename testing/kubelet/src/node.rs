@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::pod::{self, PodCtx};
-use crate::{Args, log, proxy};
+use crate::{Args, log, network, proxy};
 
 /// How often the node renews its Lease and reports its status (the kubelet's defaults).
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -31,9 +31,27 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .context("kube client (KUBECONFIG)")?;
     let apiserver = args.get("apiserver")?.parse().context("--apiserver")?;
-    proxy::add_address(&host_ip).await?;
+    network::setup_node(&host_ip).await?;
 
-    let proxy = proxy::start(client.clone(), apiserver, PathBuf::from(args.get("hosts")?)).await?;
+    let external = match args.get_or("external-service", "") {
+        "" => None,
+        spec => {
+            let (service, target) = spec
+                .split_once('=')
+                .context("--external-service NS/NAME=HOST:PORT")?;
+            Some((
+                service.to_owned(),
+                target.parse().context("--external-service target")?,
+            ))
+        }
+    };
+    let proxy = proxy::start(
+        client.clone(),
+        apiserver,
+        external,
+        PathBuf::from(args.get("hosts")?),
+    )
+    .await?;
     let kubernetes: Service = Api::namespaced(client.clone(), "default")
         .get("kubernetes")
         .await

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::container::{self, Report, Stop};
 use crate::log;
-use crate::proxy::{self, Proxy};
+use crate::network::PodNetwork;
+use crate::proxy::Proxy;
 
 /// The kubelet's minimum grace period for a Pod removed from the API without one.
 const MIN_GRACE: Duration = Duration::from_secs(2);
@@ -47,14 +48,15 @@ impl Addresses {
         }
     }
 
-    fn take(&mut self) -> String {
+    /// A unique index (it names the pod's network namespace) and the pod IP.
+    fn take(&mut self) -> (u32, String) {
         // x.y.0 and x.y.255 are skipped: network and broadcast-looking addresses.
         while matches!(self.next % 256, 0 | 255) {
             self.next += 1;
         }
         let n = self.next;
         self.next += 1;
-        format!("{}.{}.{}", self.network, n / 256, n % 256)
+        (n, format!("{}.{}.{}", self.network, n / 256, n % 256))
     }
 }
 
@@ -98,18 +100,21 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
         remove(&api, &name, &uid).await;
         return;
     }
-    let ip = ctx.addresses.lock().expect("addresses").take();
-    if let Err(e) = proxy::add_address(&ip).await {
-        log!("pod {name}: {e:#}");
-        return;
-    }
-    let started_at = now();
     let dir = ctx.work.join(format!(
         "{}_{}_{}",
         pod.namespace().unwrap_or_default(),
         name,
         &uid[..8.min(uid.len())]
     ));
+    let (index, ip) = ctx.addresses.lock().expect("addresses").take();
+    let network = match PodNetwork::create(index, &ip, &ctx.host_ip, &dir).await {
+        Ok(network) => network,
+        Err(e) => {
+            log!("pod {name}: network: {e:#}");
+            return;
+        }
+    };
+    let started_at = now();
     let mut conditions = Conditions::default();
     conditions.set("PodScheduled", true);
     conditions.set("PodReadyToStartContainers", true);
@@ -147,7 +152,7 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
     let (stop_tx, stop_rx) = watch::channel::<Option<Stop>>(None);
     let mut tasks = Vec::new();
     let prepared = loop {
-        match container::prepare_pod(&ctx, &pod, &ip, &dir).await {
+        match container::prepare_pod(&ctx, &pod, &ip, network.path(), &dir).await {
             Ok(prepared) => break Some(prepared),
             Err(e) => {
                 let message = format!("{e:#}");
@@ -235,7 +240,7 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
         };
         log!("pod {name}: {phase}");
         patch(&api, &name, status(&conditions, &reports, phase)).await;
-        proxy::remove_address(&ip).await;
+        network.remove().await;
         while rx
             .borrow()
             .as_ref()
@@ -246,7 +251,7 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
             }
         }
     }
-    proxy::remove_address(&ip).await;
+    network.remove().await;
     // The container logs stay for post-mortems; the volumes (secrets, tokens) go.
     let _ = std::fs::remove_dir_all(dir.join("volumes"));
     remove(&api, &name, &uid).await;
@@ -288,7 +293,7 @@ mod tests {
     #[test]
     fn pod_addresses_are_never_reused_and_skip_network_and_broadcast() {
         let mut addresses = Addresses::new("10.244");
-        let taken: Vec<String> = (0..600).map(|_| addresses.take()).collect();
+        let taken: Vec<String> = (0..600).map(|_| addresses.take().1).collect();
         assert_eq!(taken[0], "10.244.0.2");
         let unique: std::collections::HashSet<_> = taken.iter().collect();
         assert_eq!(unique.len(), taken.len());

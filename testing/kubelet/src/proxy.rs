@@ -4,9 +4,10 @@
 //! terminating ones only when none is ready, as kube-proxy does), and an /etc/hosts file
 //! maps `name`, `name.ns`, `name.ns.svc` and `name.ns.svc.cluster.local` to the cluster IP.
 //!
-//! `default/kubernetes` is forwarded to the API server given on the command line: the API
-//! server's own endpoint reconciler would publish its loopback address, which
-//! EndpointSlices refuse.
+//! `default/kubernetes` is forwarded to the API server given on the command line, and an
+//! optional selector-less Service to a server on the node's loopback (the test's
+//! PostgreSQL): the endpoints those would need are loopback addresses, which EndpointSlices
+//! refuse.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ pub struct Proxy {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     apiserver: SocketAddr,
+    /// A selector-less Service (`ns/name`) that stands for a server on the node's loopback.
+    external: Option<(String, SocketAddr)>,
     listening: Mutex<HashSet<SocketAddr>>,
     hosts: PathBuf,
     hosts_base: String,
@@ -49,14 +52,12 @@ pub async fn add_address(ip: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn remove_address(ip: &str) {
-    let _ = tokio::process::Command::new("ip")
-        .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])
-        .output()
-        .await;
-}
-
-pub async fn start(client: Client, apiserver: SocketAddr, hosts: PathBuf) -> Result<Arc<Proxy>> {
+pub async fn start(
+    client: Client,
+    apiserver: SocketAddr,
+    external: Option<(String, SocketAddr)>,
+    hosts: PathBuf,
+) -> Result<Arc<Proxy>> {
     let (services, services_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
     let service_events = reflector::reflector(
@@ -77,6 +78,7 @@ pub async fn start(client: Client, apiserver: SocketAddr, hosts: PathBuf) -> Res
         services,
         slices,
         apiserver,
+        external,
         listening: Mutex::default(),
         hosts,
         hosts_base,
@@ -220,11 +222,15 @@ impl Proxy {
         key: &ObjectRef<Service>,
         port: Option<String>,
     ) {
-        let candidates = if key.name == "kubernetes" && key.namespace.as_deref() == Some("default")
-        {
-            vec![self.apiserver]
-        } else {
-            self.endpoints(key, port.as_deref())
+        let namespaced = format!(
+            "{}/{}",
+            key.namespace.as_deref().unwrap_or_default(),
+            key.name
+        );
+        let candidates = match &self.external {
+            _ if namespaced == "default/kubernetes" => vec![self.apiserver],
+            Some((service, target)) if *service == namespaced => vec![*target],
+            _ => self.endpoints(key, port.as_deref()),
         };
         // As the userspace proxier did: try the next endpoint when one refuses.
         for addr in candidates {
@@ -273,6 +279,7 @@ mod tests {
             services,
             slices: store,
             apiserver: "127.0.0.1:6443".parse().unwrap(),
+            external: None,
             listening: Mutex::default(),
             hosts: PathBuf::new(),
             hosts_base: String::new(),
