@@ -972,7 +972,6 @@ async fn run_hook(p: &Prepared, hook: &LifecycleHandler, limit: Duration) {
 /// Runs one container until the pod stops it (or, without restartPolicy Always, until
 /// it exits). Returns the last exit code.
 pub async fn run(
-    _ctx: Arc<PodCtx>,
     pod: String,
     index: usize,
     p: Prepared,

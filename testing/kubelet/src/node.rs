@@ -45,7 +45,8 @@ pub async fn run(args: Args) -> Result<()> {
             ))
         }
     };
-    let proxy = proxy::start(
+    // The proxy's listeners run on their own tasks for as long as the node does.
+    proxy::start(
         client.clone(),
         apiserver,
         external,
@@ -73,7 +74,6 @@ pub async fn run(args: Args) -> Result<()> {
         work: PathBuf::from(args.get("work")?),
         addresses: Mutex::new(pod::Addresses::new(&network)),
         kubernetes_ip,
-        proxy,
     });
     watch_pods(ctx).await
 }

@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, watch};
 use crate::container::{self, Report, Stop};
 use crate::log;
 use crate::network::PodNetwork;
-use crate::proxy::Proxy;
 
 /// The kubelet's minimum grace period for a Pod removed from the API without one.
 const MIN_GRACE: Duration = Duration::from_secs(2);
@@ -29,8 +28,6 @@ pub struct PodCtx {
     pub work: PathBuf,
     pub addresses: Mutex<Addresses>,
     pub kubernetes_ip: String,
-    #[allow(dead_code)] // kept alive with the node: its listeners serve the pods
-    pub proxy: Arc<Proxy>,
 }
 
 /// Pod IPs from a /16, never reused within a run: a stale endpoint can then only point at
@@ -177,12 +174,11 @@ pub async fn run(ctx: Arc<PodCtx>, mut rx: watch::Receiver<Option<Pod>>) {
     };
     if let Some(prepared) = prepared {
         for (index, c) in prepared.into_iter().enumerate() {
-            let ctx = ctx.clone();
             let tx = report_tx.clone();
             let stop = stop_rx.clone();
             let pod_name = name.clone();
             tasks.push(tokio::spawn(async move {
-                container::run(ctx, pod_name, index, c, tx, stop).await
+                container::run(pod_name, index, c, tx, stop).await
             }));
         }
     }
