@@ -24,10 +24,12 @@ COPY services/product/Cargo.toml services/product/
 COPY services/order/Cargo.toml services/order/
 COPY services/user/Cargo.toml services/user/
 COPY gateway/Cargo.toml gateway/
+# The test harness is a workspace member too (never built into an image: stub only).
+COPY testing/kubelet/Cargo.toml testing/kubelet/
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     for crate in services/platform services/product services/order services/user gateway; do \
       mkdir -p "$crate/src" && touch "$crate/src/lib.rs"; done \
- && for bin in services/product services/order services/user gateway .; do \
+ && for bin in services/product services/order services/user gateway testing/kubelet .; do \
       mkdir -p "$bin/src" && echo 'fn main() {}' > "$bin/src/main.rs"; done \
  && cargo build --release --locked --workspace
 
@@ -39,7 +41,7 @@ ARG REVISION=unknown
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     case "$SERVICE" in gateway|product|order|user) ;; \
       *) echo "SERVICE must be gateway, product, order or user (got '$SERVICE')" >&2; exit 1 ;; esac \
- && find services gateway src -name '*.rs' -exec touch {} + \
+ && find services gateway testing src -name '*.rs' -exec touch {} + \
  && SHOP_REVISION="$REVISION" cargo build --release --locked --workspace --bin "$SERVICE" \
  && mkdir -p /out/data \
  && cp "target/release/$SERVICE" /out/service \

@@ -300,6 +300,7 @@ impl WorkerSpec {
             self.config.server.request_timeout,
         ));
         deadlines.spawn_ticker();
+        let readiness = self.shared.readiness.clone();
         let worker = Rc::new(Worker::new(self.shared, pool, deadlines));
         let graceful = GracefulShutdown::new();
         let mut http = http1::Builder::new();
@@ -324,10 +325,24 @@ impl WorkerSpec {
             let _ = stream.set_nodelay(true);
             let worker = worker.clone();
             let client = Rc::new(Client::new(peer));
+            let readiness = readiness.clone();
             let service = service_fn(move |request| {
                 let worker = worker.clone();
                 let client = client.clone();
-                async move { worker.handle(request, &client).await }
+                let readiness = readiness.clone();
+                async move {
+                    let mut response = worker.handle(request, &client).await?;
+                    // Draining (SHUTDOWN_DELAY): each keep-alive connection closes after
+                    // its next response, so clients reconnect to a pod that stays instead
+                    // of racing the close of idle connections when the listener stops.
+                    if readiness.is_shutting_down() {
+                        response.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::task::spawn_local(async move {

@@ -179,6 +179,8 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
+    // Draining: keep-alive connections are closed after their next response.
+    assert_eq!(ready.headers()["connection"], "close");
     assert_eq!(slow.await.unwrap(), "finished");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {

@@ -121,7 +121,11 @@ impl ServiceParts {
             routes.merge(probes::router(self.readiness.clone(), self.metrics.clone())),
             &self.config,
             self.metrics.clone(),
-        );
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            self.readiness.clone(),
+            close_when_draining,
+        ));
         Ok(Application {
             name: self.name,
             config: self.config,
@@ -132,6 +136,26 @@ impl ServiceParts {
             close_hooks: self.close_hooks,
         })
     }
+}
+
+/// While draining (`shutdown_delay`), each HTTP/1 keep-alive connection is closed after its
+/// next response (`Connection: close`): clients balanced per connection (kube-proxy, a
+/// gateway with static discovery) reconnect to a pod that stays, instead of racing the close
+/// of their idle connection when the listener stops.
+async fn close_when_draining(
+    axum::extract::State(readiness): axum::extract::State<Readiness>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let http1 = request.version() <= http::Version::HTTP_11;
+    let mut response = next.run(request).await;
+    if http1 && readiness.is_shutting_down() {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Applies the platform middleware to a router. Public so tests can `oneshot` a service's

@@ -36,6 +36,11 @@ impl RunningApp {
         }
     }
 
+    /// Starts the graceful shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
     /// Triggers the graceful shutdown and waits for it to finish.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.trigger();

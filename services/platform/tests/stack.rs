@@ -153,3 +153,31 @@ async fn readiness_reports_each_check_and_health_stays_up() {
     assert_eq!(health.status(), 200);
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn while_draining_responses_close_their_keep_alive_connection() {
+    let mut config = ServerConfig::ephemeral();
+    config.shutdown_delay = Duration::from_millis(800);
+    let app = ServiceParts::new("test", config, Metrics::new("test"))
+        .bind(routes())
+        .await
+        .unwrap();
+    let running = RunningApp::start(app);
+    let http = reqwest::Client::new();
+    let before = http
+        .get(format!("{}/health", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(before.headers().get("connection").is_none());
+    running.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let draining = http
+        .get(format!("{}/health", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(draining.status(), 200, "still serving during the delay");
+    assert_eq!(draining.headers()["connection"], "close");
+    running.stop().await.unwrap();
+}
