@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::{Histogram, IntCounter};
@@ -25,7 +25,8 @@ use crate::Shared;
 use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::deadline::Deadlines;
-use crate::pool::{Lease, Pool, SendError};
+use crate::h1::{RequestFraming, RequestHead};
+use crate::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
@@ -349,15 +350,28 @@ impl Worker {
         upstream.budget.on_request();
 
         let (mut parts, body) = request.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, client, original_host);
+        // The rewritten target goes on the request line as it is: nothing that could end
+        // the line or the token (the route table only ever produces origin form).
+        if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return error(AppError::bad_request(
+                "invalid_path",
+                "the path is not allowed",
+            ));
+        }
 
         let bodyless = body.is_end_stream();
-        // Retries go to another endpoint only, so with one endpoint there is nothing to
-        // keep a copy of the headers for.
+        let framing = if bodyless {
+            RequestFraming::Empty
+        } else if parts.headers.contains_key(header::CONTENT_LENGTH)
+            && body.size_hint().exact().is_some()
+        {
+            RequestFraming::Length
+        } else {
+            RequestFraming::Chunked
+        };
+        // Retries go to another endpoint, and only for requests with nothing to replay.
         let retryable = bodyless && is_idempotent(&parts.method) && upstream.has_alternatives();
-        let retry_headers = retryable.then(|| parts.headers.clone());
         let mut body = Some(if bodyless {
             OutboundBody::Empty
         } else {
@@ -366,7 +380,14 @@ impl Worker {
                 remaining: shared.options.body_limit,
             }
         });
-        let mut headers = Some(parts.headers);
+        let head = RequestHead {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            framing,
+            forwarded_for: &client.forwarded_for,
+            forwarded_host: parts.headers.get(header::HOST),
+        };
         let mut avoid = None;
         let mut attempt = 0;
         loop {
@@ -376,31 +397,14 @@ impl Worker {
                 return error(AppError::unavailable(&upstream.name, "no healthy endpoint"));
             };
             let slot = InFlight::new(endpoint.clone());
-            // Origin form (`/path?query`): the connection already names the endpoint.
-            let Ok(uri) = Uri::try_from(target) else {
-                upstream.breaker.record_success();
-                return error(AppError::bad_request(
-                    "invalid_path",
-                    "the path is not allowed",
-                ));
-            };
-            let mut outbound = Request::new(body.take().unwrap_or(OutboundBody::Empty));
-            *outbound.method_mut() = parts.method.clone();
-            *outbound.uri_mut() = uri;
-            *outbound.headers_mut() = match headers.take() {
-                Some(h) => h,
-                None => retry_headers.clone().unwrap_or_default(),
-            };
-            outbound
-                .headers_mut()
-                .insert(header::HOST, endpoint.host_header.clone());
+            let outbound = body.take().unwrap_or(OutboundBody::Empty);
 
             let sent = tokio::time::Instant::now();
             let outcome = self
                 .deadlines
                 .run_until(
                     sent + shared.options.upstream_timeout,
-                    self.pool.send(&endpoint, outbound),
+                    self.pool.send(&endpoint, &head, outbound),
                 )
                 .await;
             let elapsed = sent.elapsed();
@@ -429,11 +433,19 @@ impl Worker {
                     }
                     return error(AppError::unavailable(&upstream.name, "connection refused"));
                 }
+                Ok(Err(SendError::BodyTooLarge)) => {
+                    upstream.breaker.record_success();
+                    return error(too_large());
+                }
+                Ok(Err(SendError::ClientBody(err))) => {
+                    // The client broke off its upload: nothing the upstream did.
+                    tracing::debug!(upstream = %upstream.name, error = %err, "client body broke off");
+                    return error(AppError::bad_request(
+                        "incomplete_body",
+                        "the request body broke off before its end",
+                    ));
+                }
                 Ok(Err(SendError::Exchange(err))) => {
-                    if body_limit_exceeded(&err) {
-                        upstream.breaker.record_success();
-                        return error(too_large());
-                    }
                     upstream.breaker.record_failure();
                     upstream_metrics.observe(&upstream.name, "error", elapsed);
                     tracing::warn!(upstream = %upstream.name, error = %err, "upstream exchange failed");
@@ -443,7 +455,7 @@ impl Worker {
                         format!("{} closed the connection without answering", upstream.name),
                     ));
                 }
-                Ok(Ok((response, lease))) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.mark_healthy();
                     self.observe_upstream(upstream_id, status, elapsed);
@@ -481,7 +493,11 @@ impl Worker {
                         return from_cache(&entry, entry.matches(if_none_match.as_ref()), "miss");
                     }
                     let (head, incoming) = response.into_parts();
-                    let body = Streamed::new(incoming, slot, upstream.stream_errors.clone(), lease);
+                    let body = Streamed {
+                        inner: incoming,
+                        _slot: slot,
+                        stream_errors: upstream.stream_errors.clone(),
+                    };
                     return Response::from_parts(head, Either::Left(body));
                 }
             }
@@ -588,9 +604,6 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -637,26 +650,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(PROXY_CONNECTION);
 }
 
-fn append_forwarded(headers: &mut HeaderMap, client: &Client, host: Option<HeaderValue>) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(prior) => {
-            let mut list = Vec::with_capacity(prior.len() + 2 + client.forwarded_for.len());
-            list.extend_from_slice(prior.as_bytes());
-            list.extend_from_slice(b", ");
-            list.extend_from_slice(client.forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&list).ok()
-        }
-        None => Some(client.forwarded_for.clone()),
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
-}
-
 /// The client's request body on its way upstream, cut off at the body limit.
 pub enum OutboundBody {
     Empty,
@@ -666,17 +659,6 @@ pub enum OutboundBody {
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the limit")]
 pub struct BodyLimitExceeded;
-
-fn body_limit_exceeded(err: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if e.is::<BodyLimitExceeded>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
 
 impl Body for OutboundBody {
     type Data = Bytes;
@@ -722,66 +704,25 @@ impl Body for OutboundBody {
 }
 
 /// The upstream's response body on its way to the client. Holds the endpoint's in-flight
-/// slot until the last byte (or the client going away); counts streams cut mid-way.
+/// slot until the last byte (or the client going away); counts streams cut mid-way. The
+/// connection itself goes back to the pool from [`UpstreamBody`] when the body ends.
 pub struct Streamed {
-    inner: Incoming,
+    inner: UpstreamBody,
     _slot: InFlight,
     stream_errors: IntCounter,
-    /// The upstream connection, returned to the pool when the body has ended.
-    lease: Option<Lease>,
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        self.release_if_done();
-    }
-}
-
-impl Streamed {
-    /// Hands the connection back once the whole body has been read; a connection whose
-    /// body was abandoned mid-way is closed (dropped) instead.
-    fn release_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(lease) = self.lease.take()
-        {
-            lease.release();
-        }
-    }
-
-    fn new(inner: Incoming, slot: InFlight, stream_errors: IntCounter, lease: Lease) -> Self {
-        let lease = if inner.is_end_stream() {
-            lease.release();
-            None
-        } else {
-            Some(lease)
-        };
-        Self {
-            inner,
-            _slot: slot,
-            stream_errors,
-            lease,
-        }
-    }
 }
 
 impl Body for Streamed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Err(_))) => {
-                self.stream_errors.inc();
-                self.lease = None;
-            }
-            Poll::Ready(None) => self.release_if_done(),
-            // A known length can end with a data frame; the server may not poll again.
-            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
-            Poll::Pending => {}
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.stream_errors.inc();
         }
         polled
     }

@@ -1024,3 +1024,200 @@ async fn refuses_get_bodies_and_more_headers_than_upstreams_parse_as_json() {
     assert_eq!(r.status(), StatusCode::OK);
     gw.stop().await;
 }
+
+/// Reads one request (head and a `Content-Length` body) from a raw upstream connection;
+/// `None` when the gateway closed it.
+async fn read_request(socket: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while pending.len() < end + 4 + length {
+                let mut buf = [0u8; 4096];
+                let n = socket.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                pending.extend_from_slice(&buf[..n]);
+            }
+            pending.drain(..end + 4 + length);
+            return Some(head);
+        }
+        let mut buf = [0u8; 4096];
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The keep-alive race: the upstream closes a connection just as the gateway reuses it
+/// (the request is written, the answer is EOF). A GET goes again on a fresh connection;
+/// a POST may have been acted on, so it is never sent twice.
+#[tokio::test]
+async fn a_reused_connection_closed_by_the_upstream_is_retried_for_a_get_never_for_a_post() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                // Answers the first request of each connection, takes the second and
+                // closes without a word.
+                let first = read_request(&mut socket, &mut pending).await.unwrap();
+                log.lock()
+                    .unwrap()
+                    .push(first.lines().next().unwrap().to_owned());
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                if let Some(second) = read_request(&mut socket, &mut pending).await {
+                    log.lock()
+                        .unwrap()
+                        .push(second.lines().next().unwrap().to_owned());
+                }
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("GATEWAY_WORKERS", "1")]);
+    let http = client();
+    let url = format!("{}/api/v1/products", gw.url);
+    for _ in 0..2 {
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    let post = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(post.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        post.json::<Value>().await.unwrap()["error"]["code"],
+        "bad_gateway"
+    );
+    let post = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(post.status(), StatusCode::OK, "a fresh connection answers");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "get /products http/1.1",
+            "get /products http/1.1",
+            "get /products http/1.1",
+            "post /products http/1.1",
+            "post /products http/1.1",
+        ],
+        "the second GET went twice (the first time unanswered); each POST once"
+    );
+    gw.stop().await;
+}
+
+/// Chunked and close-delimited upstream bodies pass through whole; a chunked one leaves
+/// its connection reusable, a close-delimited one cannot.
+#[tokio::test]
+async fn chunked_and_close_delimited_responses_pass_through() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Hits::default();
+    let accepted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            accepted.bump();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                while let Some(head) = read_request(&mut socket, &mut pending).await {
+                    if head.starts_with("get /products/closing") {
+                        let _ = socket
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+                            )
+                            .await;
+                        return;
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n")
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    socket
+                        .write_all(b"6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("GATEWAY_WORKERS", "1")]);
+    let http = client();
+    for _ in 0..3 {
+        let response = http
+            .get(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("x-trailer").is_none());
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    }
+    assert_eq!(connections.get(), 1, "chunked bodies keep the connection");
+    for _ in 0..2 {
+        let response = http
+            .get(format!("{}/api/v1/products/closing", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "until the end");
+    }
+    assert_eq!(
+        connections.get(),
+        2,
+        "the first close-delimited body used up the kept connection, the second a new one"
+    );
+    gw.stop().await;
+}
+
+/// An upstream that refuses an upload without reading it (and keeps the connection open)
+/// is heard: its answer reaches the client instead of the upload stalling to a timeout.
+#[tokio::test]
+async fn an_upstream_answering_before_the_body_is_read_is_heard() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"n\":\"no\"}\n")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("BODY_LIMIT", "64MiB"),
+        ("UPSTREAM_TIMEOUT", "5s"),
+    ]);
+    let started = Instant::now();
+    let response = client()
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 16 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(response.text().await.unwrap(), "{\"n\":\"no\"}\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    gw.stop().await;
+}
