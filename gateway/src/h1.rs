@@ -8,6 +8,7 @@
 //! user-space work of an upstream exchange.
 
 use std::io;
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -50,6 +51,9 @@ pub struct RequestHead<'a> {
     /// The client's `Host`, sent as `X-Forwarded-Host` (a client's own value is kept
     /// when it sent no `Host`).
     pub forwarded_host: Option<&'a HeaderValue>,
+    /// Replace any the client sent.
+    pub request_id: &'a HeaderValue,
+    pub traceparent: &'a [u8],
 }
 
 impl RequestHead<'_> {
@@ -62,9 +66,13 @@ impl RequestHead<'_> {
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
+        line(out, b"x-request-id", self.request_id.as_bytes());
+        line(out, b"traceparent", self.traceparent);
         let mut prior_forwarded_for = false;
         for (name, value) in self.headers {
             if *name == header::HOST
+                || *name == crate::REQUEST_ID
+                || *name == crate::trace::TRACEPARENT
                 || *name == X_FORWARDED_PROTO
                 || (*name == X_FORWARDED_HOST && self.forwarded_host.is_some())
                 || (*name == header::CONTENT_LENGTH && self.framing != RequestFraming::Length)
@@ -176,11 +184,18 @@ pub fn parse_response(
     request_method: &Method,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        // Left uninitialised: only the entries the parser fills are read.
+        let mut slots =
+            [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
         let mut indices = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
-        let mut response = httparse::Response::new(&mut slots);
+        let mut response = httparse::Response::new(&mut []);
         let base = buf.as_ptr() as usize;
-        let len = match response.parse(buf)? {
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        )?;
+        let len = match parsed {
             httparse::Status::Complete(len) => len,
             httparse::Status::Partial => {
                 return if buf.len() > MAX_HEAD_BYTES {
@@ -215,15 +230,16 @@ pub fn parse_response(
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Switching(code))?;
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for what the gateway adds to a response without the map growing.
+        let mut headers = HeaderMap::with_capacity(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
         let mut close = version == Version::HTTP_10;
         for &(ns, ne, vs, ve) in &indices[..count] {
             let name_bytes = &head[ns as usize..ne as usize];
-            let name = HeaderName::from_bytes(name_bytes)
-                .map_err(|_| ProtocolError::Header(String::from_utf8_lossy(name_bytes).into()))?;
+            let name = header_name(name_bytes)
+                .ok_or_else(|| ProtocolError::Header(String::from_utf8_lossy(name_bytes).into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
                 .map_err(|_| ProtocolError::Header(name.as_str().to_owned()))?;
             if name == header::CONTENT_LENGTH {
@@ -279,6 +295,20 @@ pub fn parse_response(
             keep_alive,
         }));
     }
+}
+
+/// The names upstreams send on nearly every response, matched without the general
+/// parser (which lowercases and looks up every name).
+fn header_name(bytes: &[u8]) -> Option<HeaderName> {
+    let common = match bytes.len() {
+        4 if bytes.eq_ignore_ascii_case(b"date") => Some(header::DATE),
+        4 if bytes.eq_ignore_ascii_case(b"etag") => Some(header::ETAG),
+        12 if bytes.eq_ignore_ascii_case(b"content-type") => Some(header::CONTENT_TYPE),
+        13 if bytes.eq_ignore_ascii_case(b"cache-control") => Some(header::CACHE_CONTROL),
+        14 if bytes.eq_ignore_ascii_case(b"content-length") => Some(header::CONTENT_LENGTH),
+        _ => None,
+    };
+    common.or_else(|| HeaderName::from_bytes(bytes).ok())
 }
 
 fn parse_length(bytes: &[u8]) -> Option<u64> {
@@ -452,6 +482,11 @@ mod tests {
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert(crate::REQUEST_ID, HeaderValue::from_static("bad id"));
+        headers.insert(
+            crate::trace::TRACEPARENT,
+            HeaderValue::from_static("inbound"),
+        );
         let client = HeaderValue::from_static("127.0.0.1");
         let host = HeaderValue::from_static("shop.example");
         let request = RequestHead {
@@ -461,12 +496,15 @@ mod tests {
             framing: RequestFraming::Length,
             forwarded_for: &client,
             forwarded_host: Some(&host),
+            request_id: &HeaderValue::from_static("r-1"),
+            traceparent: b"00-01-02-01",
         };
         let mut out = Vec::new();
         request.encode(&HeaderValue::from_static("10.1.2.3:8081"), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /products?x=1 HTTP/1.1\r\nhost: 10.1.2.3:8081\r\naccept: */*\r\n\
+            "POST /products?x=1 HTTP/1.1\r\nhost: 10.1.2.3:8081\r\nx-request-id: r-1\r\n\
+             traceparent: 00-01-02-01\r\naccept: */*\r\n\
              content-length: 5\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
         );
@@ -484,6 +522,8 @@ mod tests {
             framing: RequestFraming::Chunked,
             forwarded_for: &client,
             forwarded_host: None,
+            request_id: &HeaderValue::from_static("r-2"),
+            traceparent: b"00-01-02-01",
         };
         let mut out = Vec::new();
         request.encode(&HeaderValue::from_static("u:1"), &mut out);

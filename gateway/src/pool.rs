@@ -253,7 +253,12 @@ impl Pool {
             }
         }
         let response = loop {
-            match h1::parse_response(&mut conn.buf, head.method) {
+            let parsed = if conn.buf.is_empty() {
+                Ok(None)
+            } else {
+                h1::parse_response(&mut conn.buf, head.method)
+            };
+            match parsed {
                 Ok(Some(response)) => break response,
                 Ok(None) => {}
                 Err(e) => {

@@ -56,6 +56,12 @@ impl Client {
     }
 }
 
+/// What the gateway adds to every request it forwards.
+struct Hop<'a> {
+    request_id: &'a HeaderValue,
+    traceparent: [u8; 55],
+}
+
 /// Per-worker state: the upstream connection pool and metric handles resolved once.
 pub struct Worker {
     pub shared: Arc<Shared>,
@@ -163,8 +169,9 @@ impl Worker {
         shared.metrics.in_flight().inc();
         let mut request = request;
         let method = request.method().clone();
-        let request_id = crate::ensure_request_id(request.headers_mut());
-        let trace = crate::trace::propagate(request.headers_mut(), &shared.sampler);
+        // Both go upstream as lines of the request head, not through the header map.
+        let request_id = crate::request_id(request.headers());
+        let trace = crate::trace::continue_trace(request.headers_mut(), &shared.sampler);
         let credentialed = request.headers().contains_key(header::AUTHORIZATION);
         let origin = match &shared.cors {
             Some(_) => request.headers().get(header::ORIGIN).cloned(),
@@ -180,7 +187,11 @@ impl Worker {
             }
             _ => None,
         };
-        let (route, mut response) = self.route_and_forward(request, client, started).await;
+        let hop = Hop {
+            request_id: &request_id,
+            traceparent: trace.traceparent_bytes(),
+        };
+        let (route, mut response) = self.route_and_forward(request, client, &hop, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
@@ -237,6 +248,7 @@ impl Worker {
         &self,
         request: Request<Incoming>,
         client: &Client,
+        hop: &Hop<'_>,
         started: Instant,
     ) -> (usize, Response<ResponseBody>) {
         let shared = &self.shared;
@@ -303,7 +315,8 @@ impl Worker {
         let target = route.rewrite(path, request.uri().query());
         (
             route_id,
-            self.forward(request, route.upstream, &target, client).await,
+            self.forward(request, route.upstream, &target, client, hop)
+                .await,
         )
     }
 
@@ -313,6 +326,7 @@ impl Worker {
         upstream_id: usize,
         target: &str,
         client: &Client,
+        hop: &Hop<'_>,
     ) -> Response<ResponseBody> {
         let shared = &self.shared;
         let upstream = &shared.upstreams[upstream_id];
@@ -387,6 +401,8 @@ impl Worker {
             framing,
             forwarded_for: &client.forwarded_for,
             forwarded_host: parts.headers.get(header::HOST),
+            request_id: hop.request_id,
+            traceparent: &hop.traceparent,
         };
         let mut avoid = None;
         let mut attempt = 0;

@@ -33,6 +33,11 @@ impl TraceIds {
     /// `00-<trace id>-<span id>-<flags>`, written without the formatting machinery
     /// (this runs on every request).
     pub fn traceparent(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a valid header")
+    }
+
+    /// `traceparent` as its 55 ASCII bytes.
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
         let mut out = [0u8; 55];
         out[..3].copy_from_slice(b"00-");
         write_hex(&mut out[3..35], self.trace_id);
@@ -41,7 +46,7 @@ impl TraceIds {
         out[52] = b'-';
         out[53] = b'0';
         out[54] = if self.sampled { b'1' } else { b'0' };
-        HeaderValue::from_bytes(&out).expect("hex is a valid header")
+        out
     }
 }
 
@@ -89,14 +94,15 @@ fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
 
-/// Rewrites `traceparent` for the upstream hop and returns the ids used; `sampler`
-/// decides the sampled flag (by default: the caller's, or yes for a new trace).
-pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
+/// The ids for the upstream hop; `sampler` decides the sampled flag (by default: the
+/// caller's, or yes for a new trace). `traceparent` itself is the caller's to write (the
+/// gateway writes it straight into the upstream request head).
+pub fn continue_trace(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
     let inbound = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse);
-    let ids = match inbound {
+    match inbound {
         Some((trace_id, parent, flags)) => TraceIds {
             trace_id,
             parent_span_id: Some(parent),
@@ -114,9 +120,7 @@ pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
                 sampled: sampler.should_sample(trace_id, None),
             }
         }
-    };
-    headers.insert(TRACEPARENT, ids.traceparent());
-    ids
+    }
 }
 
 /// What a sampled request's span records beyond what the proxy keeps anyway; captured
@@ -205,6 +209,13 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the gateway sends upstream: the inbound headers with the new `traceparent`.
+    fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
+        let ids = continue_trace(headers, sampler);
+        headers.insert(TRACEPARENT, ids.traceparent());
+        ids
+    }
 
     #[test]
     fn continues_a_valid_trace_with_a_new_span() {
