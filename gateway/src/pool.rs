@@ -30,10 +30,14 @@ use crate::h1::{
 use crate::proxy::{BodyLimitExceeded, OutboundBody};
 use crate::upstream::Endpoint;
 
-/// Free space asked of the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
-/// Idle connections keep at most this much read buffer.
-const IDLE_BUFFER: usize = 16 * 1024;
+/// Free space asked of the read buffer before reading a response head: most heads and
+/// many whole API responses fit, and a small buffer per connection keeps memory flat.
+const HEAD_CHUNK: usize = 2 * 1024;
+/// Free space asked before each read of a body the head read did not already hold.
+const BODY_CHUNK: usize = 16 * 1024;
+/// Idle connections keep at most this much read buffer; request heads are encoded in a
+/// scratch buffer kept up to this size.
+const IDLE_BUFFER: usize = 4 * 1024;
 
 pub struct Pool {
     idle: RefCell<HashMap<u64, Vec<Idle>>>,
@@ -83,8 +87,8 @@ impl Conn {
     }
 
     async fn read_more(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-            self.buf.reserve(READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < HEAD_CHUNK / 2 {
+            self.buf.reserve(HEAD_CHUNK);
         }
         tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await
     }
@@ -408,8 +412,8 @@ async fn write_or_answer(conn: &mut Conn, bytes: &[u8]) -> Result<(), BodyFailur
 /// Reads whatever the upstream sent while the body was going out; true when it closed the
 /// connection or a response has begun.
 fn early_answer(conn: &mut Conn) -> bool {
-    if conn.buf.capacity() - conn.buf.len() < READ_CHUNK / 2 {
-        conn.buf.reserve(READ_CHUNK);
+    if conn.buf.capacity() - conn.buf.len() < HEAD_CHUNK / 2 {
+        conn.buf.reserve(HEAD_CHUNK);
     }
     match conn.stream.try_read_buf(&mut conn.buf) {
         Ok(_) => true,
@@ -536,8 +540,8 @@ impl Body for UpstreamBody {
                 }
             }
             let conn = this.conn.as_mut().expect("checked above");
-            if conn.buf.capacity() - conn.buf.len() < READ_CHUNK / 2 {
-                conn.buf.reserve(READ_CHUNK.max(conn.buf.len()));
+            if conn.buf.capacity() - conn.buf.len() < BODY_CHUNK / 4 {
+                conn.buf.reserve(BODY_CHUNK.max(conn.buf.len()));
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
                 Poll::Pending => return Poll::Pending,
