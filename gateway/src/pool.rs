@@ -9,7 +9,6 @@
 //! dropped by a sweeper.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -27,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::h1::{
     self, ChunkedDecoder, Decoded, LAST_CHUNK, RequestFraming, RequestHead, ResponseFraming,
 };
-use crate::proxy::{BodyLimitExceeded, OutboundBody};
+use crate::proxy::{BodyLimitExceeded, HandleMap, OutboundBody};
 use crate::upstream::Endpoint;
 
 /// Free space asked of the read buffer before reading a response head: most heads and
@@ -40,7 +39,8 @@ const BODY_CHUNK: usize = 16 * 1024;
 const IDLE_BUFFER: usize = 4 * 1024;
 
 pub struct Pool {
-    idle: RefCell<HashMap<u64, Vec<Idle>>>,
+    /// By endpoint id (a small integer: no SipHash needed).
+    idle: RefCell<HandleMap<Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -117,7 +117,7 @@ struct Failed {
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Rc<Self> {
         Rc::new(Self {
-            idle: RefCell::new(HashMap::new()),
+            idle: RefCell::default(),
             max_idle,
             idle_timeout,
             connect_timeout,

@@ -72,12 +72,12 @@ pub struct Worker {
     upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
 }
 
-/// Metric handles by a key packed into a `u64`: a SipHash of a tuple per request costs
-/// more than the counter increments it guards.
-type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
+/// Per-worker maps keyed by a packed `u64` (metric label sets, endpoint ids): a SipHash
+/// per request costs more than the counter increments or pool lookups it guards.
+pub type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
 
 #[derive(Default)]
-struct PackedKeyHasher(u64);
+pub struct PackedKeyHasher(u64);
 
 impl Hasher for PackedKeyHasher {
     fn finish(&self) -> u64 {
