@@ -70,7 +70,10 @@ impl RequestHead<'_> {
         line(out, b"traceparent", self.traceparent);
         let mut prior_forwarded_for = false;
         for (name, value) in self.headers {
+            // `Expect` was met at the gateway's hop (the client got its 100 Continue); the
+            // body follows the head at once, so the upstream is not asked again.
             if *name == header::HOST
+                || *name == header::EXPECT
                 || *name == crate::REQUEST_ID
                 || *name == crate::trace::TRACEPARENT
                 || *name == X_FORWARDED_PROTO
@@ -478,6 +481,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("shop.example"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));

@@ -410,13 +410,18 @@ async fn write_or_answer(conn: &mut Conn, bytes: &[u8]) -> Result<(), BodyFailur
 }
 
 /// Reads whatever the upstream sent while the body was going out; true when it closed the
-/// connection or a response has begun.
+/// connection or a final response has begun (an interim 1xx does not stop the upload).
 fn early_answer(conn: &mut Conn) -> bool {
     if conn.buf.capacity() - conn.buf.len() < HEAD_CHUNK / 2 {
         conn.buf.reserve(HEAD_CHUNK);
     }
     match conn.stream.try_read_buf(&mut conn.buf) {
-        Ok(_) => true,
+        Ok(0) => true,
+        // Rare, so a copy is fine: is there a final head (or garbage) past any 1xx?
+        Ok(_) => !matches!(
+            h1::parse_response(&mut conn.buf.clone(), &Method::POST),
+            Ok(None)
+        ),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
         Err(_) => true,
     }

@@ -1221,3 +1221,119 @@ async fn an_upstream_answering_before_the_body_is_read_is_heard() {
     );
     gw.stop().await;
 }
+
+/// `Expect: 100-continue` is met at the gateway; the upstream's own interim answer (had it
+/// been asked) must not cut a large upload short. HEAD answers carry a length, no body,
+/// and leave the connection usable.
+#[tokio::test]
+async fn large_uploads_with_expect_and_head_requests_pass_through() {
+    let upstream = stub(
+        Router::new().route(
+            "/products",
+            post(|body: axum::body::Body| async move {
+                // Counted as it streams (axum's `Bytes` extractor stops at 2 MB).
+                let mut stream = body.into_data_stream();
+                let mut total = 0;
+                while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+                    total += chunk.unwrap().len();
+                }
+                total.to_string()
+            })
+            .get(|| async { "twelve bytes" }),
+        ),
+    )
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("GATEWAY_WORKERS", "1"),
+        ("BODY_LIMIT", "64MiB"),
+    ]);
+    let http = client();
+    let response = http
+        .post(format!("{}/api/v1/products", gw.url))
+        .header("expect", "100-continue")
+        .body(vec![b'x'; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        (8 * 1024 * 1024).to_string()
+    );
+    for _ in 0..2 {
+        let head = http
+            .head(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(head.headers()["content-length"], "12");
+    }
+    let get = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.text().await.unwrap(), "twelve bytes");
+    gw.stop().await;
+}
+
+/// An upstream's interim `100 Continue` in the middle of an upload does not stop it; the
+/// final answer comes after the whole body.
+#[tokio::test]
+async fn an_interim_answer_during_an_upload_does_not_cut_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let end = loop {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    pending.extend_from_slice(&buf[..n]);
+                    if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                socket
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut received = pending.len() - end;
+                while received < length {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the upload was cut at {received} of {length}");
+                    received += n;
+                }
+                let body = received.to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("BODY_LIMIT", "64MiB")]);
+    let response = client()
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        (8 * 1024 * 1024).to_string()
+    );
+    gw.stop().await;
+}
