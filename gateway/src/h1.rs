@@ -314,7 +314,7 @@ fn header_name(bytes: &[u8]) -> Option<HeaderName> {
     common.or_else(|| HeaderName::from_bytes(bytes).ok())
 }
 
-fn parse_length(bytes: &[u8]) -> Option<u64> {
+pub fn parse_length(bytes: &[u8]) -> Option<u64> {
     if bytes.is_empty() || bytes.len() > 19 {
         return None;
     }

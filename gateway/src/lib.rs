@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
+pub mod front;
 pub mod h1;
 pub mod metrics;
 pub mod pool;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
@@ -25,6 +25,7 @@ use crate::Shared;
 use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::deadline::Deadlines;
+use crate::front::RequestBody;
 use crate::h1::{RequestFraming, RequestHead};
 use crate::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight};
@@ -112,6 +113,10 @@ struct Handles {
 }
 
 impl Worker {
+    pub fn deadlines(&self) -> &Rc<Deadlines> {
+        &self.deadlines
+    }
+
     pub fn new(shared: Arc<Shared>, pool: Rc<Pool>, deadlines: Rc<Deadlines>) -> Self {
         Self {
             shared,
@@ -161,7 +166,7 @@ impl Worker {
 
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         client: &Client,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
@@ -246,7 +251,7 @@ impl Worker {
 
     async fn route_and_forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         client: &Client,
         hop: &Hop<'_>,
         started: Instant,
@@ -322,7 +327,7 @@ impl Worker {
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         upstream_id: usize,
         target: &str,
         client: &Client,
@@ -559,7 +564,7 @@ pub const MAX_HEADERS: usize = 90;
 
 /// Requests no upstream could answer well, refused before anything is forwarded. Both
 /// checks are a length and a flag already known.
-fn refuse_malformed(request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+fn refuse_malformed(request: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
     if request.headers().len() > MAX_HEADERS {
         return Some(error(AppError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -669,7 +674,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The client's request body on its way upstream, cut off at the body limit.
 pub enum OutboundBody {
     Empty,
-    Limited { inner: Incoming, remaining: u64 },
+    Limited { inner: RequestBody, remaining: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1337,3 +1337,119 @@ async fn an_interim_answer_during_an_upload_does_not_cut_it() {
     );
     gw.stop().await;
 }
+
+/// Sends raw bytes to the gateway and reads until it closes the connection.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut response))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// What no HTTP/1.1 parser should accept is refused with a bare 400 and a close, before
+/// any handler runs: bytes that are not HTTP, a NUL in a header, and the ambiguous body
+/// framings requests are smuggled with.
+#[tokio::test]
+async fn malformed_and_ambiguous_requests_are_refused_by_the_parser() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    for bad in [
+        &b"NOT HTTP AT ALL\r\n\r\n"[..],
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ] {
+        let response = raw_exchange(gw.addr, bad).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400 "),
+            "{:?}: {response:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert!(response.contains("connection: close"), "{response:?}");
+    }
+    let many: String = (0..120).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let response = raw_exchange(
+        gw.addr,
+        format!("GET /api/v1/products HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response:?}");
+    gw.stop().await;
+}
+
+/// Keep-alive with pipelined requests answered in order, `Connection: close` and HTTP/1.0
+/// honoured, and `Expect: 100-continue` answered before the body is read.
+#[tokio::test]
+async fn pipelining_connection_close_http_1_0_and_expect_continue() {
+    let upstream = stub(
+        Router::new().route(
+            "/products",
+            post(|body: axum::body::Bytes| async move { format!("got {}", body.len()) })
+                .get(|| async { "list" }),
+        ),
+    )
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let response = raw_exchange(
+        gw.addr,
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n\
+          GET /api/v1/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<&str> = response
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &response[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "200", "200"], "{response}");
+    let at = |b: &str| {
+        response
+            .find(b)
+            .unwrap_or_else(|| panic!("{b} in {response}"))
+    };
+    let bodies = [
+        at("list"),
+        at("got 3"),
+        at("got 2"),
+        response.rfind("list").unwrap(),
+    ];
+    assert!(
+        bodies.windows(2).all(|w| w[0] < w[1]),
+        "in order: {response}"
+    );
+    assert!(
+        response.ends_with("list"),
+        "closed after the last: {response}"
+    );
+
+    let old = raw_exchange(gw.addr, b"GET /api/v1/products HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(
+        old.starts_with("HTTP/1.1 200 ") && old.ends_with("list"),
+        "{old}"
+    );
+
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    socket.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    socket.write_all(b"wxyz").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.starts_with("HTTP/1.1 200 ") && text.ends_with("got 4"),
+        "{text}"
+    );
+    gw.stop().await;
+}
