@@ -26,8 +26,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
+use crate::deadline::Timer;
 use crate::h1::{self, ChunkedDecoder, Decoded, ProtocolError};
 use crate::proxy::{Client, ResponseBody, Worker};
 
@@ -87,9 +87,16 @@ impl Wire {
 pub struct Connections {
     live: Cell<usize>,
     idle: tokio::sync::Notify,
+    draining: Cell<bool>,
 }
 
 impl Connections {
+    /// From now on idle connections close and busy ones answer with `Connection: close`;
+    /// the caller ends the idle waits (the worker's head-read timers).
+    pub fn drain(&self) {
+        self.draining.set(true);
+    }
+
     pub async fn drained(&self) {
         while self.live.get() > 0 {
             self.idle.notified().await;
@@ -112,9 +119,6 @@ impl Drop for LiveGuard {
 pub struct Front {
     pub worker: Rc<Worker>,
     pub header_read_timeout: Duration,
-    /// Set when the worker drains: idle connections close, busy ones answer with
-    /// `Connection: close`.
-    pub draining: CancellationToken,
     pub connections: Rc<Connections>,
 }
 
@@ -142,8 +146,10 @@ impl Front {
             continue_pending: 0,
         }));
         let mut out = Vec::new();
+        // The header read timeout, one slot for the connection's life.
+        let timer = self.worker.deadlines().timer();
         loop {
-            let parsed = match self.read_head(&wire).await {
+            let parsed = match self.read_head(&wire, &timer).await {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) | Err(Refusal::Io) => return,
                 Err(Refusal::Status(status)) => {
@@ -175,7 +181,7 @@ impl Front {
             let request = Request::from_parts(request, RequestBody { wire: wire.clone() });
             let Ok(response) = self.worker.handle(request, &client).await;
             let body_unread = !wire.borrow_mut().skip_buffered_body();
-            let close = !keep_alive || body_unread || self.draining.is_cancelled();
+            let close = !keep_alive || body_unread || self.connections.draining.get();
             out.clear();
             let clean = write_response(&wire, response, head_request, close, &mut out).await;
             if !clean {
@@ -193,10 +199,26 @@ impl Front {
         }
     }
 
-    /// The next request head; `None` when the client closed between requests (or the
-    /// worker drains while the connection is idle).
-    async fn read_head(&self, wire: &Rc<RefCell<Wire>>) -> Result<Option<Parsed>, Refusal> {
+    /// The next request head; `None` when the client closed between requests, took
+    /// longer than the header read timeout, or the worker drains while it is idle.
+    async fn read_head(
+        &self,
+        wire: &Rc<RefCell<Wire>>,
+        timer: &Timer,
+    ) -> Result<Option<Parsed>, Refusal> {
         let due = tokio::time::Instant::now() + self.header_read_timeout;
+        timer.arm(due);
+        let parsed = self.read_head_until(wire, timer, due).await;
+        timer.disarm();
+        parsed
+    }
+
+    async fn read_head_until(
+        &self,
+        wire: &Rc<RefCell<Wire>>,
+        timer: &Timer,
+        due: tokio::time::Instant,
+    ) -> Result<Option<Parsed>, Refusal> {
         loop {
             {
                 let mut w = wire.borrow_mut();
@@ -207,33 +229,37 @@ impl Front {
                     if w.buf.len() > MAX_REQUEST_HEAD {
                         return Err(Refusal::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
                     }
+                } else if self.connections.draining.get() {
+                    return Ok(None);
                 }
             }
-            let idle = wire.borrow().buf.is_empty();
             let read = poll_fn(|cx| {
                 let mut w = wire.borrow_mut();
                 let w = &mut *w;
                 if w.buf.capacity() - w.buf.len() < READ_CHUNK / 2 {
                     w.buf.reserve(READ_CHUNK);
                 }
-                tokio_util::io::poll_read_buf(Pin::new(&mut w.stream), cx, &mut w.buf)
-            });
-            // Already there in the common case: no deadline slot is taken then.
-            let read = self.worker.deadlines().run_until(due, read);
-            let outcome = if idle {
-                tokio::select! {
-                    biased;
-                    outcome = read => outcome,
-                    () = self.draining.cancelled() => return Ok(None),
+                match tokio_util::io::poll_read_buf(Pin::new(&mut w.stream), cx, &mut w.buf) {
+                    Poll::Ready(read) => Poll::Ready(Some(read)),
+                    // Expired: the timeout, or the worker draining (see `drain`).
+                    Poll::Pending if timer.poll_expired(cx) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
                 }
-            } else {
-                read.await
-            };
-            match outcome {
-                Err(_) => return Ok(None),
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Err(Refusal::Io),
+            })
+            .await;
+            match read {
+                None => {
+                    let partial = !wire.borrow().buf.is_empty();
+                    // A drain does not cut a request half received: it gets its answer.
+                    if partial && tokio::time::Instant::now() < due {
+                        timer.arm(due);
+                        continue;
+                    }
+                    return Ok(None);
+                }
+                Some(Ok(0)) => return Ok(None),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return Err(Refusal::Io),
             }
         }
     }

@@ -302,7 +302,6 @@ impl WorkerSpec {
         let front = Rc::new(Front {
             worker,
             header_read_timeout: self.config.header_read_timeout,
-            draining: self.stop_accepting.clone(),
             connections: connections.clone(),
         });
 
@@ -323,6 +322,8 @@ impl WorkerSpec {
             tokio::task::spawn_local(front.clone().serve(stream, Client::new(peer)));
         }
         drop(listener);
+        connections.drain();
+        front.worker.deadlines().expire_timers();
         tokio::select! {
             () = connections.drained() => {}
             () = self.cut_off.cancelled() => {}

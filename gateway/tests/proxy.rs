@@ -1453,3 +1453,55 @@ async fn pipelining_connection_close_http_1_0_and_expect_continue() {
     );
     gw.stop().await;
 }
+
+/// A draining gateway closes idle keep-alive connections at once (it does not wait out
+/// the shutdown timeout for them) and answers a request already under way, with
+/// `Connection: close`.
+#[tokio::test]
+async fn draining_closes_idle_connections_and_finishes_busy_ones() {
+    let upstream = stub(Router::new().route(
+        "/products",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "slow"
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("GATEWAY_WORKERS", "1"),
+        ("SHUTDOWN_TIMEOUT", "10s"),
+    ]);
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    let mut busy = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    busy.write_all(b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    gw.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        idle.read(&mut buf).await.unwrap(),
+        0,
+        "the idle connection was closed"
+    );
+    let mut answer = Vec::new();
+    busy.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.contains("connection: close") && answer.ends_with("slow"),
+        "{answer}"
+    );
+}
