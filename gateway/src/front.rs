@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -311,7 +311,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
     let uri = Uri::from_maybe_shared(head.slice(path_range))
         .map_err(|_| Refusal::Status(StatusCode::BAD_REQUEST))?;
     // Room for what the gateway adds (identity headers) without the map growing.
-    let mut headers = HeaderMap::with_capacity(count + 4);
+    let mut headers = h1::take_map(count + 4);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
@@ -578,6 +578,7 @@ async fn write_response(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    h1::recycle_map(parts.headers);
     if matches!(framing, Out::None) {
         drop(body);
         return write_all(wire, out).await.is_ok();

@@ -234,7 +234,7 @@ pub fn parse_response(
         }
         let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Switching(code))?;
         // Room for what the gateway adds to a response without the map growing.
-        let mut headers = HeaderMap::with_capacity(count + 4);
+        let mut headers = take_map(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
@@ -298,6 +298,42 @@ pub fn parse_response(
             keep_alive,
         }));
     }
+}
+
+thread_local! {
+    /// Emptied header maps kept for reuse by this worker thread: a fresh map costs two
+    /// allocations and their frees for every request head parsed.
+    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Maps kept per worker thread, and the largest kept (a map grown by an odd request is
+/// dropped rather than kept at that size).
+const KEPT_MAPS: usize = 256;
+const KEPT_MAP_CAPACITY: usize = 64;
+
+/// An empty header map for a head of `count` lines (a kept one when there is one).
+pub fn take_map(count: usize) -> HeaderMap {
+    match MAPS.with(|maps| maps.borrow_mut().pop()) {
+        Some(mut map) => {
+            map.reserve(count);
+            map
+        }
+        None => HeaderMap::with_capacity(count),
+    }
+}
+
+/// Gives a map whose message is done with back for reuse.
+pub fn recycle_map(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > KEPT_MAP_CAPACITY {
+        return;
+    }
+    map.clear();
+    MAPS.with(|maps| {
+        let mut maps = maps.borrow_mut();
+        if maps.len() < KEPT_MAPS {
+            maps.push(map);
+        }
+    });
 }
 
 /// The names upstreams send on nearly every response, matched without the general

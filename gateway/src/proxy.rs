@@ -399,7 +399,7 @@ impl Worker {
                 remaining: shared.options.body_limit,
             }
         });
-        let head = RequestHead {
+        let request_head = RequestHead {
             method: &parts.method,
             target,
             headers: &parts.headers,
@@ -425,7 +425,7 @@ impl Worker {
                 .deadlines
                 .run_until(
                     sent + shared.options.upstream_timeout,
-                    self.pool.send(&endpoint, &head, outbound),
+                    self.pool.send(&endpoint, &request_head, outbound),
                 )
                 .await;
             let elapsed = sent.elapsed();
@@ -519,6 +519,7 @@ impl Worker {
                         _slot: slot,
                         stream_errors: upstream.stream_errors.clone(),
                     };
+                    crate::h1::recycle_map(std::mem::take(&mut parts.headers));
                     return Response::from_parts(head, Either::Left(body));
                 }
             }
