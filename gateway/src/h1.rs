@@ -54,6 +54,8 @@ pub struct RequestHead<'a> {
     /// Replace any the client sent.
     pub request_id: &'a HeaderValue,
     pub traceparent: &'a [u8],
+    /// A trace started here: the client's `tracestate` is not passed on.
+    pub drop_tracestate: bool,
 }
 
 impl RequestHead<'_> {
@@ -76,6 +78,7 @@ impl RequestHead<'_> {
                 || *name == header::EXPECT
                 || *name == crate::REQUEST_ID
                 || *name == crate::trace::TRACEPARENT
+                || (self.drop_tracestate && *name == crate::trace::TRACESTATE)
                 || *name == X_FORWARDED_PROTO
                 || (*name == X_FORWARDED_HOST && self.forwarded_host.is_some())
                 || (*name == header::CONTENT_LENGTH && self.framing != RequestFraming::Length)
@@ -538,6 +541,7 @@ mod tests {
             forwarded_host: Some(&host),
             request_id: &HeaderValue::from_static("r-1"),
             traceparent: b"00-01-02-01",
+            drop_tracestate: true,
         };
         let mut out = Vec::new();
         request.encode(&HeaderValue::from_static("10.1.2.3:8081"), &mut out);
@@ -554,6 +558,7 @@ mod tests {
     fn a_body_of_unknown_length_is_rechunked_without_content_length() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert(crate::trace::TRACESTATE, HeaderValue::from_static("vendor=1"));
         let client = HeaderValue::from_static("::1");
         let request = RequestHead {
             method: &Method::PUT,
@@ -564,11 +569,13 @@ mod tests {
             forwarded_host: None,
             request_id: &HeaderValue::from_static("r-2"),
             traceparent: b"00-01-02-01",
+            drop_tracestate: false,
         };
         let mut out = Vec::new();
         request.encode(&HeaderValue::from_static("u:1"), &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("content-length"), "{text}");
+        assert!(text.contains("tracestate: vendor=1\r\n"), "a continued trace keeps it");
         assert!(
             text.ends_with("transfer-encoding: chunked\r\n\r\n"),
             "{text}"

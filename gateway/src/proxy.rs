@@ -61,6 +61,7 @@ impl Client {
 struct Hop<'a> {
     request_id: &'a HeaderValue,
     traceparent: [u8; 55],
+    new_trace: bool,
 }
 
 /// Per-worker state: the upstream connection pool and metric handles resolved once.
@@ -172,11 +173,10 @@ impl Worker {
         let started = Instant::now();
         let shared = &self.shared;
         shared.metrics.in_flight().inc();
-        let mut request = request;
         let method = request.method().clone();
         // Both go upstream as lines of the request head, not through the header map.
         let request_id = crate::request_id(request.headers());
-        let trace = crate::trace::continue_trace(request.headers_mut(), &shared.sampler);
+        let trace = crate::trace::continue_trace(request.headers(), &shared.sampler);
         let credentialed = request.headers().contains_key(header::AUTHORIZATION);
         let origin = match &shared.cors {
             Some(_) => request.headers().get(header::ORIGIN).cloned(),
@@ -195,6 +195,7 @@ impl Worker {
         let hop = Hop {
             request_id: &request_id,
             traceparent: trace.traceparent_bytes(),
+            new_trace: trace.is_new(),
         };
         let (route, mut response) = self.route_and_forward(request, client, &hop, started).await;
         shared.metrics.in_flight().dec();
@@ -408,6 +409,7 @@ impl Worker {
             forwarded_host: parts.headers.get(header::HOST),
             request_id: hop.request_id,
             traceparent: &hop.traceparent,
+            drop_tracestate: hop.new_trace,
         };
         let mut avoid = None;
         let mut attempt = 0;

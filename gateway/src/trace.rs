@@ -19,7 +19,7 @@ use opentelemetry_sdk::trace::SpanData;
 use shop_platform::telemetry::{Sampler, SpanSink};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceIds {
@@ -34,6 +34,11 @@ impl TraceIds {
     /// (this runs on every request).
     pub fn traceparent(&self) -> HeaderValue {
         HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a valid header")
+    }
+
+    /// Started here: any inbound `tracestate` belongs to no trace and is not passed on.
+    pub fn is_new(&self) -> bool {
+        self.parent_span_id.is_none()
     }
 
     /// `traceparent` as its 55 ASCII bytes.
@@ -53,9 +58,16 @@ impl TraceIds {
 /// Lower-case hex of the low `out.len() * 4` bits of `value`, zero-padded.
 pub fn write_hex(out: &mut [u8], mut value: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in out.iter_mut().rev() {
-        *byte = DIGITS[(value & 0xf) as usize];
-        value >>= 4;
+    // A byte (two digits) at a time: ids are formatted on every request.
+    let mut pairs = out.rchunks_exact_mut(2);
+    for pair in &mut pairs {
+        let byte = value as u8;
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+        value >>= 8;
+    }
+    if let [odd] = pairs.into_remainder() {
+        *odd = DIGITS[(value & 0xf) as usize];
     }
 }
 
@@ -96,8 +108,9 @@ fn nonzero_u64() -> u64 {
 
 /// The ids for the upstream hop; `sampler` decides the sampled flag (by default: the
 /// caller's, or yes for a new trace). `traceparent` itself is the caller's to write (the
-/// gateway writes it straight into the upstream request head).
-pub fn continue_trace(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
+/// gateway writes it straight into the upstream request head), and so is dropping an
+/// orphaned `tracestate` when the trace is new ([`TraceIds::is_new`]).
+pub fn continue_trace(headers: &HeaderMap, sampler: &Sampler) -> TraceIds {
     let inbound = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -110,8 +123,6 @@ pub fn continue_trace(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
             sampled: sampler.should_sample(trace_id, Some(flags & 1 == 1)),
         },
         None => {
-            // A new trace drops any orphaned vendor state.
-            headers.remove(&TRACESTATE);
             let trace_id = fastrand::u128(1..);
             TraceIds {
                 trace_id,
@@ -213,6 +224,9 @@ mod tests {
     /// What the gateway sends upstream: the inbound headers with the new `traceparent`.
     fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
         let ids = continue_trace(headers, sampler);
+        if ids.is_new() {
+            headers.remove(&TRACESTATE);
+        }
         headers.insert(TRACEPARENT, ids.traceparent());
         ids
     }
