@@ -518,10 +518,14 @@ async fn write_response(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| h1::parse_length(v.as_bytes()));
+    let mut declared = None;
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if *name == header::CONTENT_LENGTH {
+            declared = h1::parse_length(value.as_bytes());
+        }
+        has_date |= *name == header::DATE;
+    }
     let framing = if bodiless {
         Out::None
     } else if let Some(n) = declared {
@@ -536,7 +540,6 @@ async fn write_response(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut has_date = false;
     for (name, value) in &parts.headers {
         if *name == header::TRANSFER_ENCODING || *name == header::CONNECTION {
             continue;
@@ -544,7 +547,6 @@ async fn write_response(
         if *name == header::CONTENT_LENGTH && declared.is_none() {
             continue;
         }
-        has_date |= *name == header::DATE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

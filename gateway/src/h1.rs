@@ -558,7 +558,10 @@ mod tests {
     fn a_body_of_unknown_length_is_rechunked_without_content_length() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        headers.insert(crate::trace::TRACESTATE, HeaderValue::from_static("vendor=1"));
+        headers.insert(
+            crate::trace::TRACESTATE,
+            HeaderValue::from_static("vendor=1"),
+        );
         let client = HeaderValue::from_static("::1");
         let request = RequestHead {
             method: &Method::PUT,
@@ -575,7 +578,10 @@ mod tests {
         request.encode(&HeaderValue::from_static("u:1"), &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("content-length"), "{text}");
-        assert!(text.contains("tracestate: vendor=1\r\n"), "a continued trace keeps it");
+        assert!(
+            text.contains("tracestate: vendor=1\r\n"),
+            "a continued trace keeps it"
+        );
         assert!(
             text.ends_with("transfer-encoding: chunked\r\n\r\n"),
             "{text}"
