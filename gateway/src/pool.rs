@@ -160,10 +160,9 @@ impl Pool {
         }
     }
 
-    fn take(&self, key: u64) -> Option<Conn> {
+    fn take(&self, key: u64, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(&key)?;
-        let now = Instant::now();
         while let Some(idle) = conns.pop() {
             if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_reusable() {
                 return Some(idle.conn);
@@ -187,15 +186,17 @@ impl Pool {
     /// Sends the request on a pooled connection (or a new one) and reads the response
     /// head. A pooled connection the upstream had closed in the meantime is replaced once,
     /// when that cannot repeat the request upstream.
+    /// `now` is the caller's clock reading for this attempt (one fewer per request).
     pub async fn send(
         self: &Rc<Self>,
         endpoint: &Arc<Endpoint>,
         head: &RequestHead<'_>,
         body: OutboundBody,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let key = endpoint.id;
         let mut body = body;
-        if let Some(conn) = self.take(key) {
+        if let Some(conn) = self.take(key, now) {
             match self
                 .exchange(key, conn, true, endpoint, head, &mut body)
                 .await

@@ -308,7 +308,6 @@ impl Worker {
         if let Some(refused) = refuse_malformed(&request) {
             return (route_id, refused);
         }
-        let path = request.uri().path();
         if let Some(length) = request
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -318,10 +317,10 @@ impl Worker {
         {
             return (route_id, error(too_large()));
         }
-        let target = route.rewrite(path, request.uri().query());
+        let target = route.target(request.uri());
         (
             route_id,
-            self.forward(request, route.upstream, &target, client, hop)
+            self.forward(request, route.upstream, target, client, hop)
                 .await,
         )
     }
@@ -330,7 +329,7 @@ impl Worker {
         &self,
         request: Request<RequestBody>,
         upstream_id: usize,
-        target: &str,
+        target: crate::routes::Target,
         client: &Client,
         hop: &Hop<'_>,
     ) -> Response<ResponseBody> {
@@ -342,7 +341,7 @@ impl Worker {
         if let Some(cache) = &shared.cache
             && request_is_cacheable(request.method(), request.headers())
         {
-            let key = format!("{}{}", upstream.name, target);
+            let key = format!("{}{}", upstream.name, target.resolve(request.uri()));
             if let Some(entry) = cache.get(&key, Instant::now()) {
                 let revalidated = entry.matches(if_none_match.as_ref());
                 upstream_metrics.cache(
@@ -371,6 +370,7 @@ impl Worker {
 
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let target = target.resolve(&parts.uri);
         // The rewritten target goes on the request line as it is: nothing that could end
         // the line or the token (the route table only ever produces origin form).
         if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
@@ -427,7 +427,8 @@ impl Worker {
                 .deadlines
                 .run_until(
                     sent + shared.options.upstream_timeout,
-                    self.pool.send(&endpoint, &request_head, outbound),
+                    self.pool
+                        .send(&endpoint, &request_head, outbound, sent.into_std()),
                 )
                 .await;
             let elapsed = sent.elapsed();

@@ -49,6 +49,16 @@ impl Route {
         &self.strip
     }
 
+    /// The upstream target for a matched request, as a [`Target`]: usually the request's
+    /// own path and query past the stripped prefix, which needs no new string.
+    pub fn target(&self, uri: &http::Uri) -> Target {
+        let whole = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        match whole.strip_prefix(self.strip.as_str()) {
+            Some(rest) if rest.starts_with('/') => Target::Suffix(whole.len() - rest.len()),
+            _ => Target::Owned(self.rewrite(uri.path(), uri.query())),
+        }
+    }
+
     /// The upstream path and query for a matched request path.
     pub fn rewrite(&self, path: &str, query: Option<&str>) -> String {
         let rest = path.strip_prefix(self.strip.as_str()).unwrap_or(path);
@@ -56,6 +66,25 @@ impl Route {
         match query {
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_owned(),
+        }
+    }
+}
+
+/// Where a request goes upstream: the request's path and query from a byte offset on,
+/// or a rewritten one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    Suffix(usize),
+    Owned(String),
+}
+
+impl Target {
+    pub fn resolve<'a>(&'a self, uri: &'a http::Uri) -> &'a str {
+        match self {
+            Target::Suffix(offset) => {
+                &uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())[*offset..]
+            }
+            Target::Owned(target) => target,
         }
     }
 }
@@ -249,6 +278,14 @@ mod tests {
         );
         let (_, r) = t.find("/api/product").unwrap();
         assert_eq!(r.rewrite("/api/product", Some("id=1")), "/product?id=1");
+        for uri in ["/api/product?id=1", "/api/product", "/api", "/api?x=1"] {
+            let uri: http::Uri = uri.parse().unwrap();
+            assert_eq!(
+                r.target(&uri).resolve(&uri),
+                r.rewrite(uri.path(), uri.query()),
+                "{uri}"
+            );
+        }
         assert_eq!(t.find("/api/orders").unwrap().1.upstream, 1);
         assert_eq!(t.find("/api/user").unwrap().1.upstream, 2);
         assert!(t.find("/api/products/1").is_none(), "seed routes are exact");
