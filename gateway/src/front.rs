@@ -628,6 +628,10 @@ async fn write_response(
                         remaining -= n as u64;
                     }
                 }
+                // A body that knows it has ended is not polled again for its `None`.
+                if body.is_end_stream() {
+                    break;
+                }
                 if out.len() >= WRITE_BATCH {
                     if write_all(wire, out).await.is_err() {
                         return false;
