@@ -169,6 +169,7 @@ impl Front {
                 expect_continue,
             } = parsed;
             let head_request = request.method == Method::HEAD;
+            let version = request.version;
             {
                 let mut w = wire.borrow_mut();
                 w.body = body;
@@ -183,7 +184,9 @@ impl Front {
             let body_unread = !wire.borrow_mut().skip_buffered_body();
             let close = !keep_alive || body_unread || self.connections.draining.get();
             out.clear();
-            let clean = write_response(&wire, response, head_request, close, &mut out).await;
+            let http10 = version == Version::HTTP_10;
+            let clean =
+                write_response(&wire, response, head_request, http10, close, &mut out).await;
             if !clean {
                 return;
             }
@@ -501,6 +504,8 @@ enum Out {
     None,
     Length(u64),
     Chunked,
+    /// For an HTTP/1.0 client, which knows no chunks: the body ends with the connection.
+    UntilClose,
 }
 
 /// Writes the response; false when the connection cannot go on (the body broke off, or
@@ -509,6 +514,7 @@ async fn write_response(
     wire: &Rc<RefCell<Wire>>,
     response: Response<ResponseBody>,
     head_request: bool,
+    http10: bool,
     close: bool,
     out: &mut Vec<u8>,
 ) -> bool {
@@ -532,9 +538,12 @@ async fn write_response(
         Out::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
         Out::Length(n)
+    } else if http10 {
+        Out::UntilClose
     } else {
         Out::Chunked
     };
+    let close = close || matches!(framing, Out::UntilClose);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -578,6 +587,9 @@ async fn write_response(
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        // HTTP/1.0 closes unless the server says otherwise.
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
     h1::recycle_map(parts.headers);
@@ -645,6 +657,10 @@ async fn write_response(
         Out::Chunked => out.extend_from_slice(h1::LAST_CHUNK),
         Out::Length(_) if remaining != 0 => {
             // Shorter than declared: the client must not take it for the whole body.
+            let _ = write_all(wire, out).await;
+            return false;
+        }
+        Out::UntilClose => {
             let _ = write_all(wire, out).await;
             return false;
         }

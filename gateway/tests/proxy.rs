@@ -1505,3 +1505,47 @@ async fn draining_closes_idle_connections_and_finishes_busy_ones() {
         "{answer}"
     );
 }
+
+/// An HTTP/1.0 client knows no chunked encoding: a body of unknown length reaches it
+/// delimited by the close; one asking for keep-alive with a known length gets it.
+#[tokio::test]
+async fn http_1_0_clients_get_bodies_they_can_read() {
+    let upstream = stub(
+        Router::new()
+            .route(
+                "/products/stream",
+                get(|| async {
+                    axum::body::Body::from_stream(futures_util::stream::iter(
+                        ["part one, ", "part two"].map(Ok::<_, std::io::Error>),
+                    ))
+                }),
+            )
+            .route("/products", get(|| async { "list" })),
+    )
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let streamed = raw_exchange(
+        gw.addr,
+        b"GET /api/v1/products/stream HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert!(!streamed.contains("transfer-encoding"), "{streamed}");
+    assert!(streamed.contains("connection: close"), "{streamed}");
+    assert!(
+        streamed.ends_with("\r\n\r\npart one, part two"),
+        "{streamed}"
+    );
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"GET /api/v1/products HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.contains("connection: keep-alive") && text.ends_with("list"),
+        "{text}"
+    );
+    gw.stop().await;
+}
