@@ -357,8 +357,8 @@ def hostile_cases(doc, token, rng):
         if path.startswith("/api/v1/orders") or path.startswith("/api/v1/users/"):
             bad = b"Authorization: Bearer " + rng.randbytes(64).hex().encode() + b"\r\n"
             yield f"{method} {path}: a forged token", head(method, path.encode(), length=0, credentials=bad), b"", True
-    # Bytes no HTTP/1.1 parser accepts: hyper refuses them (400, no body) before any
-    # handler runs, so these are the one kind of answer that is not JSON.
+    # Bytes no HTTP/1.1 parser accepts: the gateway's parser refuses them (400, no body)
+    # before any handler runs, so these are the one kind of answer that is not JSON.
     for method, path in ops[:2]:
         yield f"{method} {path}: a NUL byte in a header", head(method, path.encode(), b"X-Nul: a\x00b\r\n", length=0), b"", "parser"
 

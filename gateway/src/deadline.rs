@@ -26,6 +26,10 @@ struct Slot {
     due: Instant,
     waker: Waker,
     expired: bool,
+    /// A [`Timer`] between uses: never due.
+    armed: bool,
+    /// A [`Timer`]'s slot, which [`Deadlines::expire_timers`] ends early.
+    timer: bool,
 }
 
 /// The deadline passed before the future finished.
@@ -69,7 +73,7 @@ impl Deadlines {
     fn expire(&self, now: Instant) {
         let mut due = Vec::new();
         for (_, slot) in self.slots.borrow_mut().iter_mut() {
-            if !slot.expired && slot.due <= now {
+            if slot.armed && !slot.expired && slot.due <= now {
                 slot.expired = true;
                 due.push(slot.waker.clone());
             }
@@ -77,6 +81,36 @@ impl Deadlines {
         // Woken outside the borrow: a woken future may touch the slab when polled.
         for waker in due {
             waker.wake();
+        }
+    }
+
+    /// Expires every armed [`Timer`] now (a draining worker ends idle waits at once).
+    pub fn expire_timers(&self) {
+        let mut due = Vec::new();
+        for (_, slot) in self.slots.borrow_mut().iter_mut() {
+            if slot.timer && slot.armed && !slot.expired {
+                slot.expired = true;
+                due.push(slot.waker.clone());
+            }
+        }
+        for waker in due {
+            waker.wake();
+        }
+    }
+
+    /// A slot kept for many waits (a connection's, for each request head): arming it
+    /// costs a store, not a slab insertion.
+    pub fn timer(self: &Rc<Self>) -> Timer {
+        let key = self.slots.borrow_mut().insert(Slot {
+            due: Instant::now(),
+            waker: futures_util::task::noop_waker(),
+            expired: false,
+            armed: false,
+            timer: true,
+        });
+        Timer {
+            deadlines: self.clone(),
+            key,
         }
     }
 
@@ -93,6 +127,45 @@ impl Deadlines {
     #[cfg(test)]
     fn pending(&self) -> usize {
         self.slots.borrow().len()
+    }
+}
+
+/// A reusable deadline: armed for each wait, disarmed after it.
+pub struct Timer {
+    deadlines: Rc<Deadlines>,
+    key: usize,
+}
+
+impl Timer {
+    pub fn arm(&self, due: Instant) {
+        let mut slots = self.deadlines.slots.borrow_mut();
+        let slot = &mut slots[self.key];
+        slot.due = due;
+        slot.armed = true;
+        slot.expired = false;
+    }
+
+    pub fn disarm(&self) {
+        self.deadlines.slots.borrow_mut()[self.key].armed = false;
+    }
+
+    /// Whether the armed deadline has passed; if not, `cx` is woken when it does.
+    pub fn poll_expired(&self, cx: &Context<'_>) -> bool {
+        let mut slots = self.deadlines.slots.borrow_mut();
+        let slot = &mut slots[self.key];
+        if slot.expired {
+            return true;
+        }
+        if !slot.waker.will_wake(cx.waker()) {
+            slot.waker = cx.waker().clone();
+        }
+        false
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.deadlines.slots.borrow_mut().remove(self.key);
     }
 }
 
@@ -142,6 +215,8 @@ impl<F: Future> Future for Within<F> {
                             due: *this.due,
                             waker: cx.waker().clone(),
                             expired: false,
+                            armed: true,
+                            timer: false,
                         }));
                     }
                     Some(key) => {
@@ -220,6 +295,37 @@ mod tests {
             );
             assert_eq!(deadlines.pending(), 1);
             drop(within);
+            assert_eq!(deadlines.pending(), 0);
+        });
+    }
+
+    #[test]
+    fn a_timer_fires_when_armed_and_can_be_ended_early() {
+        local(async {
+            let deadlines = Deadlines::new(Duration::from_millis(10));
+            deadlines.spawn_ticker();
+            let timer = deadlines.timer();
+            let expired = || {
+                std::future::poll_fn(|cx| {
+                    if timer.poll_expired(cx) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+            };
+            let started = Instant::now();
+            timer.arm(started + Duration::from_millis(100));
+            expired().await;
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(100) && took <= Duration::from_millis(110));
+            timer.arm(Instant::now() + Duration::from_secs(60));
+            deadlines.expire_timers();
+            expired().await;
+            timer.disarm();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(deadlines.pending(), 1, "the timer keeps its slot");
+            drop(timer);
             assert_eq!(deadlines.pending(), 0);
         });
     }

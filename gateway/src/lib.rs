@@ -12,6 +12,8 @@ pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
+pub mod front;
+pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -137,8 +139,9 @@ impl Shared {
     }
 }
 
-/// Keeps a well-formed inbound `x-request-id`, or sets a fresh one; returns it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+/// A well-formed inbound `x-request-id`, or a fresh one. The gateway writes it into the
+/// upstream request head itself rather than into the header map.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&REQUEST_ID)
         && shop_platform::middleware::is_acceptable_request_id(id)
     {
@@ -146,10 +149,8 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     }
     let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let value = HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
-        .expect("uuid is ASCII");
-    headers.insert(REQUEST_ID, value.clone());
-    value
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
+        .expect("uuid is ASCII")
 }
 
 /// Builds the gateway from its configuration and binds every worker's listener.

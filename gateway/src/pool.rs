@@ -1,73 +1,132 @@
-//! A worker's upstream connections: HTTP/1 connections per endpoint, owned by one thread,
-//! so checking one out is a `Vec::pop` with no lock and no key hashing. A connection goes
-//! back to the pool when its response body has been read to the end; one dropped mid-body
-//! is closed. Idle connections older than the idle timeout are closed by a sweeper.
+//! A worker's upstream connections and the HTTP/1.1 exchange on them, driven inline in the
+//! request's own task (no connection task, no channel): the pool lends a TCP stream per
+//! endpoint, the request head goes out in one write, the response head is parsed from the
+//! stream's read buffer, and the response body ([`UpstreamBody`]) reads its framing from
+//! the stream and gives the connection back only when the body ended cleanly.
+//!
+//! Connections are owned by one worker thread, so checking one out is a `Vec::pop` with no
+//! lock. Idle connections older than the idle timeout, or that the upstream closed, are
+//! dropped by a sweeper.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use http::{Method, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-use crate::proxy::OutboundBody;
+use crate::h1::{
+    self, ChunkedDecoder, Decoded, LAST_CHUNK, RequestFraming, RequestHead, ResponseFraming,
+};
+use crate::proxy::{BodyLimitExceeded, HandleMap, OutboundBody};
 use crate::upstream::Endpoint;
 
+/// Free space asked of the read buffer before reading a response head: most heads and
+/// many whole API responses fit, and a small buffer per connection keeps memory flat.
+const HEAD_CHUNK: usize = 2 * 1024;
+/// Free space asked before each read of a body the head read did not already hold.
+const BODY_CHUNK: usize = 16 * 1024;
+/// Idle connections keep at most this much read buffer; request heads are encoded in a
+/// scratch buffer kept up to this size.
+const IDLE_BUFFER: usize = 4 * 1024;
+
 pub struct Pool {
-    idle: RefCell<HashMap<u64, Vec<Idle>>>,
+    /// By endpoint id (a small integer: no SipHash needed).
+    idle: RefCell<HandleMap<Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// Request heads are encoded here; taken for the write and put back after.
+    scratch: RefCell<Vec<u8>>,
 }
 
 struct Idle {
-    sender: SendRequest<OutboundBody>,
+    conn: Conn,
     since: Instant,
+}
+
+/// One upstream connection and the bytes read from it but not yet consumed.
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has neither closed it
+    /// nor sent anything unasked. Readiness the runtime already knows is checked first, so
+    /// the common case costs no system call.
+    fn is_reusable(&self) -> bool {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(
+                    self.stream.try_read(&mut probe),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
+                )
+            }
+        }
+    }
+
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < HEAD_CHUNK / 2 {
+            self.buf.reserve(HEAD_CHUNK);
+        }
+        tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await
+    }
 }
 
 #[derive(Debug)]
 pub enum SendError {
     /// No connection could be made: the endpoint is down (eject it; safe to retry).
-    Connect(std::io::Error),
+    Connect(io::Error),
     /// The exchange failed after the request may have reached the upstream.
-    Exchange(hyper::Error),
+    Exchange(io::Error),
+    /// The client's body went over the limit (the upstream connection is dropped).
+    BodyTooLarge,
+    /// The client's body broke off: the client's failure, not the upstream's.
+    ClientBody(io::Error),
 }
 
-/// A connection lent for one exchange; give it back with [`Lease::release`] once the
-/// response body has ended.
-pub struct Lease {
-    pool: Rc<Pool>,
-    key: u64,
-    sender: SendRequest<OutboundBody>,
-}
-
-impl Lease {
-    pub fn release(self) {
-        let Lease { pool, key, sender } = self;
-        pool.put(key, sender);
-    }
-}
-
-fn key(endpoint: &Arc<Endpoint>) -> u64 {
-    endpoint.id
+/// A failed exchange, and whether sending it again cannot repeat it upstream.
+struct Failed {
+    error: SendError,
+    /// A reused connection the upstream had closed, and the request either provably
+    /// unsent or idempotent with no body consumed.
+    stale: bool,
 }
 
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Rc<Self> {
         Rc::new(Self {
-            idle: RefCell::new(HashMap::new()),
+            idle: RefCell::default(),
             max_idle,
             idle_timeout,
             connect_timeout,
+            scratch: RefCell::new(Vec::new()),
         })
     }
 
-    /// Closes idle connections past the idle timeout, every half timeout, until the
-    /// worker's runtime ends. Runs on the worker's `LocalSet`.
+    /// Closes idle connections past the idle timeout or closed by the upstream, every half
+    /// timeout, until the worker's runtime ends. Runs on the worker's `LocalSet`.
     pub fn spawn_sweeper(self: &Rc<Self>) {
         let pool = Rc::downgrade(self);
         let period = (self.idle_timeout / 2).max(Duration::from_millis(10));
@@ -79,7 +138,7 @@ impl Pool {
                 let now = Instant::now();
                 pool.idle.borrow_mut().retain(|_, conns| {
                     conns.retain(|c| {
-                        now.duration_since(c.since) < pool.idle_timeout && !c.sender.is_closed()
+                        now.duration_since(c.since) < pool.idle_timeout && c.conn.is_reusable()
                     });
                     !conns.is_empty()
                 });
@@ -87,84 +146,440 @@ impl Pool {
         });
     }
 
-    fn put(&self, key: u64, sender: SendRequest<OutboundBody>) {
-        if sender.is_closed() {
-            return;
+    fn put(&self, key: u64, mut conn: Conn) {
+        if conn.buf.capacity() > IDLE_BUFFER {
+            conn.buf = BytesMut::new();
         }
         let mut idle = self.idle.borrow_mut();
         let conns = idle.entry(key).or_default();
         if conns.len() < self.max_idle {
             conns.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    fn take(&self, key: u64) -> Option<SendRequest<OutboundBody>> {
+    fn take(&self, key: u64, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(&key)?;
-        let now = Instant::now();
-        while let Some(conn) = conns.pop() {
-            if !conn.sender.is_closed() && now.duration_since(conn.since) < self.idle_timeout {
-                return Some(conn.sender);
+        while let Some(idle) = conns.pop() {
+            if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_reusable() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<OutboundBody>, SendError> {
-        let address = endpoint.authority.as_str();
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Conn, SendError> {
         let stream = tokio::time::timeout(
             self.connect_timeout,
-            tokio::net::TcpStream::connect(address),
+            TcpStream::connect(endpoint.authority.as_str()),
         )
         .await
-        .map_err(|_| SendError::Connect(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(|_| SendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(SendError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
-        tokio::task::spawn_local(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
-    /// Sends `request` on a pooled connection (or a new one). A pooled connection that
-    /// turns out to be closed before the request was written is replaced transparently.
+    /// Sends the request on a pooled connection (or a new one) and reads the response
+    /// head. A pooled connection the upstream had closed in the meantime is replaced once,
+    /// when that cannot repeat the request upstream.
+    /// `now` is the caller's clock reading for this attempt (one fewer per request).
     pub async fn send(
         self: &Rc<Self>,
         endpoint: &Arc<Endpoint>,
-        request: Request<OutboundBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let key = key(endpoint);
-        let mut request = request;
-        if let Some(mut sender) = self.take(key)
-            && sender.ready().await.is_ok()
-        {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(key, sender))),
-                Err(mut err) => match err.take_message() {
-                    // Never written: the upstream closed this idle connection.
-                    Some(unsent) => request = unsent,
-                    None => return Err(SendError::Exchange(err.into_error())),
-                },
+        head: &RequestHead<'_>,
+        body: OutboundBody,
+        now: Instant,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let key = endpoint.id;
+        let mut body = body;
+        if let Some(conn) = self.take(key, now) {
+            match self
+                .exchange(key, conn, true, endpoint, head, &mut body)
+                .await
+            {
+                Ok(response) => return Ok(response),
+                Err(Failed { stale: true, .. }) => {}
+                Err(Failed { error, .. }) => return Err(error),
             }
         }
-        let mut sender = self.connect(endpoint).await?;
-        match sender.send_request(request).await {
-            Ok(response) => Ok((response, self.lease(key, sender))),
-            Err(err) => Err(SendError::Exchange(err)),
+        let conn = self.connect(endpoint).await?;
+        self.exchange(key, conn, false, endpoint, head, &mut body)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    async fn exchange(
+        self: &Rc<Self>,
+        key: u64,
+        mut conn: Conn,
+        reused: bool,
+        endpoint: &Endpoint,
+        head: &RequestHead<'_>,
+        body: &mut OutboundBody,
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let mut out = std::mem::take(&mut *self.scratch.borrow_mut());
+        out.clear();
+        head.encode(&endpoint.host_header, &mut out);
+        let written = write_counting(&mut conn.stream, &out).await;
+        if out.capacity() <= IDLE_BUFFER {
+            *self.scratch.borrow_mut() = out;
+        }
+        let idempotent = is_idempotent(head.method);
+        let mut body_started = false;
+        // A write refused outright sent nothing: safe to send again, whatever the method.
+        let stale_after_write = |written: usize, body_started: bool| {
+            reused && (written == 0 || (idempotent && !body_started))
+        };
+        if let Err((n, e)) = written {
+            return Err(Failed {
+                stale: stale_after_write(n, false),
+                error: SendError::Exchange(e),
+            });
+        }
+        // `true` when the upload was cut short by the upstream (it answered early or
+        // stopped reading): the response may still be there to read, but the connection
+        // cannot carry another exchange.
+        let mut upload_cut = false;
+        if head.framing != RequestFraming::Empty {
+            body_started = true;
+            match send_body(&mut conn, body, head.framing).await {
+                Ok(()) => {}
+                Err(BodyFailure::Client(e)) => {
+                    return Err(Failed {
+                        stale: false,
+                        error: e,
+                    });
+                }
+                Err(BodyFailure::UploadCut) => upload_cut = true,
+            }
+        }
+        let response = loop {
+            let parsed = if conn.buf.is_empty() {
+                Ok(None)
+            } else {
+                h1::parse_response(&mut conn.buf, head.method)
+            };
+            match parsed {
+                Ok(Some(response)) => break response,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failed {
+                        stale: false,
+                        error: SendError::Exchange(e.into()),
+                    });
+                }
+            }
+            let nothing_yet = conn.buf.is_empty();
+            match conn.read_more().await {
+                Ok(0) => {
+                    return Err(Failed {
+                        stale: nothing_yet && !upload_cut && stale_after_write(1, body_started),
+                        error: SendError::Exchange(io::ErrorKind::UnexpectedEof.into()),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reset = matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    );
+                    return Err(Failed {
+                        stale: reset
+                            && nothing_yet
+                            && !upload_cut
+                            && stale_after_write(1, body_started),
+                        error: SendError::Exchange(e),
+                    });
+                }
+            }
+        };
+        let keep_alive = response.keep_alive && !upload_cut;
+        let mut builder = Response::builder()
+            .status(response.status)
+            .version(response.version);
+        if let Some(headers) = builder.headers_mut() {
+            *headers = response.headers;
+        }
+        let body = UpstreamBody::new(self.clone(), key, conn, response.framing, keep_alive);
+        Ok(builder.body(body).expect("status and version are valid"))
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// `write_all`, reporting how much went out before an error.
+async fn write_counting(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]).await {
+            Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) => return Err((written, e)),
+        }
+    }
+    Ok(())
+}
+
+enum BodyFailure {
+    /// The client's side failed (over the limit, or broke off): the exchange is over.
+    Client(SendError),
+    /// The upstream stopped taking the body: it may have answered already.
+    UploadCut,
+}
+
+/// Streams the client's body upstream. An upstream that answers before the body is
+/// complete (a 413, say) ends the upload: per RFC 9112 section 9.5 the rest is not sent.
+async fn send_body(
+    conn: &mut Conn,
+    body: &mut OutboundBody,
+    framing: RequestFraming,
+) -> Result<(), BodyFailure> {
+    let mut chunk = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            ready = conn.stream.readable() => {
+                if ready.is_ok() && early_answer(conn) {
+                    return Err(BodyFailure::UploadCut);
+                }
+                continue;
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(BodyFailure::Client(if e.is::<BodyLimitExceeded>() {
+                    SendError::BodyTooLarge
+                } else {
+                    SendError::ClientBody(io::Error::other(e))
+                }));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                // Trailers are not forwarded.
+                _ => continue,
+            },
+        };
+        match framing {
+            RequestFraming::Chunked => {
+                chunk.clear();
+                h1::encode_chunk(&data, &mut chunk);
+                write_or_answer(conn, &chunk).await?;
+            }
+            _ => write_or_answer(conn, &data).await?,
+        }
+    }
+    if framing == RequestFraming::Chunked {
+        write_or_answer(conn, LAST_CHUNK).await?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes`, unless the upstream answers (or closes) while the write waits for room.
+async fn write_or_answer(conn: &mut Conn, bytes: &[u8]) -> Result<(), BodyFailure> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match conn.stream.try_write(&bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    biased;
+                    ready = conn.stream.writable() => {
+                        ready.map_err(|_| BodyFailure::UploadCut)?;
+                    }
+                    ready = conn.stream.readable() => {
+                        if ready.is_ok() && early_answer(conn) {
+                            return Err(BodyFailure::UploadCut);
+                        }
+                    }
+                }
+            }
+            Err(_) => return Err(BodyFailure::UploadCut),
+        }
+    }
+    Ok(())
+}
+
+/// Reads whatever the upstream sent while the body was going out; true when it closed the
+/// connection or a final response has begun (an interim 1xx does not stop the upload).
+fn early_answer(conn: &mut Conn) -> bool {
+    if conn.buf.capacity() - conn.buf.len() < HEAD_CHUNK / 2 {
+        conn.buf.reserve(HEAD_CHUNK);
+    }
+    match conn.stream.try_read_buf(&mut conn.buf) {
+        Ok(0) => true,
+        // Rare, so a copy is fine: is there a final head (or garbage) past any 1xx?
+        Ok(_) => !matches!(
+            h1::parse_response(&mut conn.buf.clone(), &Method::POST),
+            Ok(None)
+        ),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+/// The upstream's response body, read from the connection as the client's side asks for
+/// it. The connection goes back to the pool only when the body ended cleanly and the
+/// upstream allows reuse; dropped mid-body, it is closed.
+pub struct UpstreamBody {
+    state: State,
+    conn: Option<Conn>,
+    pool: Rc<Pool>,
+    key: u64,
+    keep_alive: bool,
+    /// A break found in the same poll that produced data is reported on the next poll,
+    /// so the client's side can flush what came before it (the head, at least).
+    broken: Option<io::Error>,
+}
+
+enum State {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+impl UpstreamBody {
+    fn new(
+        pool: Rc<Pool>,
+        key: u64,
+        conn: Conn,
+        framing: ResponseFraming,
+        keep_alive: bool,
+    ) -> Self {
+        let mut body = Self {
+            state: match framing {
+                ResponseFraming::Empty => State::Done,
+                ResponseFraming::Length(n) => State::Length(n),
+                ResponseFraming::Chunked => State::Chunked(ChunkedDecoder::default()),
+                ResponseFraming::UntilClose => State::UntilClose,
+            },
+            conn: Some(conn),
+            pool,
+            key,
+            keep_alive,
+            broken: None,
+        };
+        if matches!(body.state, State::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body ended: the connection goes back if it is at a clean message boundary.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            self.pool.put(self.key, conn);
         }
     }
 
-    fn lease(self: &Rc<Self>, key: u64, sender: SendRequest<OutboundBody>) -> Lease {
-        Lease {
-            pool: self.clone(),
-            key,
-            sender,
+    fn fail(
+        &mut self,
+        error: io::Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.state = State::Done;
+        self.conn = None;
+        self.broken = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.broken.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(remaining) => {
+                    if !conn.buf.is_empty() {
+                        let n = (*remaining).min(conn.buf.len() as u64);
+                        let data = conn.buf.split_to(n as usize).freeze();
+                        *remaining -= n;
+                        if *remaining == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => return this.fail(e.into(), cx),
+                },
+                State::UntilClose => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            let conn = this.conn.as_mut().expect("checked above");
+            if conn.buf.capacity() - conn.buf.len() < BODY_CHUNK / 4 {
+                conn.buf.reserve(BODY_CHUNK.max(conn.buf.len()));
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, State::UntilClose) {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed the connection mid-body",
+                        ),
+                        cx,
+                    );
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(e, cx),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done) && self.broken.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
         }
     }
 }

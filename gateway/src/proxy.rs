@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
@@ -25,7 +25,9 @@ use crate::Shared;
 use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::deadline::Deadlines;
-use crate::pool::{Lease, Pool, SendError};
+use crate::front::RequestBody;
+use crate::h1::{RequestFraming, RequestHead};
+use crate::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
@@ -55,6 +57,13 @@ impl Client {
     }
 }
 
+/// What the gateway adds to every request it forwards.
+struct Hop<'a> {
+    request_id: &'a HeaderValue,
+    traceparent: [u8; 55],
+    new_trace: bool,
+}
+
 /// Per-worker state: the upstream connection pool and metric handles resolved once.
 pub struct Worker {
     pub shared: Arc<Shared>,
@@ -65,12 +74,12 @@ pub struct Worker {
     upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
 }
 
-/// Metric handles by a key packed into a `u64`: a SipHash of a tuple per request costs
-/// more than the counter increments it guards.
-type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
+/// Per-worker maps keyed by a packed `u64` (metric label sets, endpoint ids): a SipHash
+/// per request costs more than the counter increments or pool lookups it guards.
+pub type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
 
 #[derive(Default)]
-struct PackedKeyHasher(u64);
+pub struct PackedKeyHasher(u64);
 
 impl Hasher for PackedKeyHasher {
     fn finish(&self) -> u64 {
@@ -105,6 +114,10 @@ struct Handles {
 }
 
 impl Worker {
+    pub fn deadlines(&self) -> &Rc<Deadlines> {
+        &self.deadlines
+    }
+
     pub fn new(shared: Arc<Shared>, pool: Rc<Pool>, deadlines: Rc<Deadlines>) -> Self {
         Self {
             shared,
@@ -154,16 +167,16 @@ impl Worker {
 
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         client: &Client,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let shared = &self.shared;
         shared.metrics.in_flight().inc();
-        let mut request = request;
         let method = request.method().clone();
-        let request_id = crate::ensure_request_id(request.headers_mut());
-        let trace = crate::trace::propagate(request.headers_mut(), &shared.sampler);
+        // Both go upstream as lines of the request head, not through the header map.
+        let request_id = crate::request_id(request.headers());
+        let trace = crate::trace::continue_trace(request.headers(), &shared.sampler);
         let credentialed = request.headers().contains_key(header::AUTHORIZATION);
         let origin = match &shared.cors {
             Some(_) => request.headers().get(header::ORIGIN).cloned(),
@@ -179,7 +192,12 @@ impl Worker {
             }
             _ => None,
         };
-        let (route, mut response) = self.route_and_forward(request, client, started).await;
+        let hop = Hop {
+            request_id: &request_id,
+            traceparent: trace.traceparent_bytes(),
+            new_trace: trace.is_new(),
+        };
+        let (route, mut response) = self.route_and_forward(request, client, &hop, started).await;
         shared.metrics.in_flight().dec();
         let status = response.status();
         self.observe(route, &method, status, started.elapsed());
@@ -234,8 +252,9 @@ impl Worker {
 
     async fn route_and_forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         client: &Client,
+        hop: &Hop<'_>,
         started: Instant,
     ) -> (usize, Response<ResponseBody>) {
         let shared = &self.shared;
@@ -289,7 +308,6 @@ impl Worker {
         if let Some(refused) = refuse_malformed(&request) {
             return (route_id, refused);
         }
-        let path = request.uri().path();
         if let Some(length) = request
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -299,19 +317,21 @@ impl Worker {
         {
             return (route_id, error(too_large()));
         }
-        let target = route.rewrite(path, request.uri().query());
+        let target = route.target(request.uri());
         (
             route_id,
-            self.forward(request, route.upstream, &target, client).await,
+            self.forward(request, route.upstream, target, client, hop)
+                .await,
         )
     }
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         upstream_id: usize,
-        target: &str,
+        target: crate::routes::Target,
         client: &Client,
+        hop: &Hop<'_>,
     ) -> Response<ResponseBody> {
         let shared = &self.shared;
         let upstream = &shared.upstreams[upstream_id];
@@ -321,7 +341,7 @@ impl Worker {
         if let Some(cache) = &shared.cache
             && request_is_cacheable(request.method(), request.headers())
         {
-            let key = format!("{}{}", upstream.name, target);
+            let key = format!("{}{}", upstream.name, target.resolve(request.uri()));
             if let Some(entry) = cache.get(&key, Instant::now()) {
                 let revalidated = entry.matches(if_none_match.as_ref());
                 upstream_metrics.cache(
@@ -349,15 +369,29 @@ impl Worker {
         upstream.budget.on_request();
 
         let (mut parts, body) = request.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, client, original_host);
+        let target = target.resolve(&parts.uri);
+        // The rewritten target goes on the request line as it is: nothing that could end
+        // the line or the token (the route table only ever produces origin form).
+        if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return error(AppError::bad_request(
+                "invalid_path",
+                "the path is not allowed",
+            ));
+        }
 
         let bodyless = body.is_end_stream();
-        // Retries go to another endpoint only, so with one endpoint there is nothing to
-        // keep a copy of the headers for.
+        let framing = if bodyless {
+            RequestFraming::Empty
+        } else if parts.headers.contains_key(header::CONTENT_LENGTH)
+            && body.size_hint().exact().is_some()
+        {
+            RequestFraming::Length
+        } else {
+            RequestFraming::Chunked
+        };
+        // Retries go to another endpoint, and only for requests with nothing to replay.
         let retryable = bodyless && is_idempotent(&parts.method) && upstream.has_alternatives();
-        let retry_headers = retryable.then(|| parts.headers.clone());
         let mut body = Some(if bodyless {
             OutboundBody::Empty
         } else {
@@ -366,7 +400,17 @@ impl Worker {
                 remaining: shared.options.body_limit,
             }
         });
-        let mut headers = Some(parts.headers);
+        let request_head = RequestHead {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            framing,
+            forwarded_for: &client.forwarded_for,
+            forwarded_host: parts.headers.get(header::HOST),
+            request_id: hop.request_id,
+            traceparent: &hop.traceparent,
+            drop_tracestate: hop.new_trace,
+        };
         let mut avoid = None;
         let mut attempt = 0;
         loop {
@@ -376,31 +420,15 @@ impl Worker {
                 return error(AppError::unavailable(&upstream.name, "no healthy endpoint"));
             };
             let slot = InFlight::new(endpoint.clone());
-            // Origin form (`/path?query`): the connection already names the endpoint.
-            let Ok(uri) = Uri::try_from(target) else {
-                upstream.breaker.record_success();
-                return error(AppError::bad_request(
-                    "invalid_path",
-                    "the path is not allowed",
-                ));
-            };
-            let mut outbound = Request::new(body.take().unwrap_or(OutboundBody::Empty));
-            *outbound.method_mut() = parts.method.clone();
-            *outbound.uri_mut() = uri;
-            *outbound.headers_mut() = match headers.take() {
-                Some(h) => h,
-                None => retry_headers.clone().unwrap_or_default(),
-            };
-            outbound
-                .headers_mut()
-                .insert(header::HOST, endpoint.host_header.clone());
+            let outbound = body.take().unwrap_or(OutboundBody::Empty);
 
             let sent = tokio::time::Instant::now();
             let outcome = self
                 .deadlines
                 .run_until(
                     sent + shared.options.upstream_timeout,
-                    self.pool.send(&endpoint, outbound),
+                    self.pool
+                        .send(&endpoint, &request_head, outbound, sent.into_std()),
                 )
                 .await;
             let elapsed = sent.elapsed();
@@ -429,11 +457,19 @@ impl Worker {
                     }
                     return error(AppError::unavailable(&upstream.name, "connection refused"));
                 }
+                Ok(Err(SendError::BodyTooLarge)) => {
+                    upstream.breaker.record_success();
+                    return error(too_large());
+                }
+                Ok(Err(SendError::ClientBody(err))) => {
+                    // The client broke off its upload: nothing the upstream did.
+                    tracing::debug!(upstream = %upstream.name, error = %err, "client body broke off");
+                    return error(AppError::bad_request(
+                        "incomplete_body",
+                        "the request body broke off before its end",
+                    ));
+                }
                 Ok(Err(SendError::Exchange(err))) => {
-                    if body_limit_exceeded(&err) {
-                        upstream.breaker.record_success();
-                        return error(too_large());
-                    }
                     upstream.breaker.record_failure();
                     upstream_metrics.observe(&upstream.name, "error", elapsed);
                     tracing::warn!(upstream = %upstream.name, error = %err, "upstream exchange failed");
@@ -443,7 +479,7 @@ impl Worker {
                         format!("{} closed the connection without answering", upstream.name),
                     ));
                 }
-                Ok(Ok((response, lease))) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.mark_healthy();
                     self.observe_upstream(upstream_id, status, elapsed);
@@ -481,7 +517,12 @@ impl Worker {
                         return from_cache(&entry, entry.matches(if_none_match.as_ref()), "miss");
                     }
                     let (head, incoming) = response.into_parts();
-                    let body = Streamed::new(incoming, slot, upstream.stream_errors.clone(), lease);
+                    let body = Streamed {
+                        inner: incoming,
+                        _slot: slot,
+                        stream_errors: upstream.stream_errors.clone(),
+                    };
+                    crate::h1::recycle_map(std::mem::take(&mut parts.headers));
                     return Response::from_parts(head, Either::Left(body));
                 }
             }
@@ -527,7 +568,7 @@ pub const MAX_HEADERS: usize = 90;
 
 /// Requests no upstream could answer well, refused before anything is forwarded. Both
 /// checks are a length and a flag already known.
-fn refuse_malformed(request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+fn refuse_malformed(request: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
     if request.headers().len() > MAX_HEADERS {
         return Some(error(AppError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -588,9 +629,6 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -637,46 +675,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(PROXY_CONNECTION);
 }
 
-fn append_forwarded(headers: &mut HeaderMap, client: &Client, host: Option<HeaderValue>) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(prior) => {
-            let mut list = Vec::with_capacity(prior.len() + 2 + client.forwarded_for.len());
-            list.extend_from_slice(prior.as_bytes());
-            list.extend_from_slice(b", ");
-            list.extend_from_slice(client.forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&list).ok()
-        }
-        None => Some(client.forwarded_for.clone()),
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
-}
-
 /// The client's request body on its way upstream, cut off at the body limit.
 pub enum OutboundBody {
     Empty,
-    Limited { inner: Incoming, remaining: u64 },
+    Limited { inner: RequestBody, remaining: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the limit")]
 pub struct BodyLimitExceeded;
-
-fn body_limit_exceeded(err: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if e.is::<BodyLimitExceeded>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
 
 impl Body for OutboundBody {
     type Data = Bytes;
@@ -722,66 +729,25 @@ impl Body for OutboundBody {
 }
 
 /// The upstream's response body on its way to the client. Holds the endpoint's in-flight
-/// slot until the last byte (or the client going away); counts streams cut mid-way.
+/// slot until the last byte (or the client going away); counts streams cut mid-way. The
+/// connection itself goes back to the pool from [`UpstreamBody`] when the body ends.
 pub struct Streamed {
-    inner: Incoming,
+    inner: UpstreamBody,
     _slot: InFlight,
     stream_errors: IntCounter,
-    /// The upstream connection, returned to the pool when the body has ended.
-    lease: Option<Lease>,
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        self.release_if_done();
-    }
-}
-
-impl Streamed {
-    /// Hands the connection back once the whole body has been read; a connection whose
-    /// body was abandoned mid-way is closed (dropped) instead.
-    fn release_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(lease) = self.lease.take()
-        {
-            lease.release();
-        }
-    }
-
-    fn new(inner: Incoming, slot: InFlight, stream_errors: IntCounter, lease: Lease) -> Self {
-        let lease = if inner.is_end_stream() {
-            lease.release();
-            None
-        } else {
-            Some(lease)
-        };
-        Self {
-            inner,
-            _slot: slot,
-            stream_errors,
-            lease,
-        }
-    }
 }
 
 impl Body for Streamed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Err(_))) => {
-                self.stream_errors.inc();
-                self.lease = None;
-            }
-            Poll::Ready(None) => self.release_if_done(),
-            // A known length can end with a data frame; the server may not poll again.
-            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
-            Poll::Pending => {}
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.stream_errors.inc();
         }
         polled
     }

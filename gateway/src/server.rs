@@ -11,10 +11,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use shop_platform::probes::Readiness;
 use shop_platform::{Metrics, Shutdown};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -24,6 +20,7 @@ use crate::cache::ResponseCache;
 use crate::config::{Config, Discovery};
 use crate::deadline::Deadlines;
 use crate::discovery;
+use crate::front::{Connections, Front};
 use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
 use crate::proxy::{Client, Worker};
@@ -302,12 +299,13 @@ impl WorkerSpec {
         deadlines.spawn_ticker();
         let readiness = self.shared.readiness.clone();
         let worker = Rc::new(Worker::new(self.shared, pool, deadlines));
-        let graceful = GracefulShutdown::new();
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout)
-            .keep_alive(true)
-            .writev(false);
+        let connections = Rc::new(Connections::default());
+        let front = Rc::new(Front {
+            worker,
+            header_read_timeout: self.config.header_read_timeout,
+            connections: connections.clone(),
+            readiness,
+        });
 
         loop {
             let (stream, peer) = tokio::select! {
@@ -323,35 +321,13 @@ impl WorkerSpec {
                 () = self.stop_accepting.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let worker = worker.clone();
-            let client = Rc::new(Client::new(peer));
-            let readiness = readiness.clone();
-            let service = service_fn(move |request| {
-                let worker = worker.clone();
-                let client = client.clone();
-                let readiness = readiness.clone();
-                async move {
-                    let mut response = worker.handle(request, &client).await?;
-                    // Draining (SHUTDOWN_DELAY): each keep-alive connection closes after
-                    // its next response, so clients reconnect to a pod that stays instead
-                    // of racing the close of idle connections when the listener stops.
-                    if readiness.is_shutting_down() {
-                        response.headers_mut().insert(
-                            hyper::header::CONNECTION,
-                            hyper::header::HeaderValue::from_static("close"),
-                        );
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::task::spawn_local(async move {
-                let _ = connection.await;
-            });
+            tokio::task::spawn_local(front.clone().serve(stream, Client::new(peer)));
         }
         drop(listener);
+        connections.drain();
+        front.worker.deadlines().expire_timers();
         tokio::select! {
-            () = graceful.shutdown() => {}
+            () = connections.drained() => {}
             () = self.cut_off.cancelled() => {}
         }
     }

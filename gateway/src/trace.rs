@@ -19,7 +19,7 @@ use opentelemetry_sdk::trace::SpanData;
 use shop_platform::telemetry::{Sampler, SpanSink};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceIds {
@@ -33,6 +33,16 @@ impl TraceIds {
     /// `00-<trace id>-<span id>-<flags>`, written without the formatting machinery
     /// (this runs on every request).
     pub fn traceparent(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a valid header")
+    }
+
+    /// Started here: any inbound `tracestate` belongs to no trace and is not passed on.
+    pub fn is_new(&self) -> bool {
+        self.parent_span_id.is_none()
+    }
+
+    /// `traceparent` as its 55 ASCII bytes.
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
         let mut out = [0u8; 55];
         out[..3].copy_from_slice(b"00-");
         write_hex(&mut out[3..35], self.trace_id);
@@ -41,16 +51,23 @@ impl TraceIds {
         out[52] = b'-';
         out[53] = b'0';
         out[54] = if self.sampled { b'1' } else { b'0' };
-        HeaderValue::from_bytes(&out).expect("hex is a valid header")
+        out
     }
 }
 
 /// Lower-case hex of the low `out.len() * 4` bits of `value`, zero-padded.
 pub fn write_hex(out: &mut [u8], mut value: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in out.iter_mut().rev() {
-        *byte = DIGITS[(value & 0xf) as usize];
-        value >>= 4;
+    // A byte (two digits) at a time: ids are formatted on every request.
+    let mut pairs = out.rchunks_exact_mut(2);
+    for pair in &mut pairs {
+        let byte = value as u8;
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+        value >>= 8;
+    }
+    if let [odd] = pairs.into_remainder() {
+        *odd = DIGITS[(value & 0xf) as usize];
     }
 }
 
@@ -89,14 +106,16 @@ fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
 
-/// Rewrites `traceparent` for the upstream hop and returns the ids used; `sampler`
-/// decides the sampled flag (by default: the caller's, or yes for a new trace).
-pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
+/// The ids for the upstream hop; `sampler` decides the sampled flag (by default: the
+/// caller's, or yes for a new trace). `traceparent` itself is the caller's to write (the
+/// gateway writes it straight into the upstream request head), and so is dropping an
+/// orphaned `tracestate` when the trace is new ([`TraceIds::is_new`]).
+pub fn continue_trace(headers: &HeaderMap, sampler: &Sampler) -> TraceIds {
     let inbound = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse);
-    let ids = match inbound {
+    match inbound {
         Some((trace_id, parent, flags)) => TraceIds {
             trace_id,
             parent_span_id: Some(parent),
@@ -104,8 +123,6 @@ pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
             sampled: sampler.should_sample(trace_id, Some(flags & 1 == 1)),
         },
         None => {
-            // A new trace drops any orphaned vendor state.
-            headers.remove(&TRACESTATE);
             let trace_id = fastrand::u128(1..);
             TraceIds {
                 trace_id,
@@ -114,9 +131,7 @@ pub fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
                 sampled: sampler.should_sample(trace_id, None),
             }
         }
-    };
-    headers.insert(TRACEPARENT, ids.traceparent());
-    ids
+    }
 }
 
 /// What a sampled request's span records beyond what the proxy keeps anyway; captured
@@ -205,6 +220,16 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the gateway sends upstream: the inbound headers with the new `traceparent`.
+    fn propagate(headers: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
+        let ids = continue_trace(headers, sampler);
+        if ids.is_new() {
+            headers.remove(&TRACESTATE);
+        }
+        headers.insert(TRACEPARENT, ids.traceparent());
+        ids
+    }
 
     #[test]
     fn continues_a_valid_trace_with_a_new_span() {

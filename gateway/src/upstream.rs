@@ -301,9 +301,13 @@ impl Upstream {
 
     pub fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
-        let now = now_ms();
-        let usable =
-            |e: &&Arc<Endpoint>| !e.is_ejected(now) && avoid.is_none_or(|a| !Arc::ptr_eq(a, e));
+        // The clock is read only when some endpoint has been ejected at all.
+        let now = std::cell::OnceCell::new();
+        let usable = |e: &&Arc<Endpoint>| {
+            (e.ejected_until.load(Ordering::Relaxed) == 0
+                || !e.is_ejected(*now.get_or_init(now_ms)))
+                && avoid.is_none_or(|a| !Arc::ptr_eq(a, e))
+        };
         match endpoints.len() {
             0 => None,
             1 => endpoints.iter().find(usable).cloned(),

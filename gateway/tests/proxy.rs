@@ -1024,3 +1024,528 @@ async fn refuses_get_bodies_and_more_headers_than_upstreams_parse_as_json() {
     assert_eq!(r.status(), StatusCode::OK);
     gw.stop().await;
 }
+
+/// Reads one request (head and a `Content-Length` body) from a raw upstream connection;
+/// `None` when the gateway closed it.
+async fn read_request(socket: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while pending.len() < end + 4 + length {
+                let mut buf = [0u8; 4096];
+                let n = socket.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                pending.extend_from_slice(&buf[..n]);
+            }
+            pending.drain(..end + 4 + length);
+            return Some(head);
+        }
+        let mut buf = [0u8; 4096];
+        let n = socket.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The keep-alive race: the upstream closes a connection just as the gateway reuses it
+/// (the request is written, the answer is EOF). A GET goes again on a fresh connection;
+/// a POST may have been acted on, so it is never sent twice.
+#[tokio::test]
+async fn a_reused_connection_closed_by_the_upstream_is_retried_for_a_get_never_for_a_post() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                // Answers the first request of each connection, takes the second and
+                // closes without a word.
+                let first = read_request(&mut socket, &mut pending).await.unwrap();
+                log.lock()
+                    .unwrap()
+                    .push(first.lines().next().unwrap().to_owned());
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                if let Some(second) = read_request(&mut socket, &mut pending).await {
+                    log.lock()
+                        .unwrap()
+                        .push(second.lines().next().unwrap().to_owned());
+                }
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("GATEWAY_WORKERS", "1")]);
+    let http = client();
+    let url = format!("{}/api/v1/products", gw.url);
+    for _ in 0..2 {
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    let post = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(post.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        post.json::<Value>().await.unwrap()["error"]["code"],
+        "bad_gateway"
+    );
+    let post = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(post.status(), StatusCode::OK, "a fresh connection answers");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "get /products http/1.1",
+            "get /products http/1.1",
+            "get /products http/1.1",
+            "post /products http/1.1",
+            "post /products http/1.1",
+        ],
+        "the second GET went twice (the first time unanswered); each POST once"
+    );
+    gw.stop().await;
+}
+
+/// Chunked and close-delimited upstream bodies pass through whole; a chunked one leaves
+/// its connection reusable, a close-delimited one cannot.
+#[tokio::test]
+async fn chunked_and_close_delimited_responses_pass_through() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Hits::default();
+    let accepted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            accepted.bump();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                while let Some(head) = read_request(&mut socket, &mut pending).await {
+                    if head.starts_with("get /products/closing") {
+                        let _ = socket
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+                            )
+                            .await;
+                        return;
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n")
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    socket
+                        .write_all(b"6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("GATEWAY_WORKERS", "1")]);
+    let http = client();
+    for _ in 0..3 {
+        let response = http
+            .get(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("x-trailer").is_none());
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    }
+    assert_eq!(connections.get(), 1, "chunked bodies keep the connection");
+    for _ in 0..2 {
+        let response = http
+            .get(format!("{}/api/v1/products/closing", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "until the end");
+    }
+    assert_eq!(
+        connections.get(),
+        2,
+        "the first close-delimited body used up the kept connection, the second a new one"
+    );
+    gw.stop().await;
+}
+
+/// An upstream that refuses an upload without reading it (and keeps the connection open)
+/// is heard: its answer reaches the client instead of the upload stalling to a timeout.
+#[tokio::test]
+async fn an_upstream_answering_before_the_body_is_read_is_heard() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"n\":\"no\"}\n")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("BODY_LIMIT", "64MiB"),
+        ("UPSTREAM_TIMEOUT", "5s"),
+    ]);
+    let started = Instant::now();
+    let response = client()
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 16 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(response.text().await.unwrap(), "{\"n\":\"no\"}\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    gw.stop().await;
+}
+
+/// `Expect: 100-continue` is met at the gateway; the upstream's own interim answer (had it
+/// been asked) must not cut a large upload short. HEAD answers carry a length, no body,
+/// and leave the connection usable.
+#[tokio::test]
+async fn large_uploads_with_expect_and_head_requests_pass_through() {
+    let upstream = stub(
+        Router::new().route(
+            "/products",
+            post(|body: axum::body::Body| async move {
+                // Counted as it streams (axum's `Bytes` extractor stops at 2 MB).
+                let mut stream = body.into_data_stream();
+                let mut total = 0;
+                while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+                    total += chunk.unwrap().len();
+                }
+                total.to_string()
+            })
+            .get(|| async { "twelve bytes" }),
+        ),
+    )
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("GATEWAY_WORKERS", "1"),
+        ("BODY_LIMIT", "64MiB"),
+    ]);
+    let http = client();
+    let response = http
+        .post(format!("{}/api/v1/products", gw.url))
+        .header("expect", "100-continue")
+        .body(vec![b'x'; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        (8 * 1024 * 1024).to_string()
+    );
+    for _ in 0..2 {
+        let head = http
+            .head(format!("{}/api/v1/products", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(head.headers()["content-length"], "12");
+    }
+    let get = http
+        .get(format!("{}/api/v1/products", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.text().await.unwrap(), "twelve bytes");
+    gw.stop().await;
+}
+
+/// An upstream's interim `100 Continue` in the middle of an upload does not stop it; the
+/// final answer comes after the whole body.
+#[tokio::test]
+async fn an_interim_answer_during_an_upload_does_not_cut_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let end = loop {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    pending.extend_from_slice(&buf[..n]);
+                    if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                socket
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut received = pending.len() - end;
+                while received < length {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the upload was cut at {received} of {length}");
+                    received += n;
+                }
+                let body = received.to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream), ("BODY_LIMIT", "64MiB")]);
+    let response = client()
+        .post(format!("{}/api/v1/products", gw.url))
+        .body(vec![b'x'; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        (8 * 1024 * 1024).to_string()
+    );
+    gw.stop().await;
+}
+
+/// Sends raw bytes to the gateway and reads until it closes the connection.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut response))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// What no HTTP/1.1 parser should accept is refused with a bare 400 and a close, before
+/// any handler runs: bytes that are not HTTP, a NUL in a header, and the ambiguous body
+/// framings requests are smuggled with.
+#[tokio::test]
+async fn malformed_and_ambiguous_requests_are_refused_by_the_parser() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    for bad in [
+        &b"NOT HTTP AT ALL\r\n\r\n"[..],
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ] {
+        let response = raw_exchange(gw.addr, bad).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400 "),
+            "{:?}: {response:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert!(response.contains("connection: close"), "{response:?}");
+    }
+    let many: String = (0..120).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let response = raw_exchange(
+        gw.addr,
+        format!("GET /api/v1/products HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response:?}");
+    gw.stop().await;
+}
+
+/// Keep-alive with pipelined requests answered in order, `Connection: close` and HTTP/1.0
+/// honoured, and `Expect: 100-continue` answered before the body is read.
+#[tokio::test]
+async fn pipelining_connection_close_http_1_0_and_expect_continue() {
+    let upstream = stub(
+        Router::new().route(
+            "/products",
+            post(|body: axum::body::Bytes| async move { format!("got {}", body.len()) })
+                .get(|| async { "list" }),
+        ),
+    )
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let response = raw_exchange(
+        gw.addr,
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n\
+          GET /api/v1/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<&str> = response
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &response[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "200", "200"], "{response}");
+    let at = |b: &str| {
+        response
+            .find(b)
+            .unwrap_or_else(|| panic!("{b} in {response}"))
+    };
+    let bodies = [
+        at("list"),
+        at("got 3"),
+        at("got 2"),
+        response.rfind("list").unwrap(),
+    ];
+    assert!(
+        bodies.windows(2).all(|w| w[0] < w[1]),
+        "in order: {response}"
+    );
+    assert!(
+        response.ends_with("list"),
+        "closed after the last: {response}"
+    );
+
+    let old = raw_exchange(gw.addr, b"GET /api/v1/products HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(
+        old.starts_with("HTTP/1.1 200 ") && old.ends_with("list"),
+        "{old}"
+    );
+
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    socket.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    socket.write_all(b"wxyz").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.starts_with("HTTP/1.1 200 ") && text.ends_with("got 4"),
+        "{text}"
+    );
+    gw.stop().await;
+}
+
+/// A draining gateway closes idle keep-alive connections at once (it does not wait out
+/// the shutdown timeout for them) and answers a request already under way, with
+/// `Connection: close`.
+#[tokio::test]
+async fn draining_closes_idle_connections_and_finishes_busy_ones() {
+    let upstream = stub(Router::new().route(
+        "/products",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "slow"
+        }),
+    ))
+    .await;
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", &upstream),
+        ("GATEWAY_WORKERS", "1"),
+        ("SHUTDOWN_TIMEOUT", "10s"),
+    ]);
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    let mut busy = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    busy.write_all(b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    gw.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        idle.read(&mut buf).await.unwrap(),
+        0,
+        "the idle connection was closed"
+    );
+    let mut answer = Vec::new();
+    busy.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.contains("connection: close") && answer.ends_with("slow"),
+        "{answer}"
+    );
+}
+
+/// An HTTP/1.0 client knows no chunked encoding: a body of unknown length reaches it
+/// delimited by the close; one asking for keep-alive with a known length gets it.
+#[tokio::test]
+async fn http_1_0_clients_get_bodies_they_can_read() {
+    let upstream = stub(
+        Router::new()
+            .route(
+                "/products/stream",
+                get(|| async {
+                    axum::body::Body::from_stream(futures_util::stream::iter(
+                        ["part one, ", "part two"].map(Ok::<_, std::io::Error>),
+                    ))
+                }),
+            )
+            .route("/products", get(|| async { "list" })),
+    )
+    .await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    let streamed = raw_exchange(
+        gw.addr,
+        b"GET /api/v1/products/stream HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert!(!streamed.contains("transfer-encoding"), "{streamed}");
+    assert!(streamed.contains("connection: close"), "{streamed}");
+    assert!(
+        streamed.ends_with("\r\n\r\npart one, part two"),
+        "{streamed}"
+    );
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"GET /api/v1/products HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.contains("connection: keep-alive") && text.ends_with("list"),
+        "{text}"
+    );
+    gw.stop().await;
+}
