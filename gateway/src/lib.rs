@@ -51,6 +51,8 @@ pub const DOCS_ROUTE: usize = usize::MAX - 2;
 pub struct Options {
     pub body_limit: u64,
     pub upstream_timeout: std::time::Duration,
+    /// Also how long a request waits for an upstream's first discovery list.
+    pub connect_timeout: std::time::Duration,
     pub access_log: bool,
 }
 

@@ -28,7 +28,7 @@ use crate::deadline::Deadlines;
 use crate::front::RequestBody;
 use crate::h1::{RequestFraming, RequestHead};
 use crate::pool::{Pool, SendError, UpstreamBody};
-use crate::upstream::{Admission, InFlight};
+use crate::upstream::{Admission, InFlight, Upstream};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
 
@@ -415,6 +415,9 @@ impl Worker {
         let mut attempt = 0;
         loop {
             let Some(endpoint) = upstream.pick(avoid.as_ref()) else {
+                if first_list(upstream, shared.options.connect_timeout).await {
+                    continue;
+                }
                 upstream.breaker.record_failure();
                 upstream_metrics.count(&upstream.name, "no_endpoint");
                 return error(AppError::unavailable(&upstream.name, "no healthy endpoint"));
@@ -619,6 +622,24 @@ pub fn local(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// A gateway that has just started can be sent a connection before its first
+/// EndpointSlice list (the Service still routes to its pod while a restarted container
+/// comes up): such a request waits for that list, as long as a connect may take, rather
+/// than failing. True when the list arrived; false when there is nothing to wait for.
+async fn first_list(upstream: &Upstream, limit: std::time::Duration) -> bool {
+    let Some(status) = upstream.discovery.as_ref().filter(|s| !s.is_synced()) else {
+        return false;
+    };
+    let until = tokio::time::Instant::now() + limit;
+    while !status.is_synced() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    true
 }
 
 fn is_idempotent(method: &Method) -> bool {

@@ -115,6 +115,7 @@ impl Gateway {
             options: Options {
                 body_limit: config.server.body_limit as u64,
                 upstream_timeout: config.server.request_timeout,
+                connect_timeout: config.connect_timeout,
                 access_log: config.access_log,
             },
             authenticator: shop_platform::Authenticator::new(&config.auth)?,

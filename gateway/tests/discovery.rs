@@ -470,6 +470,17 @@ async fn the_gateway_routes_to_what_discovery_finds() {
         "syncing"
     );
 
+    // A request that arrives before the first list waits for it instead of failing.
+    let early = tokio::spawn({
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http.get(format!("{url}/api/products")).send().await;
+            response.unwrap().status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!early.is_finished(), "answered before the first list");
+
     // Two slices, one per pod, each with its own port number for the port named http.
     api.list(
         &[
@@ -480,6 +491,7 @@ async fn the_gateway_routes_to_what_discovery_finds() {
     )
     .await;
     let watch = api.watch().await;
+    assert_eq!(early.await.unwrap(), 200);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let status = http
