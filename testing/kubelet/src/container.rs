@@ -630,8 +630,15 @@ fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
         .create(true)
         .append(true)
         .open(&p.log)?;
-    let mut command = Command::new(&argv[0]);
+    // The binary is opened before the child's mounts and executed through its descriptor:
+    // a workspace under /tmp is covered once a pod's emptyDir is mounted at /tmp.
+    let program = std::fs::File::open(&argv[0])?;
+    let mut command = Command::new(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&program)
+    ));
     command
+        .arg0(&argv[0])
         .args(&argv[1..])
         .env_clear()
         .envs(p.env.iter().map(|(k, v)| (k, v)))
@@ -740,7 +747,7 @@ fn spawn(p: &Prepared, argv: &[String]) -> std::io::Result<Child> {
         });
     }
     let child = command.spawn();
-    drop(netns);
+    drop((netns, program));
     child
 }
 
