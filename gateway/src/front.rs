@@ -308,16 +308,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
         start..start + path.len()
     };
     let count = request.headers.len();
-    for (slot, h) in indices.iter_mut().zip(request.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *slot = (
-            name as u32,
-            (name + h.name.len()) as u32,
-            value as u32,
-            (value + h.value.len()) as u32,
-        );
-    }
+    h1::record_offsets(&mut indices, request.headers, base);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path_range))
         .map_err(|_| Refusal::Status(StatusCode::BAD_REQUEST))?;

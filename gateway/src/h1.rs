@@ -218,16 +218,7 @@ pub fn parse_response(
             Version::HTTP_11
         };
         let count = response.headers.len();
-        for (slot, h) in indices.iter_mut().zip(response.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *slot = (
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            );
-        }
+        record_offsets(&mut indices, response.headers, base);
         let head = buf.split_to(len).freeze();
         if code == 101 {
             return Err(ProtocolError::Switching(code));
@@ -503,6 +494,26 @@ impl ChunkedDecoder {
                 Chunk::Data(_) | Chunk::Done => unreachable!("handled above"),
             };
         }
+    }
+}
+
+/// Where each parsed header's name and value sit in the read buffer (start and end
+/// offsets from `base`), so the head can be frozen once and the map built from slices
+/// of it after the parser's borrow ends.
+pub(crate) fn record_offsets(
+    indices: &mut [(u32, u32, u32, u32)],
+    headers: &[httparse::Header<'_>],
+    base: usize,
+) {
+    for (slot, h) in indices.iter_mut().zip(headers) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *slot = (
+            name as u32,
+            (name + h.name.len()) as u32,
+            value as u32,
+            (value + h.value.len()) as u32,
+        );
     }
 }
 
