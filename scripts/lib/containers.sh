@@ -1,0 +1,14 @@
+# shellcheck shell=bash
+# buildah and podman on one image store, for every script that builds or runs images:
+# overlay storage under the CI cache (so images and build layers survive between runs),
+# runc and cgroupfs (no systemd here), no default ulimits (raising them needs
+# CAP_SYS_RESOURCE, which this machine does not grant).
+CACHE="${SHOP_CI_CACHE:-$HOME/.cache/shop-ci}"
+CONTAINERS_STORE="$CACHE/containers"
+mkdir -p "$CONTAINERS_STORE"
+[[ -e "$CONTAINERS_STORE/containers.conf" ]] ||
+  printf '[containers]\ndefault_ulimits = []\n' >"$CONTAINERS_STORE/containers.conf"
+export CONTAINERS_CONF="$CONTAINERS_STORE/containers.conf"
+store_flags=(--root "$CONTAINERS_STORE/storage" --runroot "$CONTAINERS_STORE/run" --storage-driver overlay)
+bh() { buildah "${store_flags[@]}" "$@"; }
+pm() { podman "${store_flags[@]}" --runtime "$(command -v runc)" --cgroup-manager cgroupfs "$@"; }
