@@ -238,15 +238,25 @@ pub async fn run(args: Args) -> Result<()> {
             Some(c) => format!("{url}/api/v1/orders?limit=100&cursor={c}"),
             None => format!("{url}/api/v1/orders?limit=100"),
         };
-        let response = load
-            .http
-            .get(page_url)
-            .bearer_auth(&load.token)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("listing orders: {}", response.status());
-        }
+        // The check runs right after a disruption (a database back a moment ago, a breaker
+        // still open): a page that fails is asked for again, for up to a minute.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let response = loop {
+            let outcome = load
+                .http
+                .get(&page_url)
+                .bearer_auth(&load.token)
+                .send()
+                .await;
+            match outcome {
+                Ok(response) if response.status().is_success() => break response,
+                Ok(response) if Instant::now() > deadline => {
+                    bail!("listing orders: {}", response.status())
+                }
+                Err(e) if Instant::now() > deadline => bail!("listing orders: {}", error_chain(&e)),
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
         cursor = response
             .headers()
             .get("x-next-cursor")
