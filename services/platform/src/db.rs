@@ -239,9 +239,11 @@ impl Session {
         Box::pin(async move {
             match self.backend {
                 Backend::Sqlite => {
+                    // busy_timeout first: switching to WAL takes the database's write
+                    // lock, and a replica starting at the same moment holds it briefly.
                     sqlx::raw_sql(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                        "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;
+                         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
                     )
                     .execute(&mut *conn)
                     .await?;
