@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SHOP_CI_CACHE", Path.home() / ".cache" / "shop-ci"))
 HELM = os.environ.get("HELM", str(CACHE / "bin" / "helm"))
 KUSTOMIZE = os.environ.get("KUSTOMIZE", str(CACHE / "bin" / "kustomize"))
+SKAFFOLD = os.environ.get("SKAFFOLD", str(CACHE / "bin" / "skaffold"))
 VENV_BIN = Path(sys.executable).parent
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 BIN = TARGET / "debug"
@@ -412,6 +413,12 @@ def config_schemas() -> None:
     check(sk["apiVersion"] == "skaffold/v4beta13", "skaffold.yaml: apiVersion must be skaffold/v4beta13")
     arts = {a["image"]: a["docker"]["buildArgs"]["SERVICE"] for a in sk["build"]["artifacts"]}
     check(arts == {f"shop-{c}": c for c in COMPONENTS}, f"skaffold: one artifact per component: {arts}")
+    # The buildah profile builds the same four images with scripts/skaffold-buildah.
+    buildah = next(p for p in sk["profiles"] if p["name"] == "buildah")["build"]
+    built = {a["image"]: (a["custom"]["buildCommand"], "Dockerfile" in a["custom"]["dependencies"]["paths"])
+             for a in buildah["artifacts"]}
+    check(built == {f"shop-{c}": (f"scripts/skaffold-buildah {c}", True) for c in COMPONENTS} and buildah["local"]["push"],
+          f"skaffold profile buildah: one pushed artifact per component through scripts/skaffold-buildah: {built}")
     release = sk["deploy"]["helm"]["releases"][0]
     templates = release["setValueTemplates"]
     for c in COMPONENTS:
@@ -429,6 +436,45 @@ def config_schemas() -> None:
     for key in templates:
         check(schema_has(values_schema, key.split(".")), f"skaffold: {key} not a chart value")
     print("  ok   both valid; misspelt keys rejected; artifacts and image values wired")
+
+
+def skaffold_profiles() -> None:
+    """skaffold itself applies each profile and renders the chart with it (no build, no
+    cluster): a patch the schema accepts can still miss its path, which only skaffold sees."""
+    step("skaffold render: every profile, and combined as the README suggests (skaffold itself)")
+    profiles = [p["name"] for p in yaml.safe_load((ROOT / "skaffold.yaml").read_text())["profiles"]]
+    expect = {
+        "": {"replicas": {1, 2}, "log": "info", "ingress": False},
+        "kind,dev": {"replicas": {1}, "log": "debug", "ingress": False},
+        "minikube,dev": {"replicas": {1}, "log": "debug", "ingress": True},
+    }
+    combos = [""] + profiles + [c for c in expect if c]
+    failed_before = len(failures)
+    with tempfile.TemporaryDirectory(prefix="shop-skaffold-") as home:
+        for combo in combos:
+            out = run([SKAFFOLD, "render", *(["-p", combo] if combo else []), "--digest-source=tag",
+                       "--offline=true", "--update-check=false", "--interactive=false"],
+                      env=os.environ | {"HOME": home, "PATH": f"{Path(HELM).parent}:{os.environ['PATH']}"})
+            name = combo or "(no profile)"
+            if not check(out.returncode == 0, f"skaffold render {name}: {out.stderr.strip()[-400:]}"):
+                continue
+            objs = docs_of(out.stdout)
+            deploys = [o for o in objs if o["kind"] == "Deployment"]
+            images = {c["image"].split(":")[0] for d in deploys for c in d["spec"]["template"]["spec"]["containers"]}
+            check(images == {f"shop-{c}" for c in COMPONENTS}, f"skaffold render {name}: images {images}")
+            want = expect.get(combo) or {
+                "dev": {"replicas": {1}, "log": "debug", "ingress": False},
+                "minikube": {"replicas": {1, 2}, "log": "info", "ingress": True},
+            }.get(combo, expect[""])
+            replicas = {o["spec"]["replicas"] for o in objs if o["kind"] in ("Deployment", "StatefulSet")}
+            levels = {o["data"]["RUST_LOG"] for o in objs
+                      if o["kind"] == "ConfigMap" and "RUST_LOG" in o.get("data", {})}
+            ingress = any(o["kind"] == "Ingress" for o in objs)
+            check(replicas == want["replicas"] and ingress == want["ingress"]
+                  and all(want["log"] in level for level in levels) and levels,
+                  f"skaffold render {name}: replicas {replicas}, RUST_LOG {levels}, ingress {ingress}; want {want}")
+    if len(failures) == failed_before:
+        print(f"  ok   {len(combos)} renders: {', '.join(c or '(none)' for c in combos)}")
 
 
 def schema_has(schema: dict, path: list[str]) -> bool:
@@ -669,6 +715,7 @@ def main() -> int:
         kubernetes_validate(outdir)
         hadolint_and_yamllint()
         config_schemas()
+        skaffold_profiles()
         described = describe_all()
         contract(rendered, outdir, described)
         live(rendered)

@@ -12,3 +12,8 @@ export CONTAINERS_CONF="$CONTAINERS_STORE/containers.conf"
 store_flags=(--root "$CONTAINERS_STORE/storage" --runroot "$CONTAINERS_STORE/run" --storage-driver overlay)
 bh() { buildah "${store_flags[@]}" "$@"; }
 pm() { podman "${store_flags[@]}" --runtime "$(command -v runc)" --cgroup-manager cgroupfs "$@"; }
+# The same store for tools that take no flags (skaffold's custom builder runs plain buildah).
+[[ -e "$CONTAINERS_STORE/storage.conf" ]] ||
+  printf '[storage]\ndriver = "overlay"\ngraphroot = "%s"\nrunroot = "%s"\n' \
+    "$CONTAINERS_STORE/storage" "$CONTAINERS_STORE/run" >"$CONTAINERS_STORE/storage.conf"
+export CONTAINERS_STORAGE_CONF="$CONTAINERS_STORE/storage.conf"
