@@ -115,23 +115,33 @@ def parse_wrk(text):
     }
 
 
-def run_wrk(url, args, cpu, proxy_pid):
-    cmd = ["wrk", "-t2", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url]
+def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=None):
+    """One wrk run. CPU per request and peak RSS are summed over `proxy_pid`'s process tree,
+    or over each process of `measured` (name -> pid), reported per name in `rss_by`."""
+    cmd = ["wrk", "-t2", f"-c{connections or args.connections}", f"-d{args.duration}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    cmd.append(url)
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
-    pids = tree(proxy_pid) if proxy_pid else []
+    groups = {name: tree(pid) for name, pid in (measured or ({"proxy": proxy_pid} if proxy_pid else {})).items()}
+    pids = [p for group in groups.values() for p in group]
     before = cpu_ticks(pids)
+    peaks = {name: rss_kib(group) for name, group in groups.items()}
     peak = rss_kib(pids)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     while proc.poll() is None:
         time.sleep(0.25)
         peak = max(peak, rss_kib(pids))
+        for name, group in groups.items():
+            peaks[name] = max(peaks[name], rss_kib(group))
     out = proc.stdout.read()
     result = parse_wrk(out)
-    if proxy_pid:
+    if pids:
         ticks = cpu_ticks(pids) - before
         result["cpu_us"] = ticks / TICKS * 1e6 / max(result["requests"], 1)
         result["rss_mib"] = peak / 1024
+        result["rss_by"] = {name: kib / 1024 for name, kib in peaks.items()}
     return result
 
 
