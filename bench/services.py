@@ -6,10 +6,10 @@ Scenarios, each with wrk at fixed concurrency, `--reps` repetitions after a warm
   seed-one      wrk -> the seed's Go product service           GET /product?id=1
   direct-list   wrk -> our product service (SQLite)            GET /products
   direct-one    wrk -> our product service                     GET /products/1
-  gateway-list  wrk -> our gateway -> our product service      GET /api/products
-  gateway-one   wrk -> our gateway -> our product service      GET /api/products/1
-  nginx-list    wrk -> nginx -> our product service            GET /api/products
-  nginx-one     wrk -> nginx -> our product service            GET /api/products/1
+  gateway-list  wrk -> our gateway -> our product service      GET /api/v1/products
+  gateway-one   wrk -> our gateway -> our product service      GET /api/v1/products/1
+  nginx-list    wrk -> nginx -> our product service            GET /api/v1/products
+  nginx-one     wrk -> nginx -> our product service            GET /api/v1/products/1
   orders-sqlite wrk -> gateway -> order (-> user, product)     POST /api/v1/orders, SQLite
   orders-pg     the same on PostgreSQL (scripts/pg-cluster's throwaway cluster)
 
@@ -59,7 +59,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} reuseport;
-        location /api/ {{
+        location /api/v1/ {{
             proxy_pass http://product/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -184,8 +184,8 @@ def reads(args, work, results):
             results["direct-list"] = measure(f"{stack.url('product')}/products", args, product)
             results["direct-one"] = measure(f"{stack.url('product')}/products/1", args, product)
         if "gateway" in args.groups:
-            results["gateway-list"] = measure(f"{stack.url('gateway')}/api/products", args, both)
-            results["gateway-one"] = measure(f"{stack.url('gateway')}/api/products/1", args, both)
+            results["gateway-list"] = measure(f"{stack.url('gateway')}/api/v1/products", args, both)
+            results["gateway-one"] = measure(f"{stack.url('gateway')}/api/v1/products/1", args, both)
         if "nginx" in args.groups:
             conf_dir = tempfile.mkdtemp(dir=work)
             port = bench.free_port()
@@ -194,8 +194,8 @@ def reads(args, work, results):
             nginx = stack.svc.start(["nginx", "-c", os.path.join(conf_dir, "nginx.conf"), "-g", "daemon off;"])
             bench.wait_port(port)
             both = {"nginx": nginx.pid, "product": stack.pids["product"]}
-            results["nginx-list"] = measure(f"http://127.0.0.1:{port}/api/products", args, both)
-            results["nginx-one"] = measure(f"http://127.0.0.1:{port}/api/products/1", args, both)
+            results["nginx-list"] = measure(f"http://127.0.0.1:{port}/api/v1/products", args, both)
+            results["nginx-one"] = measure(f"http://127.0.0.1:{port}/api/v1/products/1", args, both)
     finally:
         stack.stop()
 
@@ -218,10 +218,18 @@ def orders(args, work, results, backend, database_urls=None):
             f.write(ORDER_LUA % {"run": os.urandom(4).hex(), "token": token, "product": product})
         runs = measure(f"{gw}/api/v1/orders", args, dict(stack.pids), script=script,
                        connections=args.order_connections)
-        # Units taken from stock against units in stored orders (the warm-up's included).
-        left = http("GET", f"{gw}/api/v1/products/{product}")["quantity"]
-        taken = stock - left
-        stored = stored_units(backend, stack, product, database_urls)
+        # Units taken from stock against units in stored orders (the warm-up's included),
+        # once the orders wrk left in flight have finished: two equal readings a second
+        # apart. Stock from the product service itself (the gateway may answer from cache).
+        previous, deadline = None, time.time() + 30
+        while True:
+            left = http("GET", f"{stack.url('product')}/products/{product}")["quantity"]
+            reading = (stock - left, stored_units(backend, stack, product, database_urls))
+            if reading == previous or time.time() > deadline:
+                break
+            previous = reading
+            time.sleep(1)
+        taken, stored = reading
         for r in runs:
             r["stock_gap"] = taken - stored
         results[f"orders-{backend}"] = runs
