@@ -184,8 +184,8 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} reuseport;
-        location = /api/products {{
-            proxy_pass http://product/products;
+        location {location} {{
+            proxy_pass http://product/{target};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
@@ -240,7 +240,8 @@ def scenario(name, mode, args, work):
         conf_dir = tempfile.mkdtemp(dir=work)
         conf = os.path.join(conf_dir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(workers=workers, dir=conf_dir, upstream_port=product_port, port=port))
+            f.write(NGINX_CONF.format(workers=workers, dir=conf_dir, upstream_port=product_port, port=port,
+                                      location="= /api/products", target="products"))
         proxy = svc.start(["nginx", "-c", conf, "-g", "daemon off;"], cpu=proxy_cpu)
         wait_port(port)
     return f"http://127.0.0.1:{port}/api/products", proxy.pid, svc

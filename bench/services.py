@@ -46,28 +46,6 @@ import gateway as bench  # noqa: E402  (the shared wrk, process and seed helpers
 ROOT = bench.ROOT
 SERVICES = ("product", "user", "order", "gateway")
 
-NGINX_CONF = """
-worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    upstream product {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 128;
-    }}
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        location /api/v1/ {{
-            proxy_pass http://product/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
-
 # One order per request: a counter per wrk thread makes every Idempotency-Key unique.
 ORDER_LUA = """
 local threads = 0
@@ -190,7 +168,8 @@ def reads(args, work, results):
             conf_dir = tempfile.mkdtemp(dir=work)
             port = bench.free_port()
             with open(os.path.join(conf_dir, "nginx.conf"), "w") as f:
-                f.write(NGINX_CONF.format(dir=conf_dir, upstream_port=stack.ports["product"], port=port))
+                f.write(bench.NGINX_CONF.format(workers=2, dir=conf_dir, upstream_port=stack.ports["product"],
+                                               port=port, location="/api/v1/", target=""))
             nginx = stack.svc.start(["nginx", "-c", os.path.join(conf_dir, "nginx.conf"), "-g", "daemon off;"])
             bench.wait_port(port)
             both = {"nginx": nginx.pid, "product": stack.pids["product"]}
