@@ -207,6 +207,7 @@ impl Binary {
             }
         }
 
+        crate::memory::release_large_blocks();
         let env = Env::from_process();
         let loaded = env
             .parse::<LogFormat>(&LOG_FORMAT)

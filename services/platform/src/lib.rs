@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod middleware;
 pub mod money;
