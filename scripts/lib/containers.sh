@@ -12,6 +12,11 @@ export CONTAINERS_CONF="$CONTAINERS_STORE/containers.conf"
 store_flags=(--root "$CONTAINERS_STORE/storage" --runroot "$CONTAINERS_STORE/run" --storage-driver overlay)
 bh() { buildah "${store_flags[@]}" "$@"; }
 pm() { podman "${store_flags[@]}" --runtime "$(command -v runc)" --cgroup-manager cgroupfs "$@"; }
+# `buildah build` flags for the project's images here: no network namespace of its own
+# (chroot), local base images only, and the host's CA bundle for cargo's downloads. One
+# list for scripts/build-images and the skaffold run of scripts/test-k8s, so both use the
+# same cached layers.
+export SHOP_BUILD_FLAGS="--isolation chroot --pull=never -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro"
 # The same store for tools that take no flags (skaffold's custom builder runs plain buildah).
 [[ -e "$CONTAINERS_STORE/storage.conf" ]] ||
   printf '[storage]\ndriver = "overlay"\ngraphroot = "%s"\nrunroot = "%s"\n' \
