@@ -74,6 +74,7 @@ const BINARY: Binary = Binary {
                 ServerConfig::REQUEST_TIMEOUT,
                 ServerConfig::BODY_LIMIT,
                 shop_product::SEED_PRODUCTS,
+                shop_product::CATALOGUE_RESYNC,
                 shop_order::UPSTREAM_TIMEOUT,
                 shop_order::CHECKOUT_TIMEOUT,
                 AuthConfig::MODE,

@@ -199,6 +199,7 @@ async fn two_replicas_start_together_on_an_empty_database(backend: Backend) {
             server: shop_platform::ServerConfig::ephemeral(),
             storage: product_db.storage(),
             seed_products: true,
+            catalogue_resync: std::time::Duration::from_secs(1),
             auth: shop_platform::AuthConfig::demo(),
         })
     };

@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -196,8 +197,12 @@ impl StorageConfig {
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .after_connect(move |conn, _| session.prepare(conn, true))
-            .connect_lazy_with(options);
-        Ok(Database { pool, backend })
+            .connect_lazy_with(options.clone());
+        Ok(Database {
+            pool,
+            backend,
+            connect: Arc::new(Connect { url, options }),
+        })
     }
 
     async fn connect_at_startup(
@@ -310,10 +315,27 @@ async fn migrate(
 const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
 
 /// An open database: the pool every query goes through, and which backend it speaks.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    connect: Arc<Connect>,
+}
+
+/// How to open connections outside the pool (a listener, a change check). Holds the
+/// password, so it is never printed.
+struct Connect {
+    url: String,
+    options: AnyConnectOptions,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("backend", &self.backend)
+            .field("url", &redact_url(&self.connect.url))
+            .finish()
+    }
 }
 
 impl Database {
@@ -336,6 +358,167 @@ impl Database {
 
     pub async fn close(&self) {
         self.pool.close().await
+    }
+
+    /// Reports changes that other connections (other replicas, an operator's `psql`) make
+    /// to this database, so a service can keep an in-memory copy fresh:
+    /// - PostgreSQL: the payloads of `NOTIFY` on `channel`, as they arrive, on a
+    ///   connection of its own; and [`WatchEvent::Resync`] on every (re)connection and
+    ///   every `resync_every`, since a notification sent while the listener was away is
+    ///   lost;
+    /// - SQLite: [`WatchEvent::Resync`] when `PRAGMA data_version`, checked every
+    ///   `resync_every`, shows a commit by any other connection.
+    pub fn watch(&self, channel: &'static str, resync_every: Duration) -> Watch {
+        let mut interval = tokio::time::interval(resync_every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let source = match self.backend {
+            Backend::Postgres => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1024);
+                let listener = tokio::spawn(listen(self.connect.url.clone(), channel, tx));
+                Source::Postgres {
+                    events: rx,
+                    listener: listener.abort_handle(),
+                }
+            }
+            Backend::Sqlite => Source::Sqlite {
+                options: self.connect.options.clone(),
+                connection: None,
+                seen: None,
+            },
+        };
+        Watch { interval, source }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Notification payloads, in the order their transactions committed.
+    Notified(Vec<String>),
+    /// Changes may have happened unseen: read again what you keep.
+    Resync,
+}
+
+/// See [`Database::watch`].
+pub struct Watch {
+    interval: tokio::time::Interval,
+    source: Source,
+}
+
+enum Source {
+    Postgres {
+        events: tokio::sync::mpsc::Receiver<WatchEvent>,
+        listener: tokio::task::AbortHandle,
+    },
+    Sqlite {
+        options: AnyConnectOptions,
+        connection: Option<AnyConnection>,
+        seen: Option<i64>,
+    },
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Source::Postgres { listener, .. } = &self.source {
+            listener.abort();
+        }
+    }
+}
+
+impl Watch {
+    /// The next change, waiting as long as it takes. Cancel-safe.
+    pub async fn next(&mut self) -> WatchEvent {
+        loop {
+            match &mut self.source {
+                Source::Postgres { events, .. } => {
+                    tokio::select! {
+                        biased;
+                        Some(event) = events.recv() => return event,
+                        _ = self.interval.tick() => return WatchEvent::Resync,
+                    }
+                }
+                Source::Sqlite {
+                    options,
+                    connection,
+                    seen,
+                } => {
+                    self.interval.tick().await;
+                    match data_version(options, connection).await {
+                        Ok(version) if *seen != Some(version) => {
+                            *seen = Some(version);
+                            return WatchEvent::Resync;
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot check the database for changes");
+                            *connection = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SQLite's count of commits by other connections, on a connection kept for this alone
+/// (the value is per connection).
+async fn data_version(
+    options: &AnyConnectOptions,
+    connection: &mut Option<AnyConnection>,
+) -> Result<i64, sqlx::Error> {
+    if connection.is_none() {
+        *connection = Some(AnyConnection::connect_with(options).await?);
+    }
+    let conn = connection.as_mut().expect("connected above");
+    sqlx::query_scalar("PRAGMA data_version")
+        .fetch_one(conn)
+        .await
+}
+
+/// Keeps a `LISTEN` session open, reconnecting with backoff; says `Resync` whenever it
+/// (re)connects, since what was sent while it was away is lost.
+async fn listen(url: String, channel: &'static str, events: tokio::sync::mpsc::Sender<WatchEvent>) {
+    use sqlx::postgres::PgListener;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect(&url).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match connected {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::warn!(channel, error = %redact_url(&err.to_string()), "cannot listen for changes; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if events.send(WatchEvent::Resync).await.is_err() {
+            return;
+        }
+        loop {
+            let event = match listener.try_recv().await {
+                Ok(Some(first)) => {
+                    let mut batch = vec![first.payload().to_owned()];
+                    while let Some(more) = listener.next_buffered() {
+                        batch.push(more.payload().to_owned());
+                    }
+                    WatchEvent::Notified(batch)
+                }
+                // The connection dropped and was re-established at once.
+                Ok(None) => WatchEvent::Resync,
+                Err(err) => {
+                    tracing::warn!(channel, error = %err, "lost the change listener; reconnecting");
+                    break;
+                }
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

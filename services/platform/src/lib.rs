@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod conditional;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -26,8 +27,9 @@ pub mod validate;
 
 pub use cli::{Binary, Runtime};
 pub use client::{PeerResponse, ServiceClient};
+pub use conditional::Representation;
 pub use config::{ConfigError, Env, ServerConfig, Var};
-pub use db::{Backend, Database, Migrations, StorageConfig};
+pub use db::{Backend, Database, Migrations, StorageConfig, Watch, WatchEvent};
 pub use error::{ApiJson, ApiQuery, AppError, AppResult};
 pub use identity::{AuthConfig, Authenticator, Caller};
 pub use metrics::Metrics;

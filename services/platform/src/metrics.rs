@@ -134,6 +134,15 @@ impl Metrics {
         counter
     }
 
+    /// A domain gauge (e.g. `catalogue_products`) in this service's registry.
+    pub fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        let gauge = IntGauge::new(name, help).expect("valid metric");
+        self.registry
+            .register(Box::new(gauge.clone()))
+            .expect("metric registered once");
+        gauge
+    }
+
     /// A labelled domain counter; label values must come from a closed set.
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");

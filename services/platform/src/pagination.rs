@@ -3,7 +3,7 @@
 //! stay JSON arrays, as the seed API returns; the next page is announced in `Link` and
 //! `X-Next-Cursor` headers.
 
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -106,17 +106,20 @@ impl<T: Serialize> Page<T> {
     pub fn into_response(self, path: &str, link_query: &str) -> Response {
         let mut response = axum::Json(self.items).into_response();
         if let Some(after) = self.next_after {
-            let cursor = encode_cursor(after);
-            let sep = if link_query.is_empty() { "" } else { "&" };
-            let link = format!("<{path}?{link_query}{sep}cursor={cursor}>; rel=\"next\"");
-            if let (Ok(link), Ok(cursor)) =
-                (HeaderValue::try_from(link), HeaderValue::try_from(cursor))
-            {
-                response.headers_mut().insert(header::LINK, link);
-                response.headers_mut().insert("x-next-cursor", cursor);
-            }
+            announce_next_page(response.headers_mut(), path, link_query, after);
         }
         response
+    }
+}
+
+/// Names the page after row `after` in `Link` (rel=next) and `X-Next-Cursor`.
+pub fn announce_next_page(headers: &mut HeaderMap, path: &str, link_query: &str, after: i64) {
+    let cursor = encode_cursor(after);
+    let sep = if link_query.is_empty() { "" } else { "&" };
+    let link = format!("<{path}?{link_query}{sep}cursor={cursor}>; rel=\"next\"");
+    if let (Ok(link), Ok(cursor)) = (HeaderValue::try_from(link), HeaderValue::try_from(cursor)) {
+        headers.insert(header::LINK, link);
+        headers.insert("x-next-cursor", cursor);
     }
 }
 

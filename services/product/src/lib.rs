@@ -1,11 +1,13 @@
 //! Product service: the catalogue and its stock. Owns its own database; other services
 //! take stock only through reservations.
 
+pub mod catalogue;
 pub mod domain;
 pub mod routes;
 pub mod storage;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{
@@ -13,6 +15,7 @@ use shop_platform::{
     StorageConfig,
 };
 
+pub use catalogue::Catalogue;
 pub use routes::{AppState, app, openapi};
 pub use storage::{ProductStore, SqlProductStore};
 
@@ -23,6 +26,11 @@ pub const SEED_PRODUCTS: Var = Var::new(
     "true",
     "Add the demo products (1: Laptop, 2: Mouse) when the catalogue is empty.",
 );
+pub const CATALOGUE_RESYNC: Var = Var::new(
+    "CATALOGUE_RESYNC",
+    "1s",
+    "Catalogue reads come from memory. PostgreSQL announces each change at once; this is how often a replica also re-reads the whole catalogue, the longest a lost announcement can leave it stale. SQLite: how often to check for writes by other processes.",
+);
 
 pub const BINARY: Binary = Binary {
     name: NAME,
@@ -31,7 +39,7 @@ pub const BINARY: Binary = Binary {
         ("Server", &ServerConfig::vars(PORT)),
         ("Storage", StorageConfig::VARS),
         ("Authentication", &AuthConfig::SERVICE_VARS),
-        ("Product", &[SEED_PRODUCTS]),
+        ("Product", &[SEED_PRODUCTS, CATALOGUE_RESYNC]),
     ],
     runtime: Runtime::MultiThread,
 };
@@ -42,6 +50,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub seed_products: bool,
+    pub catalogue_resync: Duration,
 }
 
 impl Config {
@@ -51,23 +60,45 @@ impl Config {
             storage: StorageConfig::from_env(env)?,
             auth: AuthConfig::from_env(env)?,
             seed_products: env.flag(&SEED_PRODUCTS)?,
+            catalogue_resync: positive(env.duration(&CATALOGUE_RESYNC)?)?,
         })
     }
+}
+
+fn positive(interval: Duration) -> Result<Duration, ConfigError> {
+    if interval.is_zero() {
+        return Err(ConfigError::new(
+            &CATALOGUE_RESYNC,
+            "0",
+            "must be longer than 0",
+        ));
+    }
+    Ok(interval)
 }
 
 /// Opens storage, seeds it if asked, and binds the listener.
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
-    let store = Arc::new(SqlProductStore::new(&db));
+    let store: Arc<dyn ProductStore> = Arc::new(SqlProductStore::new(&db));
     if config.seed_products {
         seed_demo_products(store.as_ref()).await?;
     }
+    // The watch re-reads the catalogue once it is listening, so a change committed
+    // between this first read and then is not missed.
+    let watch = db.watch("catalogue", config.catalogue_resync);
+    let catalogue = Arc::new(Catalogue::load(store.as_ref(), &metrics).await?);
+    let sync = tokio::spawn(catalogue::keep_fresh(
+        catalogue.clone(),
+        store.clone(),
+        watch,
+    ));
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
+        .on_close(async move { sync.abort() })
         .auth(Authenticator::new(&config.auth)?)
         .openapi(&openapi())
-        .bind(app(AppState::new(store, &metrics)))
+        .bind(app(AppState::new(store, catalogue, &metrics)))
         .await
 }
 
@@ -83,7 +114,7 @@ pub async fn seed_demo_products(store: &dyn ProductStore) -> anyhow::Result<()> 
     }
     for product in domain::demo_products() {
         match store.create(&product).await {
-            Ok(()) | Err(storage::StoreError::DuplicateId(_)) => {}
+            Ok(_) | Err(storage::StoreError::DuplicateId(_)) => {}
             Err(err) => return Err(err.into()),
         }
     }

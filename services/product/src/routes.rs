@@ -4,22 +4,26 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
+use shop_platform::pagination::announce_next_page;
 use shop_platform::validate::{self, IdQuery};
-use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest};
+use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, PageRequest};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::catalogue::{Catalogue, Source};
 use crate::domain::{NewProduct, Product, ProductPatch, Reservation, ReservationRequest};
 use crate::storage::{ProductStore, Release, Reserved, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn ProductStore>,
+    /// What reads are answered from; writes go to `store` and then here.
+    pub catalogue: Arc<Catalogue>,
     counters: Counters,
 }
 
@@ -31,9 +35,10 @@ struct Counters {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn ProductStore>, metrics: &Metrics) -> Self {
+    pub fn new(store: Arc<dyn ProductStore>, catalogue: Arc<Catalogue>, metrics: &Metrics) -> Self {
         Self {
             store,
+            catalogue,
             counters: Counters {
                 created: metrics.counter("products_created_total", "Products added to the catalogue."),
                 reservations: metrics.counter_vec(
@@ -118,52 +123,79 @@ const PAGE_HEADERS: &str =
     params(ListParams),
     responses(
         (status = 200, description = PAGE_HEADERS, body = Vec<Product>, headers(
+            ("ETag" = String, description = "the page's strong validator"),
             ("Link" = String, description = "`<...>; rel=\"next\"` when another page exists"),
             ("X-Next-Cursor" = String, description = "the cursor of the next page"))),
+        (status = 304, description = "`If-None-Match` names the page's current `ETag`"),
         (status = 400, description = "`invalid_cursor`: the cursor is not one this API issued"),
         (status = 422, description = "`validation_failed`: `limit` is out of range"),
     ))]
 async fn list_products(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> AppResult<Response> {
-    let page = PageRequest::parse(params.limit, params.cursor.as_deref())?;
-    let rows = state.store.list(page).await?;
-    Ok(Page::from_rows(rows, page).into_response("/products", &format!("limit={}", page.limit)))
+    let request = PageRequest::parse(params.limit, params.cursor.as_deref())?;
+    let page = state.catalogue.page(request.after, request.limit);
+    let mut response = page.representation.respond_to(&headers);
+    if let Some(after) = page.next_after {
+        let query = format!("limit={}", request.limit);
+        announce_next_page(response.headers_mut(), "/products", &query, after);
+    }
+    Ok(response)
 }
 
 /// One product.
 #[utoipa::path(get, path = "/products/{id}", tag = "products", operation_id = "get_product",
     params(("id" = String, Path, description = "Product id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
     responses(
-        (status = 200, description = "The product", body = Product),
+        (status = 200, description = "The product", body = Product,
+            headers(("ETag" = String, description = "the product's strong validator"))),
+        (status = 304, description = "`If-None-Match` names the product's current `ETag`"),
         (status = 404, description = "`not_found`: no product with this id"),
         (status = 422, description = "`validation_failed`: the id breaks its pattern"),
     ))]
-async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<Response> {
+async fn get_product(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
     validate::id("id", &id)?;
-    find(&state, &id).await
+    find(&state, &headers, &id).await
 }
 
 /// One product by `?id=` (the seed's route).
 #[utoipa::path(get, path = "/product", tag = "compatibility", operation_id = "get_product_by_query",
     params(IdQuery),
     responses(
-        (status = 200, description = "The product", body = Product),
+        (status = 200, description = "The product", body = Product,
+            headers(("ETag" = String, description = "the product's strong validator"))),
+        (status = 304, description = "`If-None-Match` names the product's current `ETag`"),
         (status = 400, description = "`missing_parameter`: no `id` given"),
         (status = 404, description = "`not_found`: no product with this id"),
         (status = 422, description = "`validation_failed`: the id breaks its pattern"),
     ))]
 async fn get_product_by_query(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiQuery(query): ApiQuery<IdQuery>,
 ) -> AppResult<Response> {
-    find(&state, &query.required()?).await
+    find(&state, &headers, &query.required()?).await
 }
 
-async fn find(state: &AppState, id: &str) -> AppResult<Response> {
-    match state.store.get(id).await? {
-        Some(product) => Ok(axum::Json(product).into_response()),
+/// From memory; a product this replica has not heard of yet (created on another one a
+/// moment ago) is looked up in the database before answering 404.
+async fn find(state: &AppState, headers: &HeaderMap, id: &str) -> AppResult<Response> {
+    let entry = match state.catalogue.get(id) {
+        Some(entry) => Some(entry),
+        None => state
+            .store
+            .get(id)
+            .await?
+            .and_then(|row| state.catalogue.apply([row], Source::Lookup).pop()),
+    };
+    match entry {
+        Some(entry) => Ok(entry.representation().respond_to(headers)),
         None => Err(AppError::not_found(format!("no product with id {id:?}"))),
     }
 }
@@ -186,15 +218,17 @@ async fn create_product(
 ) -> AppResult<Response> {
     caller.require_admin()?;
     let product = body.validate()?;
-    state.store.create(&product).await?;
+    let row = state.store.create(&product).await?;
     state.counters.created.inc();
     let location = format!("/products/{}", product.id);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        axum::Json(product),
-    )
-        .into_response())
+    let mut response = match state.catalogue.apply([row], Source::Write).pop() {
+        Some(entry) => entry.representation().with_status(StatusCode::CREATED),
+        None => (StatusCode::CREATED, axum::Json(product)).into_response(),
+    };
+    if let Ok(location) = header::HeaderValue::try_from(location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
 }
 
 /// Change a product's name, price or stock (admins).
@@ -203,7 +237,8 @@ async fn create_product(
     request_body = ProductPatch,
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The updated product", body = Product),
+        (status = 200, description = "The updated product", body = Product,
+            headers(("ETag" = String, description = "the product's new strong validator"))),
         (status = 403, description = "`forbidden`: the caller is not an admin"),
         (status = 404, description = "`not_found`: no product with this id"),
     ))]
@@ -216,10 +251,14 @@ async fn update_product(
     caller.require_admin()?;
     validate::id("id", &id)?;
     let patch = patch.validate()?;
-    match state.store.update(&id, &patch).await? {
-        Some(product) => Ok(axum::Json(product).into_response()),
-        None => Err(AppError::not_found(format!("no product with id {id:?}"))),
-    }
+    let Some(row) = state.store.update(&id, &patch).await? else {
+        return Err(AppError::not_found(format!("no product with id {id:?}")));
+    };
+    let product = row.product.clone();
+    Ok(match state.catalogue.apply([row], Source::Write).pop() {
+        Some(entry) => entry.representation().with_status(StatusCode::OK),
+        None => axum::Json(product).into_response(),
+    })
 }
 
 /// Reserve stock for an order (internal; idempotent by `id`).
@@ -252,7 +291,9 @@ async fn reserve(
         Ok(Reserved {
             reservation,
             created,
+            changed,
         }) => {
+            state.catalogue.apply(changed, Source::Write);
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -285,7 +326,8 @@ async fn reserve(
 /// released before, or never existed (its id is then closed against a late reserve).
 async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<StatusCode> {
     validate::id("id", &id)?;
-    if state.store.release(&id).await? == Release::Released {
+    if let Release::Released(changed) = state.store.release(&id).await? {
+        state.catalogue.apply(changed, Source::Write);
         state.counters.released.inc();
     }
     Ok(StatusCode::NO_CONTENT)

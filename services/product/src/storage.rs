@@ -1,8 +1,10 @@
 //! The product service's storage interface and its SQL implementation, one for both
-//! backends (SQLite and PostgreSQL through `sqlx::Any`).
+//! backends (SQLite and PostgreSQL through `sqlx::Any`). Catalogue reads are served from
+//! memory ([`crate::catalogue`]); every write returns the rows it changed, so the writing
+//! replica's copy is updated at once.
 
 use async_trait::async_trait;
-use shop_platform::{Database, Migrations, Money, PageRequest};
+use shop_platform::{Database, Migrations, Money};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
 
@@ -35,8 +37,8 @@ pub enum StoreError {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Release {
-    /// The units went back to stock.
-    Released,
+    /// The units went back to stock; the products as committed.
+    Released(Vec<ProductRow>),
     AlreadyReleased,
     /// Nothing was held under that id; it is now closed so a late reserve cannot take stock.
     NeverHeld,
@@ -47,14 +49,29 @@ pub enum Release {
 pub struct Reserved {
     pub reservation: Reservation,
     pub created: bool,
+    /// The products whose stock this call took, as committed.
+    pub changed: Vec<ProductRow>,
+}
+
+/// A product as stored: `seq` orders the catalogue, `rev` counts the row's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductRow {
+    pub seq: i64,
+    pub rev: i64,
+    pub product: Product,
 }
 
 #[async_trait]
 pub trait ProductStore: Send + Sync + 'static {
-    async fn list(&self, page: PageRequest) -> Result<Vec<(i64, Product)>, StoreError>;
-    async fn get(&self, id: &str) -> Result<Option<Product>, StoreError>;
-    async fn create(&self, product: &Product) -> Result<(), StoreError>;
-    async fn update(&self, id: &str, patch: &ProductPatch) -> Result<Option<Product>, StoreError>;
+    /// The whole catalogue, in `seq` order.
+    async fn all(&self) -> Result<Vec<ProductRow>, StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<ProductRow>, StoreError>;
+    async fn create(&self, product: &Product) -> Result<ProductRow, StoreError>;
+    async fn update(
+        &self,
+        id: &str,
+        patch: &ProductPatch,
+    ) -> Result<Option<ProductRow>, StoreError>;
     async fn is_empty(&self) -> Result<bool, StoreError>;
     /// Takes every line's units or none, atomically. The caller picks the id, so a retry
     /// finds the reservation it already made instead of taking the stock twice.
@@ -130,6 +147,7 @@ impl SqlProductStore {
                 items: in_request_order(items, lines),
             },
             created: false,
+            changed: Vec::new(),
         }))
     }
 }
@@ -143,38 +161,50 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn product_from_row(row: &AnyRow) -> Result<(i64, Product), sqlx::Error> {
-    Ok((
-        row.try_get("seq")?,
-        Product {
+/// The columns [`product_from_row`] reads, for `concat!` into statements.
+macro_rules! product_columns {
+    () => {
+        "seq, rev, id, name, price_cents, quantity"
+    };
+}
+
+fn product_from_row(row: &AnyRow) -> Result<ProductRow, sqlx::Error> {
+    Ok(ProductRow {
+        seq: row.try_get("seq")?,
+        rev: row.try_get("rev")?,
+        product: Product {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
             price: Money::from_cents(row.try_get("price_cents")?),
             quantity: row.try_get("quantity")?,
         },
-    ))
+    })
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-async fn take_stock(conn: &mut AnyConnection, line: &ReservationLine) -> Result<Money, StoreError> {
+async fn take_stock(
+    conn: &mut AnyConnection,
+    line: &ReservationLine,
+) -> Result<ProductRow, StoreError> {
     // The condition makes the check and the decrement one atomic step: SQLite runs one
     // writer at a time, and PostgreSQL re-checks the condition on the row version left
     // by a concurrent writer before updating.
-    let taken = sqlx::query(
-        "UPDATE products SET quantity = quantity - $1, updated_at = $3
+    let taken = sqlx::query(concat!(
+        "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
          WHERE id = $2 AND quantity >= $1
-         RETURNING price_cents",
-    )
+         RETURNING ",
+        product_columns!()
+    ))
     .bind(line.quantity)
     .bind(&line.product_id)
     .bind(now())
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = taken {
-        return Ok(Money::from_cents(row.try_get("price_cents")?));
+        return Ok(product_from_row(&row)?);
     }
     let available: Option<i64> = sqlx::query_scalar("SELECT quantity FROM products WHERE id = $1")
         .bind(&line.product_id)
@@ -192,13 +222,12 @@ async fn take_stock(conn: &mut AnyConnection, line: &ReservationLine) -> Result<
 
 #[async_trait]
 impl ProductStore for SqlProductStore {
-    async fn list(&self, page: PageRequest) -> Result<Vec<(i64, Product)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, id, name, price_cents, quantity FROM products
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(page.after)
-        .bind(page.fetch_limit())
+    async fn all(&self) -> Result<Vec<ProductRow>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            product_columns!(),
+            " FROM products ORDER BY seq"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -207,31 +236,32 @@ impl ProductStore for SqlProductStore {
             .collect::<Result<_, _>>()?)
     }
 
-    async fn get(&self, id: &str) -> Result<Option<Product>, StoreError> {
-        let row =
-            sqlx::query("SELECT seq, id, name, price_cents, quantity FROM products WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row
-            .as_ref()
-            .map(product_from_row)
-            .transpose()?
-            .map(|(_, p)| p))
+    async fn get(&self, id: &str) -> Result<Option<ProductRow>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            product_columns!(),
+            " FROM products WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(product_from_row).transpose()?)
     }
 
-    async fn create(&self, product: &Product) -> Result<(), StoreError> {
+    async fn create(&self, product: &Product) -> Result<ProductRow, StoreError> {
         let now = now();
-        sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO products (id, name, price_cents, quantity, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $5)",
-        )
+             VALUES ($1, $2, $3, $4, $5, $5)
+             RETURNING ",
+            product_columns!()
+        ))
         .bind(&product.id)
         .bind(&product.name)
         .bind(product.price.cents())
         .bind(product.quantity)
         .bind(now)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|err| {
             if is_unique_violation(&err) {
@@ -240,19 +270,25 @@ impl ProductStore for SqlProductStore {
                 err.into()
             }
         })?;
-        Ok(())
+        Ok(product_from_row(&row)?)
     }
 
-    async fn update(&self, id: &str, patch: &ProductPatch) -> Result<Option<Product>, StoreError> {
-        let row = sqlx::query(
+    async fn update(
+        &self,
+        id: &str,
+        patch: &ProductPatch,
+    ) -> Result<Option<ProductRow>, StoreError> {
+        let row = sqlx::query(concat!(
             "UPDATE products SET
                 name = COALESCE($2, name),
                 price_cents = COALESCE($3, price_cents),
                 quantity = COALESCE($4, quantity),
+                rev = rev + 1,
                 updated_at = $5
              WHERE id = $1
-             RETURNING seq, id, name, price_cents, quantity",
-        )
+             RETURNING ",
+            product_columns!()
+        ))
         .bind(id)
         .bind(patch.name.as_deref())
         .bind(patch.price.map(Money::cents))
@@ -260,11 +296,7 @@ impl ProductStore for SqlProductStore {
         .bind(now())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row
-            .as_ref()
-            .map(product_from_row)
-            .transpose()?
-            .map(|(_, p)| p))
+        Ok(row.as_ref().map(product_from_row).transpose()?)
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
@@ -289,14 +321,16 @@ impl ProductStore for SqlProductStore {
         ordered.sort_by(|a, b| a.product_id.cmp(&b.product_id));
         let mut tx = self.pool.begin().await?;
         let mut items = Vec::with_capacity(lines.len());
+        let mut changed = Vec::with_capacity(lines.len());
         for line in ordered {
             // An error returns early; dropping `tx` rolls every earlier line back.
-            let unit_price = take_stock(&mut tx, line).await?;
+            let row = take_stock(&mut tx, line).await?;
             items.push(ReservedLine {
                 product_id: line.product_id.clone(),
                 quantity: line.quantity,
-                unit_price,
+                unit_price: row.product.price,
             });
+            changed.push(row);
         }
         let inserted = sqlx::query(
             "INSERT INTO reservations (id, order_id, status, created_at) VALUES ($1, $2, 'held', $3)",
@@ -335,6 +369,7 @@ impl ProductStore for SqlProductStore {
                 items: in_request_order(items, lines),
             },
             created: true,
+            changed,
         })
     }
 
@@ -357,18 +392,26 @@ impl ProductStore for SqlProductStore {
                 .fetch_all(&mut *tx)
                 .await?;
                 let now = now();
+                let mut changed = Vec::with_capacity(items.len());
                 for (product_id, quantity) in items {
-                    sqlx::query(
-                        "UPDATE products SET quantity = quantity + $1, updated_at = $3 WHERE id = $2",
-                    )
+                    let row = sqlx::query(concat!(
+                        "UPDATE products SET quantity = quantity + $1, rev = rev + 1, updated_at = $3
+                         WHERE id = $2
+                         RETURNING ",
+                        product_columns!()
+                    ))
                     .bind(quantity)
                     .bind(product_id)
                     .bind(&now)
-                    .execute(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                    // Products are never deleted; should one be, the release still stands.
+                    if let Some(row) = row {
+                        changed.push(product_from_row(&row)?);
+                    }
                 }
                 tx.commit().await?;
-                return Ok(Release::Released);
+                return Ok(Release::Released(changed));
             }
             // Not held: close the id, unless it exists already.
             let closed = sqlx::query(

@@ -9,7 +9,7 @@ use shop_platform::server::stack;
 use shop_platform::testing::{Backend, TestBody, TestDatabase, TestResponse, call};
 use shop_platform::{Metrics, ServerConfig};
 use shop_product::storage::MIGRATIONS;
-use shop_product::{AppState, SqlProductStore, app, seed_demo_products};
+use shop_product::{AppState, Catalogue, SqlProductStore, app, seed_demo_products};
 
 struct Harness {
     router: Router,
@@ -23,8 +23,9 @@ impl Harness {
         let store = Arc::new(SqlProductStore::new(&database));
         seed_demo_products(store.as_ref()).await.unwrap();
         let metrics = Metrics::new("product");
+        let catalogue = Arc::new(Catalogue::load(store.as_ref(), &metrics).await.unwrap());
         let router = stack(
-            app(AppState::new(store, &metrics))
+            app(AppState::new(store, catalogue, &metrics))
                 .layer(axum::Extension(shop_platform::Authenticator::demo())),
             &ServerConfig::ephemeral(),
             metrics,

@@ -158,6 +158,7 @@ fn help_documents_every_variable() {
         "DATA_DIR",
         "DATABASE_URL",
         "SEED_PRODUCTS",
+        "CATALOGUE_RESYNC",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -28,6 +28,7 @@ impl Peers {
             server: ServerConfig::ephemeral(),
             storage: product_dir.storage(),
             seed_products: true,
+            catalogue_resync: std::time::Duration::from_secs(1),
             auth: AuthConfig::demo(),
         })
         .await

@@ -1,0 +1,157 @@
+//! Responses rendered once and served many times, with a strong validator.
+//!
+//! A [`Representation`] is a JSON body with an `ETag` derived from its bytes (SHA-256), so
+//! every replica holding the same data hands out the same tag, and a client or the
+//! gateway's cache revalidating with `If-None-Match` gets a bodiless 304 from any of them.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use headers::{ETag, HeaderMapExt, IfNoneMatch};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Debug)]
+pub struct Representation {
+    body: Bytes,
+    etag: ETag,
+    etag_value: HeaderValue,
+}
+
+impl Representation {
+    /// A JSON body; its tag is computed from the bytes.
+    pub fn json(body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        let tag = tag_of([body.as_ref()]);
+        Self::with_tag(body, &tag)
+    }
+
+    /// A JSON body whose tag the caller derived from what the body is made of (for
+    /// example the tags of the items a page lists), to avoid hashing large bodies.
+    pub fn json_tagged(body: impl Into<Bytes>, tag: &str) -> Self {
+        Self::with_tag(body.into(), tag)
+    }
+
+    fn with_tag(body: Bytes, tag: &str) -> Self {
+        let quoted = format!("\"{tag}\"");
+        Self {
+            body,
+            etag: quoted.parse().expect("hex digits make a valid entity tag"),
+            etag_value: HeaderValue::try_from(quoted).expect("hex digits are ASCII"),
+        }
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The quoted entity tag, as sent in `ETag`.
+    pub fn etag(&self) -> &HeaderValue {
+        &self.etag_value
+    }
+
+    /// Does `If-None-Match` in `request` name this representation (or `*`)? Comparison is
+    /// weak, as RFC 9110 section 13.1.2 requires for this header.
+    pub fn is_current_for(&self, request: &HeaderMap) -> bool {
+        request
+            .typed_get::<IfNoneMatch>()
+            .is_some_and(|condition| !condition.precondition_passes(&self.etag))
+    }
+
+    /// 200 with the body and its `ETag`, or 304 with only the tag when the request's
+    /// `If-None-Match` already names it.
+    pub fn respond_to(&self, request: &HeaderMap) -> Response {
+        if self.is_current_for(request) {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+                .headers_mut()
+                .insert(header::ETAG, self.etag_value.clone());
+            response
+        } else {
+            self.with_status(StatusCode::OK)
+        }
+    }
+
+    /// The whole body with `status` (201 for a created resource, say) and its `ETag`.
+    pub fn with_status(&self, status: StatusCode) -> Response {
+        let mut response = Response::new(Body::from(self.body.clone()));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::ETAG, self.etag_value.clone());
+        response
+    }
+}
+
+/// A short hex digest (128 bits of SHA-256) of the given parts, in order.
+pub fn tag_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(if_none_match: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in if_none_match {
+            headers.append(header::IF_NONE_MATCH, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn the_tag_follows_the_bytes() {
+        let a = Representation::json(&b"{\"id\":\"1\"}"[..]);
+        let same = Representation::json(&b"{\"id\":\"1\"}"[..]);
+        let other = Representation::json(&b"{\"id\":\"2\"}"[..]);
+        assert_eq!(a.etag(), same.etag());
+        assert_ne!(a.etag(), other.etag());
+        let tag = a.etag().to_str().unwrap();
+        assert!(
+            tag.starts_with('"') && tag.ends_with('"') && tag.len() == 34,
+            "{tag}"
+        );
+    }
+
+    #[test]
+    fn if_none_match_is_compared_weakly_and_as_a_list() {
+        let r = Representation::json(&b"[]"[..]);
+        let tag = r.etag().to_str().unwrap().to_owned();
+        assert!(r.is_current_for(&request(&[&tag])));
+        assert!(r.is_current_for(&request(&[&format!("W/{tag}")])));
+        assert!(r.is_current_for(&request(&[&format!("\"x\", {tag}")])));
+        assert!(r.is_current_for(&request(&["\"x\"", &tag])));
+        assert!(r.is_current_for(&request(&["*"])));
+        assert!(!r.is_current_for(&request(&["\"x\""])));
+        assert!(!r.is_current_for(&request(&[])));
+        // An unquoted tag is not a tag: the condition is ignored, the body sent.
+        assert!(!r.is_current_for(&request(&[tag.trim_matches('"')])));
+    }
+
+    #[test]
+    fn a_matching_request_gets_304_without_a_body() {
+        let r = Representation::json(&b"[1]"[..]);
+        let tag = r.etag().to_str().unwrap().to_owned();
+        let hit = r.respond_to(&request(&[&tag]));
+        assert_eq!(hit.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(hit.headers()[header::ETAG], tag.as_str());
+        assert!(hit.headers().get(header::CONTENT_TYPE).is_none());
+        let miss = r.respond_to(&request(&["\"old\""]));
+        assert_eq!(miss.status(), StatusCode::OK);
+        assert_eq!(miss.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(miss.headers()[header::ETAG], tag.as_str());
+        let created = r.with_status(StatusCode::CREATED);
+        assert_eq!(created.status(), StatusCode::CREATED);
+        assert_eq!(created.headers()[header::ETAG], tag.as_str());
+    }
+}
