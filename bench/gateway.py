@@ -117,7 +117,8 @@ def parse_wrk(text):
 
 def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=None):
     """One wrk run. CPU per request and peak RSS are summed over `proxy_pid`'s process tree,
-    or over each process of `measured` (name -> pid), reported per name in `rss_by`."""
+    or over each process of `measured` (name -> pid), reported per name in `cpu_by` and
+    `rss_by`."""
     cmd = ["wrk", "-t2", f"-c{connections or args.connections}", f"-d{args.duration}s", "--latency"]
     if script:
         cmd += ["-s", script]
@@ -127,6 +128,7 @@ def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=N
     groups = {name: tree(pid) for name, pid in (measured or ({"proxy": proxy_pid} if proxy_pid else {})).items()}
     pids = [p for group in groups.values() for p in group]
     before = cpu_ticks(pids)
+    before_by = {name: cpu_ticks(group) for name, group in groups.items()}
     peaks = {name: rss_kib(group) for name, group in groups.items()}
     peak = rss_kib(pids)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -142,6 +144,8 @@ def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=N
         result["cpu_us"] = ticks / TICKS * 1e6 / max(result["requests"], 1)
         result["rss_mib"] = peak / 1024
         result["rss_by"] = {name: kib / 1024 for name, kib in peaks.items()}
+        result["cpu_by"] = {name: (cpu_ticks(group) - before_by[name]) / TICKS * 1e6 / max(result["requests"], 1)
+                            for name, group in groups.items()}
     return result
 
 

@@ -290,6 +290,11 @@ def report(args, results):
         extra = f"  stock gap {runs[0]['stock_gap']}" if "stock_gap" in runs[0] else ""
         print(f"{name:14} {med(runs, 'rps'):9.0f} {med(runs, 'p50'):7.2f} {med(runs, 'p99'):7.2f} "
               f"{sum(r['non2xx'] for r in runs):8} {med(runs, 'cpu_us'):11.1f}  {rss}{extra}")
+    print("\nCPU us/req by process (medians):")
+    for name, runs in results.items():
+        if name != "idle" and len(runs[0].get("cpu_by", {})) > 1:
+            by = ", ".join(f"{k} {statistics.median(r['cpu_by'][k] for r in runs):.1f}" for k in runs[0]["cpu_by"])
+            print(f"  {name:14} {by}")
     print("\nidle RSS MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in results["idle"].items()))
 
     def ratio(a, b, what="rps"):

@@ -58,11 +58,11 @@ pub(crate) async fn observe(
     let _in_flight = InFlight(&observer.metrics.in_flight);
 
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    // A clone of the router's own `Arc<str>`: no allocation per request.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched
+        .as_ref()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     let request_id = req
         .headers()
         .get(REQUEST_ID)
@@ -73,7 +73,7 @@ pub(crate) async fn observe(
         });
     req.headers_mut().insert(REQUEST_ID, request_id.clone());
 
-    let quiet = QUIET_ROUTES.contains(&route.as_str());
+    let quiet = QUIET_ROUTES.contains(&route);
     let span = if quiet {
         tracing::Span::none()
     } else {
@@ -90,7 +90,10 @@ pub(crate) async fn observe(
             trace_id = Empty,
             span_id = Empty,
         );
-        telemetry::continue_trace(&span, req.headers());
+        // A span the log filter turned off has no trace to continue.
+        if !span.is_disabled() {
+            telemetry::continue_trace(&span, req.headers());
+        }
         span
     };
 
@@ -112,7 +115,7 @@ pub(crate) async fn observe(
     let elapsed = started.elapsed();
     observer.metrics.observe_request(
         crate::metrics::method_label(&method),
-        &route,
+        route,
         status.as_u16(),
         elapsed,
     );

@@ -19,15 +19,25 @@ use crate::catalogue::{Catalogue, Source};
 use crate::domain::{NewProduct, Product, ProductPatch, Reservation, ReservationRequest};
 use crate::storage::{ProductStore, Release, Reserved, StoreError};
 
+/// Cloned for every request by the router: one reference count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub store: Arc<dyn ProductStore>,
     /// What reads are answered from; writes go to `store` and then here.
     pub catalogue: Arc<Catalogue>,
     counters: Counters,
 }
 
-#[derive(Clone)]
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 struct Counters {
     created: IntCounter,
     reservations: IntCounterVec,
@@ -36,7 +46,7 @@ struct Counters {
 
 impl AppState {
     pub fn new(store: Arc<dyn ProductStore>, catalogue: Arc<Catalogue>, metrics: &Metrics) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             store,
             catalogue,
             counters: Counters {
@@ -51,7 +61,7 @@ impl AppState {
                     "Reservations whose units were given back.",
                 ),
             },
-        }
+        }))
     }
 }
 
