@@ -74,6 +74,7 @@ pub trait OrderStore: Send + Sync + 'static {
 
 pub struct SqlOrderStore {
     pool: AnyPool,
+    writer: AnyPool,
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -84,6 +85,7 @@ impl SqlOrderStore {
     pub fn new(db: &Database) -> Self {
         Self {
             pool: db.pool().clone(),
+            writer: db.writer().clone(),
         }
     }
 
@@ -139,7 +141,7 @@ impl OrderStore for SqlOrderStore {
         .bind(&checkout.reservation_id)
         .bind(&checkout.order_id)
         .bind(checkout.started_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -149,7 +151,7 @@ impl OrderStore for SqlOrderStore {
         order: &Order,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // First statement is a write, so SQLite takes its write lock up front.
         let claimed =
             sqlx::query("DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'")
@@ -221,7 +223,7 @@ impl OrderStore for SqlOrderStore {
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM checkouts WHERE reservation_id = $1")
             .bind(reservation_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -232,7 +234,7 @@ impl OrderStore for SqlOrderStore {
              RETURNING reservation_id",
         )
         .bind(started_before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?)
     }
 

@@ -193,13 +193,25 @@ impl StorageConfig {
         migrate(&mut conn, backend, migrations, lock_file).await?;
         conn.close().await?;
 
-        let pool = AnyPoolOptions::new()
-            .max_connections(self.max_connections)
-            .acquire_timeout(self.acquire_timeout)
-            .after_connect(move |conn, _| session.prepare(conn, true))
-            .connect_lazy_with(options.clone());
+        let pool_of = |size: u32| {
+            AnyPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(self.acquire_timeout)
+                .after_connect(move |conn, _| session.prepare(conn, true))
+                .connect_lazy_with(options.clone())
+        };
+        let pool = pool_of(self.max_connections);
+        // SQLite lets one connection write at a time, and a writer that finds the lock
+        // taken polls for it with growing sleeps (busy_timeout): under concurrent writes
+        // that, not the work, sets the latency. One writing connection per process turns
+        // the contention into the pool's first-come queue.
+        let writer = match backend {
+            Backend::Sqlite => pool_of(1),
+            Backend::Postgres => pool.clone(),
+        };
         Ok(Database {
             pool,
+            writer,
             backend,
             connect: Arc::new(Connect { url, options }),
         })
@@ -318,6 +330,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
 #[derive(Clone)]
 pub struct Database {
     pool: AnyPool,
+    writer: AnyPool,
     backend: Backend,
     connect: Arc<Connect>,
 }
@@ -339,8 +352,16 @@ impl std::fmt::Debug for Database {
 }
 
 impl Database {
+    /// For reads, and for writes on PostgreSQL.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// For transactions that write: on SQLite a pool of one connection, so this
+    /// process's writers queue instead of polling for the database's write lock; on
+    /// PostgreSQL the same pool as [`Database::pool`].
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     pub fn backend(&self) -> Backend {
@@ -357,6 +378,7 @@ impl Database {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await
     }
 
@@ -369,7 +391,9 @@ impl Database {
     /// - SQLite: [`WatchEvent::Resync`] when `PRAGMA data_version`, checked every
     ///   `resync_every`, shows a commit by any other connection.
     pub fn watch(&self, channel: &'static str, resync_every: Duration) -> Watch {
-        let mut interval = tokio::time::interval(resync_every);
+        // The first tick one period from now: the caller has just read what it keeps.
+        let mut interval =
+            tokio::time::interval_at(tokio::time::Instant::now() + resync_every, resync_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let source = match self.backend {
             Backend::Postgres => {

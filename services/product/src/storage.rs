@@ -87,12 +87,14 @@ pub trait ProductStore: Send + Sync + 'static {
 
 pub struct SqlProductStore {
     pool: AnyPool,
+    writer: AnyPool,
 }
 
 impl SqlProductStore {
     pub fn new(db: &Database) -> Self {
         Self {
             pool: db.pool().clone(),
+            writer: db.writer().clone(),
         }
     }
 
@@ -261,7 +263,7 @@ impl ProductStore for SqlProductStore {
         .bind(product.price.cents())
         .bind(product.quantity)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await
         .map_err(|err| {
             if is_unique_violation(&err) {
@@ -294,7 +296,7 @@ impl ProductStore for SqlProductStore {
         .bind(patch.price.map(Money::cents))
         .bind(patch.quantity)
         .bind(now())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         Ok(row.as_ref().map(product_from_row).transpose()?)
     }
@@ -319,7 +321,7 @@ impl ProductStore for SqlProductStore {
         // sharing products cannot deadlock each other.
         let mut ordered: Vec<&ReservationLine> = lines.iter().collect();
         ordered.sort_by(|a, b| a.product_id.cmp(&b.product_id));
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut items = Vec::with_capacity(lines.len());
         let mut changed = Vec::with_capacity(lines.len());
         for line in ordered {
@@ -375,7 +377,7 @@ impl ProductStore for SqlProductStore {
 
     async fn release(&self, reservation_id: &str) -> Result<Release, StoreError> {
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.writer.begin().await?;
             let flipped = sqlx::query(
                 "UPDATE reservations SET status = 'released' WHERE id = $1 AND status = 'held'",
             )

@@ -239,6 +239,14 @@ async fn a_lost_notification_is_made_good_by_the_re_read_and_by_reconnecting() {
     let listening_only = replica(db.storage(), NEVER).await;
     let c = Client::new();
     let mut psql = sqlx::PgConnection::connect(&url).await.unwrap();
+    // Once an announced change reaches it, the replica's listener is up and its
+    // start-up re-read done: from then on only a re-read brings an unannounced edit.
+    let (status, body) = c.patch(&resyncing, "2", json!({"name": "Mouse 2"})).await;
+    assert_eq!(status, 200, "{body}");
+    c.wait_for(&listening_only, "2", Duration::from_secs(5), |p| {
+        p["name"] == "Mouse 2"
+    })
+    .await;
 
     let unannounced = |name: &'static str| {
         format!(

@@ -59,12 +59,14 @@ pub struct LoginRecord {
 
 pub struct SqlUserStore {
     pool: AnyPool,
+    writer: AnyPool,
 }
 
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
         Self {
             pool: db.pool().clone(),
+            writer: db.writer().clone(),
         }
     }
 }
@@ -81,7 +83,7 @@ impl UserStore for SqlUserStore {
         .bind(password_hash)
         .bind(&user.created_at)
         .bind(user.role.as_str())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|err| match &err {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
@@ -152,7 +154,7 @@ impl UserStore for SqlUserStore {
     async fn make_admin(&self, email: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE users SET role = 'admin' WHERE email = $1")
             .bind(email)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -197,13 +199,13 @@ impl UserStore for SqlUserStore {
             .bind(*key)
             .bind(now)
             .bind(window_start_after)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         }
         // Expired windows are dead weight; a failure is a fine moment to sweep them.
         sqlx::query("DELETE FROM login_failures WHERE window_start <= $1")
             .bind(window_start_after)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -211,7 +213,7 @@ impl UserStore for SqlUserStore {
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM login_failures WHERE key = $1")
             .bind(key)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
