@@ -46,16 +46,15 @@ import gateway as bench  # noqa: E402  (the shared wrk, process and seed helpers
 ROOT = bench.ROOT
 SERVICES = ("product", "user", "order", "gateway")
 
-# One order per request: a counter per wrk thread makes every Idempotency-Key unique.
+# One order per request: every Idempotency-Key unique. A kernel UUID per wrk thread and
+# invocation, then a counter: keys repeated by a later run would be answered from the
+# stored response (idempotent replays, no stock taken) and inflate the figures.
 ORDER_LUA = """
-local threads = 0
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
 function init(args)
   n = 0
-  prefix = "bench-%(run)s-" .. tid .. "-"
+  local f = io.open("/proc/sys/kernel/random/uuid")
+  prefix = "bench-%(run)s-" .. f:read("*l") .. "-"
+  f:close()
 end
 function request()
   n = n + 1
@@ -212,7 +211,11 @@ def orders(args, work, results, backend, database_urls=None):
         for r in runs:
             r["stock_gap"] = taken - stored
         results[f"orders-{backend}"] = runs
-        print(f"  {backend}: {stored} units in stored orders, {taken} taken from stock", flush=True)
+        measured = sum(r["requests"] for r in runs)
+        print(f"  {backend}: {stored} units in stored orders, {taken} taken from stock; "
+              f"{measured} measured requests (one unit each, plus the warm-up's)", flush=True)
+        if stored < measured:
+            raise SystemExit(f"{backend}: fewer orders stored than requests measured: replays were counted")
     finally:
         stack.stop()
 
@@ -290,6 +293,12 @@ def report(args, results):
         extra = f"  stock gap {runs[0]['stock_gap']}" if "stock_gap" in runs[0] else ""
         print(f"{name:14} {med(runs, 'rps'):9.0f} {med(runs, 'p50'):7.2f} {med(runs, 'p99'):7.2f} "
               f"{sum(r['non2xx'] for r in runs):8} {med(runs, 'cpu_us'):11.1f}  {rss}{extra}")
+    print("\nreq/s of each run, in order: " + "; ".join(
+        f"{name} " + "/".join(f"{r['rps']:.0f}" for r in runs) for name, runs in results.items() if name != "idle"))
+    for name, runs in results.items():
+        if name != "idle":
+            for r in runs:
+                print("   ", name, f"{r['rps']:.0f}", {k: round(v) for k, v in r.get("cpu_by", {}).items()}, r["p50"], r["p99"])
     print("\nCPU us/req by process (medians):")
     for name, runs in results.items():
         if name != "idle" and len(runs[0].get("cpu_by", {})) > 1:
