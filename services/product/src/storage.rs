@@ -4,7 +4,7 @@
 //! replica's copy is updated at once.
 
 use async_trait::async_trait;
-use shop_platform::{Database, Migrations, Money};
+use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
 
@@ -88,6 +88,7 @@ pub trait ProductStore: Send + Sync + 'static {
 pub struct SqlProductStore {
     pool: AnyPool,
     writer: AnyPool,
+    backend: Backend,
 }
 
 impl SqlProductStore {
@@ -95,6 +96,7 @@ impl SqlProductStore {
         Self {
             pool: db.pool().clone(),
             writer: db.writer().clone(),
+            backend: db.backend(),
         }
     }
 
@@ -187,24 +189,70 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// Takes one line's units and records them under reservation `id`.
+///
+/// The condition makes the check and the decrement one atomic step: SQLite runs one
+/// writer at a time, and PostgreSQL re-checks the condition on the row version left by a
+/// concurrent writer before updating. From here to the commit the product's row stays
+/// locked, so every order for that product waits on it: on PostgreSQL the decrement
+/// and the line's record are one statement, one round trip.
 async fn take_stock(
     conn: &mut AnyConnection,
+    backend: Backend,
+    id: &str,
     line: &ReservationLine,
 ) -> Result<ProductRow, StoreError> {
-    // The condition makes the check and the decrement one atomic step: SQLite runs one
-    // writer at a time, and PostgreSQL re-checks the condition on the row version left
-    // by a concurrent writer before updating.
-    let taken = sqlx::query(concat!(
-        "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
-         WHERE id = $2 AND quantity >= $1
-         RETURNING ",
-        product_columns!()
-    ))
-    .bind(line.quantity)
-    .bind(&line.product_id)
-    .bind(now())
-    .fetch_optional(&mut *conn)
-    .await?;
+    let taken = match backend {
+        Backend::Postgres => {
+            sqlx::query(concat!(
+                "WITH taken AS (
+                    UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
+                    WHERE id = $2 AND quantity >= $1
+                    RETURNING ",
+                product_columns!(),
+                "), held AS (
+                    INSERT INTO reservation_items
+                        (reservation_id, product_id, quantity, unit_price_cents)
+                    SELECT $4, id, $1, price_cents FROM taken)
+                SELECT ",
+                product_columns!(),
+                " FROM taken"
+            ))
+            .bind(line.quantity)
+            .bind(&line.product_id)
+            .bind(now())
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+        Backend::Sqlite => {
+            let taken = sqlx::query(concat!(
+                "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
+                 WHERE id = $2 AND quantity >= $1
+                 RETURNING ",
+                product_columns!()
+            ))
+            .bind(line.quantity)
+            .bind(&line.product_id)
+            .bind(now())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = &taken {
+                sqlx::query(
+                    "INSERT INTO reservation_items
+                        (reservation_id, product_id, quantity, unit_price_cents)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(id)
+                .bind(&line.product_id)
+                .bind(line.quantity)
+                .bind(row.try_get::<i64, _>("price_cents")?)
+                .execute(&mut *conn)
+                .await?;
+            }
+            taken
+        }
+    };
     if let Some(row) = taken {
         return Ok(product_from_row(&row)?);
     }
@@ -322,18 +370,8 @@ impl ProductStore for SqlProductStore {
         let mut ordered: Vec<&ReservationLine> = lines.iter().collect();
         ordered.sort_by(|a, b| a.product_id.cmp(&b.product_id));
         let mut tx = self.writer.begin().await?;
-        let mut items = Vec::with_capacity(lines.len());
-        let mut changed = Vec::with_capacity(lines.len());
-        for line in ordered {
-            // An error returns early; dropping `tx` rolls every earlier line back.
-            let row = take_stock(&mut tx, line).await?;
-            items.push(ReservedLine {
-                product_id: line.product_id.clone(),
-                quantity: line.quantity,
-                unit_price: row.product.price,
-            });
-            changed.push(row);
-        }
+        // The reservation first: a concurrent call under the same id stops here before
+        // taking any stock, and product rows are locked only for the statements after.
         let inserted = sqlx::query(
             "INSERT INTO reservations (id, order_id, status, created_at) VALUES ($1, $2, 'held', $3)",
         )
@@ -350,17 +388,17 @@ impl ProductStore for SqlProductStore {
             }
             return Err(err.into());
         }
-        for item in &items {
-            sqlx::query(
-                "INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(id)
-            .bind(&item.product_id)
-            .bind(item.quantity)
-            .bind(item.unit_price.cents())
-            .execute(&mut *tx)
-            .await?;
+        let mut items = Vec::with_capacity(lines.len());
+        let mut changed = Vec::with_capacity(lines.len());
+        for line in ordered {
+            // An error returns early; dropping `tx` rolls every earlier line back.
+            let row = take_stock(&mut tx, self.backend, id, line).await?;
+            items.push(ReservedLine {
+                product_id: line.product_id.clone(),
+                quantity: line.quantity,
+                unit_price: row.product.price,
+            });
+            changed.push(row);
         }
         tx.commit().await?;
         Ok(Reserved {
