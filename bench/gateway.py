@@ -82,13 +82,15 @@ def cpu_ticks(pids):
     return total
 
 
-def rss_kib(pids):
+def rss_kib(pids, field="VmRSS"):
+    """Resident memory summed over `pids`; `field` RssAnon counts only the processes' own
+    anonymous memory, without the (shared, reclaimable) pages of their binaries."""
     total = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1])
         except OSError:
             pass

@@ -45,6 +45,7 @@ import gateway as bench  # noqa: E402  (the shared wrk, process and seed helpers
 
 ROOT = bench.ROOT
 SERVICES = ("product", "user", "order", "gateway")
+IDLE = ("idle", "idle_anon")  # keys of results that are not scenarios
 
 # One order per request: every Idempotency-Key unique. A kernel UUID per wrk thread and
 # invocation, then a counter: keys repeated by a later run would be answered from the
@@ -122,9 +123,9 @@ class Stack:
         self.start("order")
         self.start("gateway", GATEWAY_WORKERS="2")
 
-    def idle_rss(self):
+    def idle_rss(self, field="VmRSS"):
         time.sleep(1)
-        return {s: bench.rss_kib(bench.tree(pid)) / 1024 for s, pid in self.pids.items()}
+        return {s: bench.rss_kib(bench.tree(pid), field) / 1024 for s, pid in self.pids.items()}
 
     def stop(self):
         self.svc.stop()
@@ -146,6 +147,7 @@ def reads(args, work, results):
             bench.wait_port(8081)
             time.sleep(1)
             results["idle"]["seed-product"] = bench.rss_kib([proc.pid]) / 1024
+            results["idle_anon"]["seed-product"] = bench.rss_kib([proc.pid], "RssAnon") / 1024
             results["seed-list"] = measure("http://127.0.0.1:8081/products", args, {"product": proc.pid})
             results["seed-one"] = measure("http://127.0.0.1:8081/product?id=1", args, {"product": proc.pid})
         finally:
@@ -155,6 +157,7 @@ def reads(args, work, results):
         stack.start("product")
         stack.start("gateway", GATEWAY_WORKERS="2")
         results["idle"].update({s: v for s, v in stack.idle_rss().items()})
+        results["idle_anon"].update({s: v for s, v in stack.idle_rss("RssAnon").items()})
         product = {"product": stack.pids["product"]}
         both = {"gateway": stack.pids["gateway"], "product": stack.pids["product"]}
         if "direct" in args.groups:
@@ -183,6 +186,7 @@ def orders(args, work, results, backend, database_urls=None):
     try:
         stack.start_all()
         results["idle"].update({f"{s} ({backend})": v for s, v in stack.idle_rss().items()})
+        results["idle_anon"].update({f"{s} ({backend})": v for s, v in stack.idle_rss("RssAnon").items()})
         gw = stack.url("gateway")
         admin = http("POST", f"{gw}/api/v1/auth/login", {"email": "admin@shop.local", "password": stack.admin_password})
         stock = 1_000_000_000
@@ -263,7 +267,7 @@ def main():
             sys.exit("port 8081 is in use; the seed's product service needs it")
 
     work = tempfile.mkdtemp(prefix="services-bench-")
-    results = {"idle": {}}
+    results = {"idle": {}, "idle_anon": {}}
     pg_dir = None
     try:
         if "seed" in args.groups:
@@ -287,24 +291,25 @@ def report(args, results):
           f"orders at {args.order_connections}")
     print(f"{'scenario':14} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} {'CPU us/req':>11}  peak RSS MiB")
     for name, runs in results.items():
-        if name == "idle":
+        if name in IDLE:
             continue
         rss = ", ".join(f"{k} {v:.1f}" for k, v in runs[len(runs) // 2]["rss_by"].items())
         extra = f"  stock gap {runs[0]['stock_gap']}" if "stock_gap" in runs[0] else ""
         print(f"{name:14} {med(runs, 'rps'):9.0f} {med(runs, 'p50'):7.2f} {med(runs, 'p99'):7.2f} "
               f"{sum(r['non2xx'] for r in runs):8} {med(runs, 'cpu_us'):11.1f}  {rss}{extra}")
     print("\nreq/s of each run, in order: " + "; ".join(
-        f"{name} " + "/".join(f"{r['rps']:.0f}" for r in runs) for name, runs in results.items() if name != "idle"))
+        f"{name} " + "/".join(f"{r['rps']:.0f}" for r in runs) for name, runs in results.items() if name not in IDLE))
     for name, runs in results.items():
-        if name != "idle":
+        if name not in IDLE:
             for r in runs:
                 print("   ", name, f"{r['rps']:.0f}", {k: round(v) for k, v in r.get("cpu_by", {}).items()}, r["p50"], r["p99"])
     print("\nCPU us/req by process (medians):")
     for name, runs in results.items():
-        if name != "idle" and len(runs[0].get("cpu_by", {})) > 1:
+        if name not in IDLE and len(runs[0].get("cpu_by", {})) > 1:
             by = ", ".join(f"{k} {statistics.median(r['cpu_by'][k] for r in runs):.1f}" for k in runs[0]["cpu_by"])
             print(f"  {name:14} {by}")
-    print("\nidle RSS MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in results["idle"].items()))
+    print("\nidle RSS MiB (of which anonymous; the rest is the binary's own file pages, shared and reclaimable): "
+          + ", ".join(f"{k} {v:.1f} ({results['idle_anon'].get(k, 0):.1f})" for k, v in results["idle"].items()))
 
     def ratio(a, b, what="rps"):
         if a in results and b in results:
