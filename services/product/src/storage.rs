@@ -149,7 +149,10 @@ impl SqlProductStore {
             Err(err) if is_unique_violation(&err) => {
                 // A concurrent call under the same id won (or released it first); the
                 // whole statement, stock included, was rolled back.
-                return self.existing(id, &[line.clone()]).await?.ok_or(err.into());
+                return self
+                    .existing(id, std::slice::from_ref(line))
+                    .await?
+                    .ok_or(err.into());
             }
             Err(err) => return Err(err.into()),
         };
