@@ -195,24 +195,24 @@ impl Catalogue {
     }
 
     /// Takes rows from a write, a notification or a lookup: each replaces the entry it
-    /// is newer than. Returns the entries for `rows`' ids as they stand afterwards.
-    pub fn apply(
-        &self,
-        rows: impl IntoIterator<Item = ProductRow>,
-        source: Source,
-    ) -> Vec<Arc<Entry>> {
+    /// is newer than.
+    pub fn apply(&self, rows: impl IntoIterator<Item = ProductRow>, source: Source) {
         let mut state = self.state.write().expect("not poisoned");
-        let mut changed = 0;
-        let mut current = Vec::new();
-        for row in rows {
-            let id = row.product.id.clone();
-            if upsert(&mut state, row, false) {
-                changed += 1;
-            }
-            current.extend(state.by_id.get(&id).cloned());
-        }
+        let changed = rows
+            .into_iter()
+            .map(|row| u64::from(upsert(&mut state, row, false)))
+            .sum();
         self.changed(&mut state, changed, source);
-        current
+    }
+
+    /// [`Catalogue::apply`] for one row; returns the product's entry as it stands
+    /// afterwards (this row's, or a newer one already held).
+    pub fn apply_one(&self, row: ProductRow, source: Source) -> Arc<Entry> {
+        let id = row.product.id.clone();
+        let mut state = self.state.write().expect("not poisoned");
+        let changed = u64::from(upsert(&mut state, row, false));
+        self.changed(&mut state, changed, source);
+        state.by_id[&id].clone()
     }
 
     /// Takes a full re-read of the database as the truth, except where it is older than
@@ -437,7 +437,9 @@ mod tests {
     fn an_older_row_never_replaces_a_newer_one() {
         let c = Catalogue::new(vec![row(1, "a", 1, 10)], &Metrics::new("t"));
         c.apply([row(1, "a", 3, 7)], Source::Write);
-        c.apply([row(1, "a", 2, 8)], Source::Notification);
+        // The entry handed back is the newer one held, not the stale row.
+        let held = c.apply_one(row(1, "a", 2, 8), Source::Notification);
+        assert_eq!(held.product().quantity, 7);
         assert_eq!(quantity(&c, "a"), Some(7));
         // A hand edit keeps the rev: same rev, other values, taken.
         c.apply([row(1, "a", 3, 5)], Source::Notification);

@@ -202,7 +202,7 @@ async fn find(state: &AppState, headers: &HeaderMap, id: &str) -> AppResult<Resp
             .store
             .get(id)
             .await?
-            .and_then(|row| state.catalogue.apply([row], Source::Lookup).pop()),
+            .map(|row| state.catalogue.apply_one(row, Source::Lookup)),
     };
     match entry {
         Some(entry) => Ok(entry.representation().respond_to(headers)),
@@ -231,10 +231,11 @@ async fn create_product(
     let row = state.store.create(&product).await?;
     state.counters.created.inc();
     let location = format!("/products/{}", product.id);
-    let mut response = match state.catalogue.apply([row], Source::Write).pop() {
-        Some(entry) => entry.representation().with_status(StatusCode::CREATED),
-        None => (StatusCode::CREATED, axum::Json(product)).into_response(),
-    };
+    let mut response = state
+        .catalogue
+        .apply_one(row, Source::Write)
+        .representation()
+        .with_status(StatusCode::CREATED);
     if let Ok(location) = header::HeaderValue::try_from(location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -264,11 +265,11 @@ async fn update_product(
     let Some(row) = state.store.update(&id, &patch).await? else {
         return Err(AppError::not_found(format!("no product with id {id:?}")));
     };
-    let product = row.product.clone();
-    Ok(match state.catalogue.apply([row], Source::Write).pop() {
-        Some(entry) => entry.representation().with_status(StatusCode::OK),
-        None => axum::Json(product).into_response(),
-    })
+    Ok(state
+        .catalogue
+        .apply_one(row, Source::Write)
+        .representation()
+        .with_status(StatusCode::OK))
 }
 
 /// Reserve stock for an order (internal; idempotent by `id`).

@@ -17,6 +17,19 @@ macro_rules! product_columns {
     };
 }
 
+/// Takes `$1` units of product `$2` (stamped `$3`) only if that many are in stock; the
+/// condition makes the check and the decrement one atomic step. Returns the row.
+macro_rules! take_units {
+    () => {
+        concat!(
+            "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
+             WHERE id = $2 AND quantity >= $1
+             RETURNING ",
+            product_columns!()
+        )
+    };
+}
+
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: sqlx::migrate!("./migrations/sqlite"),
     postgres: sqlx::migrate!("./migrations/postgres"),
@@ -118,11 +131,8 @@ impl SqlProductStore {
         line: &ReservationLine,
     ) -> Result<Reserved, StoreError> {
         let taken = sqlx::query(concat!(
-            "WITH taken AS (
-                UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
-                WHERE id = $2 AND quantity >= $1
-                RETURNING ",
-            product_columns!(),
+            "WITH taken AS (",
+            take_units!(),
             "), reservation AS (
                 INSERT INTO reservations (id, order_id, status, created_at)
                 SELECT $4, $5, 'held', $3 FROM taken
@@ -254,70 +264,33 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Takes one line's units and records them under reservation `id`.
-///
-/// The condition makes the check and the decrement one atomic step: SQLite runs one
-/// writer at a time, and PostgreSQL re-checks the condition on the row version left by a
-/// concurrent writer before updating. From here to the commit the product's row stays
-/// locked, so every order for that product waits on it: on PostgreSQL the decrement
-/// and the line's record are one statement, one round trip.
+/// Takes one line's units and records them under reservation `id`, inside the caller's
+/// transaction. SQLite runs one writer at a time; PostgreSQL re-checks the condition on
+/// the row version left by a concurrent writer before updating, and keeps the row locked
+/// until the commit.
 async fn take_stock(
     conn: &mut AnyConnection,
-    backend: Backend,
     id: &str,
     line: &ReservationLine,
 ) -> Result<ProductRow, StoreError> {
-    let taken = match backend {
-        Backend::Postgres => {
-            sqlx::query(concat!(
-                "WITH taken AS (
-                    UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
-                    WHERE id = $2 AND quantity >= $1
-                    RETURNING ",
-                product_columns!(),
-                "), held AS (
-                    INSERT INTO reservation_items
-                        (reservation_id, product_id, quantity, unit_price_cents)
-                    SELECT $4, id, $1, price_cents FROM taken)
-                SELECT ",
-                product_columns!(),
-                " FROM taken"
-            ))
-            .bind(line.quantity)
-            .bind(&line.product_id)
-            .bind(now())
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?
-        }
-        Backend::Sqlite => {
-            let taken = sqlx::query(concat!(
-                "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
-                 WHERE id = $2 AND quantity >= $1
-                 RETURNING ",
-                product_columns!()
-            ))
-            .bind(line.quantity)
-            .bind(&line.product_id)
-            .bind(now())
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = &taken {
-                sqlx::query(
-                    "INSERT INTO reservation_items
-                        (reservation_id, product_id, quantity, unit_price_cents)
-                     VALUES ($1, $2, $3, $4)",
-                )
-                .bind(id)
-                .bind(&line.product_id)
-                .bind(line.quantity)
-                .bind(row.try_get::<i64, _>("price_cents")?)
-                .execute(&mut *conn)
-                .await?;
-            }
-            taken
-        }
-    };
+    let taken = sqlx::query(take_units!())
+        .bind(line.quantity)
+        .bind(&line.product_id)
+        .bind(now())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = &taken {
+        sqlx::query(
+            "INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(&line.product_id)
+        .bind(line.quantity)
+        .bind(row.try_get::<i64, _>("price_cents")?)
+        .execute(&mut *conn)
+        .await?;
+    }
     if let Some(row) = taken {
         return Ok(product_from_row(&row)?);
     }
@@ -473,7 +446,7 @@ impl ProductStore for SqlProductStore {
         let mut changed = Vec::with_capacity(lines.len());
         for line in ordered {
             // An error returns early; dropping `tx` rolls every earlier line back.
-            let row = take_stock(&mut tx, self.backend, id, line).await?;
+            let row = take_stock(&mut tx, id, line).await?;
             items.push(ReservedLine {
                 product_id: line.product_id.clone(),
                 quantity: line.quantity,

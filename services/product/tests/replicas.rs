@@ -59,6 +59,33 @@ impl Client {
         self.send(self.http.get(format!("{}{path}", app.url))).await
     }
 
+    async fn get_unless(
+        &self,
+        app: &RunningApp,
+        path: &str,
+        tag: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.send(
+            self.http
+                .get(format!("{}{path}", app.url))
+                .header("if-none-match", tag),
+        )
+        .await
+    }
+
+    async fn create(
+        &self,
+        app: &RunningApp,
+        product: Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.send(
+            self.http
+                .post(format!("{}/products", app.url))
+                .json(&product),
+        )
+        .await
+    }
+
     async fn product(&self, app: &RunningApp, id: &str) -> Value {
         let (status, _, body) = self.get(app, &format!("/products/{id}")).await;
         assert_eq!(status, 200, "{body}");
@@ -145,10 +172,9 @@ async fn the_writing_replica_reads_its_own_writes(backend: Backend) {
     assert_eq!(c.product(&app, "2").await["quantity"], before);
 
     let (status, headers, body) = c
-        .send(
-            c.http
-                .post(format!("{}/products", app.url))
-                .json(&json!({"id": "kb", "name": "Keyboard", "price": 49.9, "quantity": 5})),
+        .create(
+            &app,
+            json!({"id": "kb", "name": "Keyboard", "price": 49.9, "quantity": 5}),
         )
         .await;
     assert_eq!(status, 201, "{body}");
@@ -157,23 +183,11 @@ async fn the_writing_replica_reads_its_own_writes(backend: Backend) {
     assert_eq!(in_listing(&listing, "kb")["name"], "Keyboard");
 
     // The tag moved with the writes; the old one no longer earns a 304.
-    let (status, headers, body) = c
-        .send(
-            c.http
-                .get(format!("{}/products/1", app.url))
-                .header("if-none-match", &first_tag),
-        )
-        .await;
+    let (status, headers, body) = c.get_unless(&app, "/products/1", &first_tag).await;
     assert_eq!(status, 200, "{body}");
     let tag = headers["etag"].to_str().unwrap().to_owned();
     assert_ne!(tag, first_tag);
-    let (status, _, body) = c
-        .send(
-            c.http
-                .get(format!("{}/products/1", app.url))
-                .header("if-none-match", &tag),
-        )
-        .await;
+    let (status, _, body) = c.get_unless(&app, "/products/1", &tag).await;
     assert_eq!((status, body), (304, Value::Null));
     app.stop().await.unwrap();
 }
@@ -220,9 +234,43 @@ async fn another_replica_sees_a_write_promptly(backend: Backend) {
     reader.stop().await.unwrap();
 }
 
+/// A product created on one replica a moment ago is found on another before that one
+/// has heard of it: a miss in memory is looked up in the database, not answered 404.
+async fn a_product_new_to_a_replica_is_looked_up_not_refused(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let writer = replica(db.storage(), NEVER).await;
+    let reader = replica(db.storage(), NEVER).await;
+    let c = Client::new();
+    if backend == Backend::Postgres {
+        // Stop the notifications, so only the look-up can explain a 200.
+        let url = db.storage().database_url.unwrap();
+        let mut psql = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("ALTER TABLE products DISABLE TRIGGER products_announce")
+            .execute(&mut psql)
+            .await
+            .unwrap();
+    }
+    let (status, _, body) = c
+        .create(
+            &writer,
+            json!({"id": "new", "name": "New", "price": 1.5, "quantity": 3}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(c.product(&reader, "new").await["name"], "New");
+    // Now held: the listing has it too, though no re-read ran.
+    let (_, _, listing) = c.get(&reader, "/products").await;
+    assert_eq!(in_listing(&listing, "new")["quantity"], 3);
+    let (status, _, _) = c.get(&reader, "/products/none-such").await;
+    assert_eq!(status, 404);
+    writer.stop().await.unwrap();
+    reader.stop().await.unwrap();
+}
+
 backend_tests!(
     the_writing_replica_reads_its_own_writes,
     another_replica_sees_a_write_promptly,
+    a_product_new_to_a_replica_is_looked_up_not_refused,
 );
 
 /// An edit no notification announces (the trigger switched off, as if the notification
