@@ -1,5 +1,6 @@
-//! Placing an order across services, as a saga: the user must exist, prices come from
-//! the product service, stock is reserved there atomically, and the order is stored here.
+//! Placing an order across services, as a saga: the user must exist, the product
+//! service reserves the stock atomically and says at which prices (the reservation is
+//! the quote, so a price cannot change between the two), and the order is stored here.
 //!
 //! Every step that can leave stock held without an order is covered:
 //! 1. a `checkouts` row is written *before* reserving, under a reservation id chosen here;
@@ -13,6 +14,8 @@
 //!
 //! `Idempotency-Key`: the first response is stored with the order, in the same
 //! transaction; a retry with the same key and body gets it back, a different body 422.
+//! The checkout row is written only if neither the key nor the order id has an order,
+//! so a replay costs no reservation.
 
 use std::time::Duration;
 
@@ -20,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shop_platform::{AppError, Caller, Money, PeerResponse};
 
-use crate::domain::{NewOrder, Order, OrderRequest, price_lines, units};
+use crate::domain::{NewOrder, Order, OrderItem, OrderRequest, price_lines, units};
 use crate::routes::AppState;
-use crate::storage::{Checkout, IdempotencyRecord, StoreError};
+use crate::storage::{Checkout, CheckoutStart, IdempotencyRecord, StoreError};
 
 /// A validated `Idempotency-Key` and the request it came with.
 #[derive(Debug, Clone)]
@@ -63,7 +66,6 @@ pub enum Placed {
 #[derive(Debug, Deserialize)]
 struct PeerProduct {
     name: String,
-    price: Money,
 }
 
 #[derive(Serialize)]
@@ -87,6 +89,10 @@ struct Reservation {
 #[derive(Debug, Deserialize)]
 struct ReservedLine {
     product_id: String,
+    /// Absent from product services older than this field; then it is looked up.
+    #[serde(default)]
+    name: Option<String>,
+    quantity: i64,
     unit_price: Money,
 }
 
@@ -96,95 +102,33 @@ pub async fn place_order(
     request: OrderRequest,
     key: Option<IdempotencyKey>,
 ) -> Result<Placed, AppError> {
-    if let Some(key) = &key
-        && let Some(replay) = replay(state, key).await?
-    {
-        return Ok(replay);
-    }
-    if state.store.exists(&request.id).await? {
-        return Err(order_exists(&request.id));
-    }
-    let user_path = format!("/users/{}", request.user_id);
-    let product_paths: Vec<String> = request
-        .lines
-        .iter()
-        .map(|line| format!("/products/{}", line.product_id))
-        .collect();
-    let (user, products) = tokio::join!(
-        // On the caller's behalf: the user service checks they may see this account.
-        state.users.get_as(&user_path, caller),
-        futures_util::future::join_all(product_paths.iter().map(|p| state.products.get(p))),
-    );
-    match user?.fail_on_server_error()?.status.as_u16() {
-        200 => {}
-        404 => {
-            return Err(AppError::validation(
-                "user_id",
-                format!("no user with id {:?}", request.user_id),
-            ));
-        }
-        // The user service judged the relayed credentials itself and refused them.
-        401 => return Err(shop_platform::auth::TokenError::Invalid.into_app_error()),
-        403 => {
-            return Err(shop_platform::identity::forbidden(
-                "you may not place orders for this user",
-            ));
-        }
-        other => return Err(AppError::unavailable("user", format!("answered {other}"))),
-    }
-
-    let mut priced = Vec::with_capacity(request.lines.len());
-    for (line, response) in request.lines.iter().zip(products) {
-        let response = response?.fail_on_server_error()?;
-        match response.status.as_u16() {
-            200 => {
-                let product: PeerProduct = response.json()?;
-                priced.push((
-                    line.product_id.clone(),
-                    product.name,
-                    line.quantity,
-                    product.price,
-                ));
-            }
-            404 => {
-                return Err(AppError::validation(
-                    line.field.clone(),
-                    format!("no product with id {:?}", line.product_id),
-                ));
-            }
-            other => {
-                return Err(AppError::unavailable(
-                    "product",
-                    format!("answered {other}"),
-                ));
-            }
-        }
-    }
-    let (items, total) = price_lines(&priced)?;
-    if let Some(client_total) = request.client_total
-        && client_total != total
-    {
-        return Err(AppError::validation(
-            "total",
-            format!(
-                "the order costs {total}, not {client_total}; totals are computed by the server"
-            ),
-        ));
-    }
-
     let checkout = Checkout {
         reservation_id: uuid::Uuid::now_v7().to_string(),
         order_id: request.id.clone(),
         started_at_ms: now_ms(),
     };
-    state.store.begin_checkout(&checkout).await?;
+    // Neither step needs the other: the user is checked while the checkout is recorded.
+    let (started, user) = tokio::join!(
+        state
+            .store
+            .begin_checkout(&checkout, key.as_ref().map(|k| k.key.as_str())),
+        check_user(state, caller, &request.user_id),
+    );
+    if started? == CheckoutStart::AlreadyPlaced {
+        return already_placed(state, key.as_ref(), &request.id).await;
+    }
+    if let Err(err) = user {
+        forget(state, &checkout.reservation_id).await;
+        return Err(err);
+    }
+
+    // The reservation is the quote: it takes the stock at the price of that moment, and
+    // the order is charged exactly that.
     let reservation = match reserve(state, &request, &checkout.reservation_id).await {
         Ok(reservation) => reservation,
         Err(Refusal::Definite(err)) => {
             // The product service rolled back: nothing is held under this id.
-            if let Err(end) = state.store.end_checkout(&checkout.reservation_id).await {
-                tracing::warn!(error = %end, "could not forget a refused checkout; recovery will");
-            }
+            forget(state, &checkout.reservation_id).await;
             return Err(err);
         }
         Err(Refusal::Unknown(err)) => {
@@ -192,17 +136,22 @@ pub async fn place_order(
             return Err(err);
         }
     };
-    // Prices could change between pricing and reserving; charge only what was quoted.
-    let repriced = reservation.items.iter().all(|reserved| {
-        priced
-            .iter()
-            .any(|(id, _, _, price)| *id == reserved.product_id && *price == reserved.unit_price)
-    });
-    if !repriced {
+    let (items, total) = match price(state, &request, reservation).await {
+        Ok(priced) => priced,
+        Err(err) => {
+            compensate(state, &checkout.reservation_id).await;
+            return Err(err);
+        }
+    };
+    if let Some(client_total) = request.client_total
+        && client_total != total
+    {
         compensate(state, &checkout.reservation_id).await;
-        return Err(AppError::conflict(
-            "price_changed",
-            "a price changed while the order was placed; review the products and retry",
+        return Err(AppError::validation(
+            "total",
+            format!(
+                "the order costs {total}, not {client_total}; totals are computed by the server"
+            ),
         ));
     }
 
@@ -246,6 +195,97 @@ pub async fn place_order(
             }
         }
     }
+}
+
+/// The order may be placed for this user: it exists, and the caller may act for it.
+async fn check_user(state: &AppState, caller: &Caller, user_id: &str) -> Result<(), AppError> {
+    // On the caller's behalf: the user service checks they may see this account.
+    let response = state
+        .users
+        .get_as(&format!("/users/{user_id}"), caller)
+        .await?
+        .fail_on_server_error()?;
+    match response.status.as_u16() {
+        200 => Ok(()),
+        404 => Err(AppError::validation(
+            "user_id",
+            format!("no user with id {user_id:?}"),
+        )),
+        // The user service judged the relayed credentials itself and refused them.
+        401 => Err(shop_platform::auth::TokenError::Invalid.into_app_error()),
+        403 => Err(shop_platform::identity::forbidden(
+            "you may not place orders for this user",
+        )),
+        other => Err(AppError::unavailable("user", format!("answered {other}"))),
+    }
+}
+
+/// Why the checkout could not start: the stored answer to this key, or the order id is
+/// taken.
+async fn already_placed(
+    state: &AppState,
+    key: Option<&IdempotencyKey>,
+    order_id: &str,
+) -> Result<Placed, AppError> {
+    if let Some(key) = key
+        && let Some(replay) = replay(state, key).await?
+    {
+        return Ok(replay);
+    }
+    if state.store.exists(order_id).await? {
+        return Err(order_exists(order_id));
+    }
+    // Neither is ever deleted, so one of them was found when the checkout was refused.
+    Err(AppError::internal(anyhow::anyhow!(
+        "checkout refused, yet neither order {order_id:?} nor its key is stored"
+    )))
+}
+
+/// The order's lines, in the request's order, at the reserved prices.
+async fn price(
+    state: &AppState,
+    request: &OrderRequest,
+    reservation: Reservation,
+) -> Result<(Vec<OrderItem>, Money), AppError> {
+    let mut priced = Vec::with_capacity(request.lines.len());
+    for line in &request.lines {
+        let reserved = reservation
+            .items
+            .iter()
+            .find(|r| r.product_id == line.product_id && r.quantity == line.quantity)
+            .ok_or_else(|| {
+                AppError::unavailable("product", "answered with a reservation of other lines")
+            })?;
+        let name = match &reserved.name {
+            Some(name) => name.clone(),
+            None => product_name(state, &line.product_id).await?,
+        };
+        priced.push((
+            line.product_id.clone(),
+            name,
+            line.quantity,
+            reserved.unit_price,
+        ));
+    }
+    price_lines(&priced)
+}
+
+async fn product_name(state: &AppState, product_id: &str) -> Result<String, AppError> {
+    let response = state
+        .products
+        .get(&format!("/products/{product_id}"))
+        .await?
+        .fail_on_server_error()?;
+    if !response.status.is_success() {
+        return Err(AppError::unavailable(
+            "product",
+            format!(
+                "answered {} for a reserved product",
+                response.status.as_u16()
+            ),
+        ));
+    }
+    Ok(response.json::<PeerProduct>()?.name)
 }
 
 /// The stored answer to an earlier request with this key, if there was one.
@@ -316,14 +356,37 @@ async fn reserve(
                 message("not enough stock"),
             )))
         }
-        422 => Err(Refusal::Definite(AppError::validation(
-            "products",
-            message("a product no longer exists"),
-        ))),
+        // The product service names the line by its place in the body sent, which is the
+        // request's order; the caller's own field is reported.
+        422 => {
+            let line = response
+                .invalid_field()
+                .and_then(|field| {
+                    let index = field.strip_prefix("items[")?.split(']').next()?;
+                    request.lines.get(index.parse::<usize>().ok()?)
+                })
+                .filter(|_| response.error_code().as_deref() == Some("validation_failed"));
+            Err(Refusal::Definite(match line {
+                Some(line) => AppError::validation(
+                    line.field.clone(),
+                    format!("no product with id {:?}", line.product_id),
+                ),
+                None => AppError::validation("products", message("a product does not exist")),
+            }))
+        }
         other => Err(Refusal::Unknown(AppError::unavailable(
             "product",
             format!("answered {other}: {}", message("no reason given")),
         ))),
+    }
+}
+
+/// Forgets a checkout that holds no stock (the reservation was refused, or never asked
+/// for). If that fails, the recovery loop releases the id, which holds nothing, and
+/// forgets it.
+async fn forget(state: &AppState, reservation_id: &str) {
+    if let Err(err) = state.store.end_checkout(reservation_id).await {
+        tracing::warn!(reservation_id, error = %err, "could not forget a checkout; recovery will");
     }
 }
 
@@ -334,9 +397,7 @@ async fn compensate(state: &AppState, reservation_id: &str) {
         tracing::warn!(reservation_id, error = %err, "could not release a reservation yet; recovery will retry");
         return;
     }
-    if let Err(err) = state.store.end_checkout(reservation_id).await {
-        tracing::warn!(reservation_id, error = %err, "released, but could not forget the checkout; recovery will");
-    }
+    forget(state, reservation_id).await;
 }
 
 async fn release(state: &AppState, reservation_id: &str) -> Result<(), String> {

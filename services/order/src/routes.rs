@@ -93,7 +93,7 @@ fn routes() -> OpenApiRouter<AppState> {
 
 const CREATE_ERRORS_403: &str =
     "`forbidden`: `user_id` names someone else and the caller is not an admin";
-const CREATE_ERRORS_409: &str = "`order_exists`: an order with this id exists\n\n`insufficient_stock`: not enough units of a product\n\n`price_changed`: a price changed while the order was placed; retry";
+const CREATE_ERRORS_409: &str = "`order_exists`: an order with this id exists\n\n`insufficient_stock`: not enough units of a product";
 const CREATE_ERRORS_422: &str = "`validation_failed`: a field breaks its constraints, a product or the user does not exist, `total` differs from the computed total, or the `Idempotency-Key` was used with another body";
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";

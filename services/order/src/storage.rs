@@ -1,8 +1,10 @@
 //! The order service's storage interface and its SQL implementation, one for both
-//! backends (SQLite and PostgreSQL through `sqlx::Any`).
+//! backends (SQLite and PostgreSQL through `sqlx::Any`). Storing an order is one round
+//! trip to PostgreSQL and three hand-offs to SQLite's connection thread, whatever the
+//! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
-use shop_platform::{Database, Migrations, Money, PageRequest};
+use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
@@ -34,6 +36,14 @@ pub struct Checkout {
     pub started_at_ms: i64,
 }
 
+/// Whether a checkout could start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutStart {
+    Started,
+    /// An order with this id, or one placed under this `Idempotency-Key`, is stored.
+    AlreadyPlaced,
+}
+
 /// What an `Idempotency-Key` answered the first time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
@@ -47,8 +57,13 @@ pub struct IdempotencyRecord {
 
 #[async_trait]
 pub trait OrderStore: Send + Sync + 'static {
-    /// Records a checkout before its stock is reserved: the saga's first step.
-    async fn begin_checkout(&self, checkout: &Checkout) -> Result<(), StoreError>;
+    /// Records a checkout before its stock is reserved: the saga's first step. Starts
+    /// nothing if the order id, or the `Idempotency-Key`, already has a stored order.
+    async fn begin_checkout(
+        &self,
+        checkout: &Checkout,
+        idempotency_key: Option<&str>,
+    ) -> Result<CheckoutStart, StoreError>;
     /// Stores the order and its lines, the idempotency record if any, and ends the
     /// checkout, atomically. Refuses with `CheckoutAbandoned` if the recovery loop took
     /// the checkout over, and `IdempotencyKeyTaken` if a concurrent request won the key.
@@ -75,10 +90,116 @@ pub trait OrderStore: Send + Sync + 'static {
 pub struct SqlOrderStore {
     pool: AnyPool,
     writer: AnyPool,
+    backend: Backend,
 }
 
-fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+/// The table whose unique constraint `err` broke, if that is what it is. PostgreSQL
+/// names it; SQLite only says it in its message ("UNIQUE constraint failed: t.col").
+fn unique_violation_on(err: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = err else {
+        return None;
+    };
+    if !db.is_unique_violation() {
+        return None;
+    }
+    if let Some(table) = db.table() {
+        return Some(table.to_owned());
+    }
+    let (_, column) = db.message().rsplit_once(": ")?;
+    Some(column.split('.').next()?.to_owned())
+}
+
+/// Parameters of the statements that store an order: `$1`..`$6` the order, four per
+/// line from `$7`, then four for the idempotency record if there is one.
+const ORDER_PARAMS: usize = 6;
+const LINE_PARAMS: usize = 4;
+
+/// `(0, $7, $8, $9, $10), (1, $11, ...)`: position, product id, name, quantity, price.
+fn line_values(lines: usize, casts: bool) -> String {
+    let (int, text) = if casts {
+        ("::bigint", "::text")
+    } else {
+        ("", "")
+    };
+    (0..lines)
+        .map(|position| {
+            let p = ORDER_PARAMS + position * LINE_PARAMS;
+            format!(
+                "({position}, ${}{text}, ${}{text}, ${}{int}, ${}{int})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// PostgreSQL: one statement, so one round trip and its own transaction. Each insert
+/// depends on the one before through `RETURNING`, so nothing is stored unless the
+/// checkout was still ours to claim.
+fn store_order_postgres(lines: usize, keyed: bool) -> String {
+    let key = ORDER_PARAMS + lines * LINE_PARAMS;
+    let keyed = if keyed {
+        format!(
+            ", keyed AS (
+                INSERT INTO idempotency_keys (key, request_hash, order_id, status, response, created_at)
+                SELECT ${}, ${}, id, ${}, ${}, $6 FROM stored)",
+            key + 1,
+            key + 2,
+            key + 3,
+            key + 4
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH claimed AS (
+            DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
+            RETURNING reservation_id
+        ), stored AS (
+            INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+            SELECT $2, $3, $4, $5, reservation_id, $6 FROM claimed
+            RETURNING id
+        ), lines AS (
+            INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
+            SELECT stored.id, line.position, line.product_id, line.name, line.quantity, line.price
+            FROM stored, (VALUES {values}) AS line (position, product_id, name, quantity, price)
+        ){keyed}
+        SELECT id FROM stored",
+        values = line_values(lines, true),
+    )
+}
+
+/// SQLite: the same writes as statements run by one call inside a transaction, so
+/// one hand-off to the connection's thread for all of them (plus `BEGIN` and `COMMIT`).
+/// SQLite has no data-modifying CTEs; the claim's `RETURNING` row says whether the
+/// checkout was still ours, and the caller rolls back if it was not.
+fn store_order_sqlite(lines: usize, keyed: bool) -> String {
+    let key = ORDER_PARAMS + lines * LINE_PARAMS;
+    let keyed = if keyed {
+        format!(
+            "INSERT INTO idempotency_keys (key, request_hash, order_id, status, response, created_at)
+             VALUES (${}, ${}, $2, ${}, ${}, $6);",
+            key + 1,
+            key + 2,
+            key + 3,
+            key + 4
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{keyed}
+        INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+        VALUES ($2, $3, $4, $5, $1, $6);
+        INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
+        SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values});
+        DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
+        RETURNING reservation_id;",
+        values = line_values(lines, false),
+    )
 }
 
 impl SqlOrderStore {
@@ -86,6 +207,7 @@ impl SqlOrderStore {
         Self {
             pool: db.pool().clone(),
             writer: db.writer().clone(),
+            backend: db.backend(),
         }
     }
 
@@ -133,17 +255,31 @@ impl SqlOrderStore {
 
 #[async_trait]
 impl OrderStore for SqlOrderStore {
-    async fn begin_checkout(&self, checkout: &Checkout) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn begin_checkout(
+        &self,
+        checkout: &Checkout,
+        idempotency_key: Option<&str>,
+    ) -> Result<CheckoutStart, StoreError> {
+        // Both look-ups ride on the insert: one round trip for the common case, a new
+        // order; the caller tells a replay from a duplicate only when this refuses.
+        let started = sqlx::query(
             "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
-             VALUES ($1, $2, 'reserving', $3)",
+             SELECT $1, $2, 'reserving', $3
+             WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
+               AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)",
         )
         .bind(&checkout.reservation_id)
         .bind(&checkout.order_id)
         .bind(checkout.started_at_ms)
+        .bind(idempotency_key)
         .execute(&self.writer)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(if started == 1 {
+            CheckoutStart::Started
+        } else {
+            CheckoutStart::AlreadyPlaced
+        })
     }
 
     async fn create(
@@ -151,73 +287,59 @@ impl OrderStore for SqlOrderStore {
         order: &Order,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        // First statement is a write, so SQLite takes its write lock up front.
-        let claimed =
-            sqlx::query("DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'")
-                .bind(&order.reservation_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if claimed != 1 {
-            return Err(StoreError::CheckoutAbandoned);
+        let keyed = idempotency.is_some();
+        let sql = match self.backend {
+            Backend::Postgres => store_order_postgres(order.items.len(), keyed),
+            Backend::Sqlite => store_order_sqlite(order.items.len(), keyed),
+        };
+        // Built from constant text and line counts only; every value is a parameter.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&order.reservation_id)
+            .bind(&order.id)
+            .bind(&order.user_id)
+            .bind(order.total.cents())
+            .bind(&order.status)
+            .bind(&order.created_at);
+        for item in &order.items {
+            query = query
+                .bind(&item.product_id)
+                .bind(&item.name)
+                .bind(item.quantity)
+                .bind(item.unit_price.cents());
         }
         if let Some(record) = idempotency {
-            sqlx::query(
-                "INSERT INTO idempotency_keys (key, request_hash, order_id, status, response, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&record.key)
-            .bind(&record.request_hash)
-            .bind(&record.order_id)
-            .bind(i64::from(record.status))
-            .bind(&record.response)
-            .bind(&order.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::IdempotencyKeyTaken
-                } else {
-                    err.into()
+            query = query
+                .bind(&record.key)
+                .bind(&record.request_hash)
+                .bind(i64::from(record.status))
+                .bind(&record.response);
+        }
+        let named = |err: sqlx::Error| match unique_violation_on(&err).as_deref() {
+            Some("idempotency_keys") => StoreError::IdempotencyKeyTaken,
+            Some("orders") => StoreError::DuplicateId(order.id.clone()),
+            _ => err.into(),
+        };
+        let claimed = match self.backend {
+            Backend::Postgres => query
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(named)?
+                .is_some(),
+            Backend::Sqlite => {
+                let mut tx = self.writer.begin().await?;
+                // Dropping `tx` on any early return rolls every statement back.
+                let claimed = !query.fetch_all(&mut *tx).await.map_err(named)?.is_empty();
+                if claimed {
+                    tx.commit().await?;
                 }
-            })?;
-        }
-        sqlx::query(
-            "INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&order.id)
-        .bind(&order.user_id)
-        .bind(order.total.cents())
-        .bind(&order.status)
-        .bind(&order.reservation_id)
-        .bind(&order.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|err| {
-            if is_unique_violation(&err) {
-                StoreError::DuplicateId(order.id.clone())
-            } else {
-                err.into()
+                claimed
             }
-        })?;
-        for (position, item) in order.items.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&order.id)
-            .bind(position as i64)
-            .bind(&item.product_id)
-            .bind(&item.name)
-            .bind(item.quantity)
-            .bind(item.unit_price.cents())
-            .execute(&mut *tx)
-            .await?;
+        };
+        if claimed {
+            Ok(())
+        } else {
+            Err(StoreError::CheckoutAbandoned)
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {

@@ -15,7 +15,9 @@ use common::Peers;
 use serde_json::json;
 use shop_order::checkout::recover_abandoned;
 use shop_order::domain::Order;
-use shop_order::storage::{Checkout, IdempotencyRecord, MIGRATIONS, OrderStore, StoreError};
+use shop_order::storage::{
+    Checkout, CheckoutStart, IdempotencyRecord, MIGRATIONS, OrderStore, StoreError,
+};
 use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::pagination::PageRequest;
 use shop_platform::server::stack;
@@ -48,8 +50,12 @@ impl OrderStore for FaultyStore {
             }
         }
     }
-    async fn begin_checkout(&self, checkout: &Checkout) -> Result<(), StoreError> {
-        self.0.begin_checkout(checkout).await
+    async fn begin_checkout(
+        &self,
+        checkout: &Checkout,
+        idempotency_key: Option<&str>,
+    ) -> Result<CheckoutStart, StoreError> {
+        self.0.begin_checkout(checkout, idempotency_key).await
     }
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {
         self.0.end_checkout(reservation_id).await
@@ -161,11 +167,14 @@ async fn a_checkout_left_by_a_dead_process_is_released_after_the_timeout(backend
     let store = open_store(&dir).await;
     let state = state(store.clone(), &peers.product.url, &peers.user.url);
     store
-        .begin_checkout(&Checkout {
-            reservation_id: "dead-1".into(),
-            order_id: "o-dead".into(),
-            started_at_ms: chrono::Utc::now().timestamp_millis(),
-        })
+        .begin_checkout(
+            &Checkout {
+                reservation_id: "dead-1".into(),
+                order_id: "o-dead".into(),
+                started_at_ms: chrono::Utc::now().timestamp_millis(),
+            },
+            None,
+        )
         .await
         .unwrap();
     let reserved = peers
@@ -192,11 +201,14 @@ async fn a_checkout_left_by_a_dead_process_is_released_after_the_timeout(backend
     // A checkout that died before its reserve reached the product service: releasing
     // closes the id, so the reserve cannot take stock if it arrives after all.
     store
-        .begin_checkout(&Checkout {
-            reservation_id: "dead-2".into(),
-            order_id: "o-dead-2".into(),
-            started_at_ms: 0,
-        })
+        .begin_checkout(
+            &Checkout {
+                reservation_id: "dead-2".into(),
+                order_id: "o-dead-2".into(),
+                started_at_ms: 0,
+            },
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
@@ -211,11 +223,13 @@ async fn a_checkout_left_by_a_dead_process_is_released_after_the_timeout(backend
     assert_eq!(peers.stock("2").await, 100);
 }
 
-async fn a_price_change_between_quote_and_reservation_is_refused_and_released(backend: Backend) {
+/// The reservation is the quote: the order is charged the price the stock was taken
+/// at, and a client's `total` that disagrees releases what was reserved.
+async fn the_order_is_charged_the_reserved_price_and_a_wrong_total_releases_it(backend: Backend) {
     let released: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let reserved: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let (r1, r2) = (reserved.clone(), released.clone());
-    // Quotes 999.99 but reserves at 1099.99, as if the price changed in between.
+    // The catalogue would say 999.99; the reservation took the stock at 1099.99.
     let product = stub(
         Router::new()
             .route("/products/{id}", get(|| async { axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10})) }))
@@ -223,7 +237,7 @@ async fn a_price_change_between_quote_and_reservation_is_refused_and_released(ba
                 let id = body["id"].as_str().unwrap().to_owned();
                 r1.lock().unwrap().push(id.clone());
                 async move {
-                    (StatusCode::CREATED, axum::Json(json!({"id": id, "items": [{"product_id": "1", "unit_price": 1099.99}]})))
+                    (StatusCode::CREATED, axum::Json(json!({"id": id, "items": [{"product_id": "1", "name": "Laptop", "quantity": 1, "unit_price": 1099.99}]})))
                 }
             }))
             .route("/reservations/{id}", delete(move |axum::extract::Path(id): axum::extract::Path<String>| {
@@ -245,21 +259,70 @@ async fn a_price_change_between_quote_and_reservation_is_refused_and_released(ba
         &router,
         Method::POST,
         "/orders",
-        json!({"id": "o-1", "user_id": "1", "products": ["1"]}),
+        json!({"id": "o-1", "user_id": "1", "products": ["1"], "total": 999.99}),
     )
     .await;
     assert_eq!(
         (r.status, r.error_code()),
-        (StatusCode::CONFLICT, "price_changed")
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        "{:?}",
+        r.body
     );
-    let reserved = reserved.lock().unwrap().clone();
-    assert_eq!(reserved.len(), 1);
+    let reserved_ids = reserved.lock().unwrap().clone();
+    assert_eq!(reserved_ids.len(), 1);
     assert_eq!(
         *released.lock().unwrap(),
-        reserved,
+        reserved_ids,
         "the reservation made was released"
     );
     assert!(!store.exists("o-1").await.unwrap(), "nothing stored");
+    assert!(
+        store.claim_abandoned(i64::MAX).await.unwrap().is_empty(),
+        "the compensated checkout is forgotten"
+    );
+
+    let r = call(
+        &router,
+        Method::POST,
+        "/orders",
+        json!({"id": "o-2", "user_id": "1", "products": ["1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["total"], json!(1099.99));
+    assert_eq!(r.body["items"][0]["name"], json!("Laptop"));
+    assert_eq!(released.lock().unwrap().len(), 1, "nothing more released");
+}
+
+/// A product service that predates `name` in reservations (a rolling upgrade): the
+/// name is looked up, and the order still goes through.
+async fn a_reservation_without_names_is_completed_from_the_catalogue(backend: Backend) {
+    let product = stub(
+        Router::new()
+            .route("/products/{id}", get(|| async { axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10})) }))
+            .route("/reservations", post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+                (StatusCode::CREATED, axum::Json(json!({"id": body["id"], "items": [{"product_id": "1", "quantity": 2, "unit_price": 999.99}]})))
+            })),
+    )
+    .await;
+    let user = stub(Router::new().route(
+        "/users/{id}",
+        get(|| async { axum::Json(json!({"id": "1"})) }),
+    ))
+    .await;
+    let dir = TestDatabase::new(backend).await;
+    let store = open_store(&dir).await;
+    let router = router(state(store, &product, &user));
+    let r = call(
+        &router,
+        Method::POST,
+        "/orders",
+        json!({"user_id": "1", "products": ["1", "1"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["items"][0]["name"], json!("Laptop"));
+    assert_eq!(r.body["total"], json!(1999.98));
 }
 
 async fn stub(router: Router) -> String {
@@ -273,5 +336,6 @@ shop_platform::backend_tests!(
     a_failed_write_gives_the_reserved_stock_back,
     a_checkout_overtaken_by_recovery_stores_nothing,
     a_checkout_left_by_a_dead_process_is_released_after_the_timeout,
-    a_price_change_between_quote_and_reservation_is_refused_and_released,
+    the_order_is_charged_the_reserved_price_and_a_wrong_total_releases_it,
+    a_reservation_without_names_is_completed_from_the_catalogue,
 );

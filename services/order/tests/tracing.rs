@@ -30,16 +30,11 @@ async fn recording_peer(seen: Seen) -> String {
             }),
         )
         .route(
-            "/products/{id}",
-            get(|| async {
-                axum::Json(json!({"id": "1", "name": "Laptop", "price": 999.99, "quantity": 10}))
-            }),
-        )
-        .route(
             "/reservations",
             post(|| async {
-                let body =
-                    json!({"id": "r1", "items": [{"product_id": "1", "unit_price": 999.99}]});
+                let body = json!({"id": "r1", "items": [
+                    {"product_id": "1", "name": "Laptop", "quantity": 1, "unit_price": 999.99}
+                ]});
                 (StatusCode::CREATED, axum::Json(body))
             }),
         )
@@ -98,7 +93,7 @@ async fn traceparent_flows_to_peers_and_into_logs() {
     let calls = seen.lock().unwrap().clone();
     let kinds: Vec<&str> = calls.iter().map(|(k, _)| k.as_str()).collect();
     assert!(
-        kinds.contains(&"users") && kinds.contains(&"products") && kinds.contains(&"reservations"),
+        kinds.contains(&"users") && kinds.contains(&"reservations"),
         "{kinds:?}"
     );
     let mut parents = std::collections::HashSet::new();

@@ -54,6 +54,11 @@ impl PeerResponse {
         self.error_field("code")
     }
 
+    /// The peer's `error.field`: the request field a 422 named.
+    pub fn invalid_field(&self) -> Option<String> {
+        self.error_field("field")
+    }
+
     fn error_field(&self, field: &str) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
         v.get("error")?.get(field)?.as_str().map(str::to_owned)

@@ -80,6 +80,8 @@ pub struct ReservationLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReservedLine {
     pub product_id: String,
+    /// The product's name when the stock was taken (a replay gives its current name).
+    pub name: String,
     pub quantity: i64,
     /// The price at the moment the stock was taken; orders are charged this.
     pub unit_price: Money,

@@ -173,6 +173,7 @@ impl SqlProductStore {
                 status: "held".into(),
                 items: vec![ReservedLine {
                     product_id: line.product_id.clone(),
+                    name: row.product.name.clone(),
                     quantity: line.quantity,
                     unit_price: row.product.price,
                 }],
@@ -201,8 +202,9 @@ impl SqlProductStore {
             return Err(StoreError::ReservationReleased(id.to_owned()));
         }
         let items = sqlx::query(
-            "SELECT product_id, quantity, unit_price_cents FROM reservation_items
-             WHERE reservation_id = $1",
+            "SELECT i.product_id, p.name, i.quantity, i.unit_price_cents
+             FROM reservation_items i JOIN products p ON p.id = i.product_id
+             WHERE i.reservation_id = $1",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -211,6 +213,7 @@ impl SqlProductStore {
         .map(|row| {
             Ok(ReservedLine {
                 product_id: row.try_get("product_id")?,
+                name: row.try_get("name")?,
                 quantity: row.try_get("quantity")?,
                 unit_price: Money::from_cents(row.try_get("unit_price_cents")?),
             })
@@ -449,6 +452,7 @@ impl ProductStore for SqlProductStore {
             let row = take_stock(&mut tx, id, line).await?;
             items.push(ReservedLine {
                 product_id: line.product_id.clone(),
+                name: row.product.name.clone(),
                 quantity: line.quantity,
                 unit_price: row.product.price,
             });
