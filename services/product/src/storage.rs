@@ -120,42 +120,81 @@ impl SqlProductStore {
         }
     }
 
-    /// A one-line reservation on PostgreSQL as a single statement, so its own implicit
-    /// transaction: the product's row is locked from the decrement to the commit with no
-    /// round trip to this process in between, which is what bounds the orders per second
-    /// one product can take. Nothing is written unless the stock was taken.
+    /// A one-line reservation, the common case, in as few trips to the database as the
+    /// backend allows, since the product's row is held from the decrement to the commit
+    /// and that hold is what bounds the orders per second one product can take:
+    /// - PostgreSQL: one statement, its own implicit transaction, with no round trip to
+    ///   this process in between;
+    /// - SQLite (no data-modifying CTEs): the three writes as statements of one call
+    ///   between `BEGIN` and `COMMIT`, three hand-offs to the connection's thread instead
+    ///   of five. The line is recorded before the decrement, under the same condition;
+    ///   if the decrement took nothing, the transaction is rolled back.
+    ///
+    /// Nothing is kept unless the stock was taken.
     async fn reserve_one(
         &self,
         id: &str,
         order_id: Option<&str>,
         line: &ReservationLine,
     ) -> Result<Reserved, StoreError> {
-        let taken = sqlx::query(concat!(
-            "WITH taken AS (",
-            take_units!(),
-            "), reservation AS (
-                INSERT INTO reservations (id, order_id, status, created_at)
-                SELECT $4, $5, 'held', $3 FROM taken
-                RETURNING id
-            ), held AS (
-                INSERT INTO reservation_items
+        let sql = match self.backend {
+            Backend::Postgres => concat!(
+                "WITH taken AS (",
+                take_units!(),
+                "), reservation AS (
+                    INSERT INTO reservations (id, order_id, status, created_at)
+                    SELECT $4, $5, 'held', $3 FROM taken
+                    RETURNING id
+                ), held AS (
+                    INSERT INTO reservation_items
+                        (reservation_id, product_id, quantity, unit_price_cents)
+                    SELECT reservation.id, taken.id, $1, taken.price_cents FROM taken, reservation)
+                SELECT ",
+                product_columns!(),
+                " FROM taken"
+            ),
+            Backend::Sqlite => concat!(
+                "INSERT INTO reservations (id, order_id, status, created_at)
+                 VALUES ($4, $5, 'held', $3);
+                 INSERT INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
-                SELECT reservation.id, taken.id, $1, taken.price_cents FROM taken, reservation)
-            SELECT ",
-            product_columns!(),
-            " FROM taken"
-        ))
-        .bind(line.quantity)
-        .bind(&line.product_id)
-        .bind(now())
-        .bind(id)
-        .bind(order_id)
-        .fetch_optional(&self.writer)
-        .await;
+                 SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
+                take_units!()
+            ),
+        };
+        let query = sqlx::query(sql)
+            .bind(line.quantity)
+            .bind(&line.product_id)
+            .bind(now())
+            .bind(id)
+            .bind(order_id);
+        let taken = match self.backend {
+            Backend::Postgres => query.fetch_optional(&self.writer).await,
+            Backend::Sqlite => {
+                async {
+                    let mut tx = self.writer.begin().await?;
+                    // `fetch_all`: sqlx's `fetch_optional` stops at the first statement's
+                // result, before the decrement has run.
+                let row = query.fetch_all(&mut *tx).await?.into_iter().next();
+                    // Dropping `tx` without a row rolls the reservation and its line back.
+                    if row.is_some() {
+                        tx.commit().await?;
+                    }
+                    Ok(row)
+                }
+                .await
+            }
+        };
         let row = match taken {
             Ok(Some(row)) => product_from_row(&row)?,
-            // Nothing taken: say why (unknown product, or too few units).
-            Ok(None) => return Err(shortfall(&self.pool, line).await),
+            // Nothing taken: a retry of a reservation held already (taking nothing
+            // again), or say why (unknown product, or too few units).
+            Ok(None) => {
+                return match self.existing(id, std::slice::from_ref(line)).await? {
+                    Some(existing) => Ok(existing),
+                    None => Err(shortfall(&self.pool, line).await),
+                };
+            }
             Err(err) if is_unique_violation(&err) => {
                 // A concurrent call under the same id won (or released it first); the
                 // whole statement, stock included, was rolled back.
@@ -416,10 +455,9 @@ impl ProductStore for SqlProductStore {
         order_id: Option<&str>,
         lines: &[ReservationLine],
     ) -> Result<Reserved, StoreError> {
-        if let Some(existing) = self.existing(id, lines).await? {
-            return Ok(existing);
-        }
-        if let ([line], Backend::Postgres) = (lines, self.backend) {
+        // A retry under the same id is rare: it is found when the reservation's row
+        // cannot be inserted, not looked for before every reservation.
+        if let [line] = lines {
             return self.reserve_one(id, order_id, line).await;
         }
         // Rows are locked in one global order (by product id) so two reservations

@@ -429,6 +429,15 @@ async fn a_retried_reservation_takes_stock_once(backend: Backend) {
     );
     assert!(statuses.iter().all(|s| s.is_success()), "{statuses:?}");
     assert_eq!(h.stock("1").await, 6);
+
+    // A retry after the stock ran out is still answered with what it took.
+    let everything = json!({"id": "r-3", "items": [{"product_id": "1", "quantity": 6}]});
+    let first = h.post("/reservations", everything.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    let again = h.post("/reservations", everything).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert_eq!(again.body, first.body);
+    assert_eq!(h.stock("1").await, 0);
 }
 
 async fn concurrent_reservations_never_oversell(backend: Backend) {
