@@ -129,8 +129,24 @@ pub struct Front {
 
 /// A request head the connection cannot take.
 enum Refusal {
+    /// Bytes no parser should accept: a bare status, then close.
     Status(StatusCode),
+    /// A well-formed message the standard says to refuse: a JSON 400 naming why, then
+    /// close.
+    Invalid {
+        code: &'static str,
+        message: &'static str,
+    },
     Io,
+}
+
+impl Refusal {
+    fn invalid_host(message: &'static str) -> Self {
+        Self::Invalid {
+            code: "invalid_host",
+            message,
+        }
+    }
 }
 
 struct Parsed {
@@ -164,6 +180,20 @@ impl Front {
                         status.canonical_reason().unwrap_or("")
                     );
                     let _ = write_all(&wire, head.as_bytes()).await;
+                    return;
+                }
+                Err(Refusal::Invalid { code, message }) => {
+                    let body = shop_platform::AppError::bad_request(code, message).body_json();
+                    let head = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = write_all(
+                        &wire,
+                        [head.as_bytes(), body.as_bytes()].concat().as_slice(),
+                    )
+                    .await;
                     return;
                 }
             };
@@ -320,6 +350,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut hosts = 0;
     for &(ns, ne, vs, ve) in &indices[..count] {
         let name = request_header_name(&head[ns as usize..ne as usize])
             .ok_or(Refusal::Status(StatusCode::BAD_REQUEST))?;
@@ -347,8 +378,42 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
             }
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
+            if !h1::is_valid_host(value.as_bytes()) {
+                return Err(Refusal::invalid_host(
+                    "the Host header is not a host[:port]",
+                ));
+            }
         }
         headers.append(name, value);
+    }
+    // RFC 9112 section 3.2: one Host line, required in HTTP/1.1. The gateway keys its
+    // cache and `X-Forwarded-Host` on it, so it must be unambiguous.
+    if hosts > 1 {
+        return Err(Refusal::invalid_host(
+            "a request carries one Host header, not several",
+        ));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(Refusal::invalid_host(
+            "an HTTP/1.1 request needs a Host header",
+        ));
+    }
+    // Section 3.2.2: with an absolute-form target, the target's authority is the host
+    // and the received `Host` is replaced (a client cannot name two hosts at once).
+    if uri.scheme().is_some() {
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str())
+            .filter(|a| h1::is_valid_host(a.as_bytes()))
+            .ok_or(Refusal::invalid_host(
+                "the request target's authority is not a host[:port]",
+            ))?;
+        let host = HeaderValue::from_str(authority).map_err(|_| {
+            Refusal::invalid_host("the request target's authority is not a host[:port]")
+        })?;
+        headers.insert(header::HOST, host);
     }
     // A request's body is chunked or has a length, never both and never anything else
     // (RFC 9112 section 6.3): the ambiguous cases are how requests get smuggled.

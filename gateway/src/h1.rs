@@ -353,6 +353,76 @@ pub fn parse_length(bytes: &[u8]) -> Option<u64> {
     })
 }
 
+/// A `Host` field value as RFC 9112 section 3.2 allows it: `uri-host [ ":" port ]` in
+/// RFC 3986's grammar (a registered name or IPv4 address, or an IP literal in brackets;
+/// no user information, no path). Empty is valid (an authority that is empty).
+pub fn is_valid_host(bytes: &[u8]) -> bool {
+    let (host, port) = if let Some(literal) = bytes.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let address = &literal[..end];
+        let valid_literal = !address.is_empty()
+            && if address[0].eq_ignore_ascii_case(&b'v') {
+                // IPvFuture: "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" )
+                address
+                    .iter()
+                    .skip(1)
+                    .all(|&b| is_unreserved(b) || is_sub_delim(b) || b == b':')
+            } else {
+                address
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            };
+        if !valid_literal {
+            return false;
+        }
+        (&[][..], &literal[end + 1..])
+    } else {
+        match bytes.iter().position(|&b| b == b':') {
+            Some(colon) => (&bytes[..colon], &bytes[colon..]),
+            None => (bytes, &[][..]),
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(b":")
+            .is_some_and(|digits| digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit));
+    port_ok && is_reg_name(host)
+}
+
+/// RFC 3986 `reg-name` (which covers IPv4 addresses): unreserved, sub-delims and
+/// well-formed percent-encodings.
+fn is_reg_name(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let escaped = bytes.get(i + 1..i + 3);
+            if !escaped.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+        } else if is_unreserved(b) || is_sub_delim(b) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn is_sub_delim(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+    )
+}
+
 /// What the chunked decoder found in the buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -519,6 +589,52 @@ pub(crate) fn record_offsets(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_values_follow_rfc_3986_authority_without_userinfo() {
+        for good in [
+            &b"shop.example"[..],
+            b"shop.example:8080",
+            b"127.0.0.1",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[::1]:8080",
+            b"[2001:db8::7]",
+            b"[v1.fe80::a+en1]",
+            b"xn--bcher-kva.example",
+            b"caf%C3%A9.example",
+            b"localhost:",
+            b"",
+        ] {
+            assert!(
+                super::is_valid_host(good),
+                "{:?}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        for bad in [
+            &b"user@shop.example"[..],
+            b"shop.example/path",
+            b"shop.example:80:81",
+            b"shop.example:port",
+            b"shop.example:123456",
+            b"shop example",
+            b"[::1",
+            b"[::1]x",
+            b"[]",
+            b"[::g]",
+            b"caf%C.example",
+            b"a\tb",
+            b"shop.example?",
+            b"shop.example#",
+        ] {
+            assert!(
+                !super::is_valid_host(bad),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     use super::*;
 
     fn head(method: &Method, text: &str) -> Result<Option<ResponseHead>, ProtocolError> {

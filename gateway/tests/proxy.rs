@@ -1364,6 +1364,18 @@ async fn malformed_and_ambiguous_requests_are_refused_by_the_parser() {
         b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        // A listed Content-Length, even of one value repeated.
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        // chunked not last, and a coding the gateway does not know.
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+        // chunked on HTTP/1.0, which has no chunked coding.
+        b"POST /api/v1/products HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // obs-fold: a header line continued on the next.
+        b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+        // Whitespace between a field name and its colon.
+        b"POST /api/v1/products HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello",
+        b"GET /api/v1/products HTTP/1.1\r\nHost : x\r\n\r\n",
     ] {
         let response = raw_exchange(gw.addr, bad).await;
         assert!(
@@ -1380,6 +1392,90 @@ async fn malformed_and_ambiguous_requests_are_refused_by_the_parser() {
     )
     .await;
     assert!(response.starts_with("HTTP/1.1 431 "), "{response:?}");
+    gw.stop().await;
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request has exactly one valid `Host`; an
+/// absolute-form target's authority replaces it. Refusals are JSON and close.
+#[tokio::test]
+async fn host_rules_follow_rfc_9112() {
+    let upstream = echo_upstream().await;
+    let gw = RunningGateway::start(&[("PRODUCT_URL", &upstream)]);
+    for (bad, why) in [
+        (&b"GET /api/v1/products HTTP/1.1\r\n\r\n"[..], "none"),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            "two",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: a.example\r\nhost: a.example\r\n\r\n",
+            "two, even equal",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
+            "userinfo",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: a.example/x\r\n\r\n",
+            "a path",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: a.example:8o\r\n\r\n",
+            "a bad port",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.1\r\nHost: a example\r\n\r\n",
+            "a space",
+        ),
+        (
+            b"GET /api/v1/products HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            "two on 1.0",
+        ),
+        (
+            b"GET http://user@a.example/api/v1/products HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "userinfo in the target",
+        ),
+    ] {
+        let response = raw_exchange(gw.addr, bad).await;
+        assert!(response.starts_with("HTTP/1.1 400 "), "{why}: {response:?}");
+        assert!(
+            response.contains("connection: close"),
+            "{why}: {response:?}"
+        );
+        assert!(
+            response.contains("content-type: application/json"),
+            "{why}: {response:?}"
+        );
+        let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_host", "{why}: {response:?}");
+    }
+
+    let forwarded_host = |response: &str| -> Value {
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response:?}");
+        let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        body["headers"]["x-forwarded-host"].clone()
+    };
+    // HTTP/1.0 may leave Host out.
+    let response = raw_exchange(gw.addr, b"GET /api/v1/products HTTP/1.0\r\n\r\n").await;
+    assert_eq!(forwarded_host(&response), Value::Null);
+    // The target's authority wins over a received Host.
+    let response = raw_exchange(
+        gw.addr,
+        b"GET http://shop.example:8080/api/v1/products?x=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(forwarded_host(&response), "shop.example:8080");
+    assert!(
+        response.contains(r#""uri":"/products?x=1""#),
+        "{response:?}"
+    );
+    // IP literals are hosts too.
+    let response = raw_exchange(
+        gw.addr,
+        b"GET /api/v1/products HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(forwarded_host(&response), "[::1]:8080");
     gw.stop().await;
 }
 
