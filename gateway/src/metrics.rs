@@ -150,6 +150,18 @@ impl GatewayMetrics {
         )
     }
 
+    /// Exports an upstream's series whose labels are all known at start-up at 0 (the
+    /// per-status request counts appear with their first status).
+    pub fn known_upstream(&self, upstream: &str, cached: bool) {
+        self.upstream_duration.with_label_values(&[upstream]);
+        self.stream_errors.with_label_values(&[upstream]);
+        if cached {
+            for result in ["hit", "revalidated", "stored"] {
+                self.cache.with_label_values(&[upstream, result]);
+            }
+        }
+    }
+
     pub fn stream_errors(&self, upstream: &str) -> IntCounter {
         self.stream_errors.with_label_values(&[upstream])
     }

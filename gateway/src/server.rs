@@ -63,6 +63,7 @@ impl Gateway {
                     .iter()
                     .map(|u| Endpoint::parse(u).map_err(anyhow::Error::msg))
                     .collect::<anyhow::Result<Vec<_>>>()?;
+                metrics_gw.known_upstream(name, config.cache_bytes > 0);
                 let upstream = Upstream::new(
                     name.clone(),
                     endpoints,

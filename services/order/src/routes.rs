@@ -43,7 +43,17 @@ impl AppState {
             failed: metrics.counter_vec(
                 "orders_failed_total",
                 "Orders refused or failed, by error code (validation_failed, insufficient_stock, dependency_unavailable, ...).",
-                &["reason"],
+                "reason",
+                // What placing an order can answer; any other code still gets its series.
+                &[
+                    "validation_failed",
+                    "insufficient_stock",
+                    "order_exists",
+                    "forbidden",
+                    "invalid_token",
+                    "dependency_unavailable",
+                    "internal",
+                ],
             ),
         }
     }

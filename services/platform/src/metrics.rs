@@ -143,9 +143,20 @@ impl Metrics {
         gauge
     }
 
-    /// A labelled domain counter; label values must come from a closed set.
-    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-        let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    /// A domain counter by one label whose values come from a closed set: each of
+    /// `values` is exported at 0 from start-up, so a dashboard or an alert has a series
+    /// (and `rate` a first point) before the first event, not "No data".
+    pub fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> IntCounterVec {
+        let counter = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        for value in values {
+            counter.with_label_values(&[*value]);
+        }
         self.registry
             .register(Box::new(counter.clone()))
             .expect("metric registered once");
@@ -275,6 +286,23 @@ mod tests {
         assert_eq!(method_label(&http::Method::PATCH), "PATCH");
         let invented = http::Method::from_bytes(b"PURGE").unwrap();
         assert_eq!(method_label(&invented), "_OTHER");
+    }
+
+    #[test]
+    fn closed_set_counters_are_exported_at_zero_before_any_event() {
+        let metrics = Metrics::new("user");
+        let logins = metrics.counter_vec("logins_total", "Logins.", "outcome", &["ok", "failed"]);
+        let text = metrics.render();
+        for outcome in ["ok", "failed"] {
+            let line = format!("logins_total{{outcome=\"{outcome}\",service=\"user\"}} 0");
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        logins.with_label_values(&["ok"]).inc();
+        assert!(
+            metrics
+                .render()
+                .contains("logins_total{outcome=\"ok\",service=\"user\"} 1")
+        );
     }
 
     #[tokio::test]

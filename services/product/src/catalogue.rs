@@ -134,7 +134,8 @@ impl Catalogue {
                 applied: metrics.counter_vec(
                     "catalogue_changes_applied_total",
                     "Product rows that changed this replica's catalogue, by source (write, notification, lookup, reload).",
-                    &["source"],
+                    "source",
+                    &["write", "notification", "lookup", "reload"],
                 ),
                 reloads_failed: metrics.counter(
                     "catalogue_reloads_failed_total",

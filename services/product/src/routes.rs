@@ -53,8 +53,9 @@ impl AppState {
                 created: metrics.counter("products_created_total", "Products added to the catalogue."),
                 reservations: metrics.counter_vec(
                     "stock_reservations_total",
-                    "Stock reservation attempts by outcome (reserved, replayed, insufficient_stock, unknown_product).",
-                    &["outcome"],
+                    "Stock reservation attempts by outcome (reserved, replayed, insufficient_stock, unknown_product, error).",
+                    "outcome",
+                    &["reserved", "replayed", "insufficient_stock", "unknown_product", "error"],
                 ),
                 released: metrics.counter(
                     "stock_reservations_released_total",

@@ -174,8 +174,8 @@ impl SqlProductStore {
                 async {
                     let mut tx = self.writer.begin().await?;
                     // `fetch_all`: sqlx's `fetch_optional` stops at the first statement's
-                // result, before the decrement has run.
-                let row = query.fetch_all(&mut *tx).await?.into_iter().next();
+                    // result, before the decrement has run.
+                    let row = query.fetch_all(&mut *tx).await?.into_iter().next();
                     // Dropping `tx` without a row rolls the reservation and its line back.
                     if row.is_some() {
                         tx.commit().await?;

@@ -53,7 +53,8 @@ impl AppState {
             logins: metrics.counter_vec(
                 "user_logins_total",
                 "Login attempts by outcome (succeeded, failed, throttled).",
-                &["outcome"],
+                "outcome",
+                &["succeeded", "failed", "throttled"],
             ),
             hashing: Arc::new(Semaphore::new(cores)),
             signer: Arc::new(signer),
