@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Builds the Grafana dashboards in charts/shop/dashboards/ (dashboards as code).
+"""Builds the Grafana dashboards in charts/shop/dashboards/ (dashboards as code), with
+Grafana's own builders (grafana-foundation-sdk, pinned in scripts/packaging-requirements.txt),
+so the JSON follows Grafana's schema as the SDK knows it.
 
     observability/dashboards.py          rewrite the JSON files
     observability/dashboards.py --check  fail if a file differs from what this builds
@@ -15,9 +17,16 @@ import json
 import sys
 from pathlib import Path
 
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.common import (
+    LegendDisplayMode, LegendPlacement, SortOrder, TooltipDisplayMode,
+)
+
 OUT = Path(__file__).resolve().parent.parent / "charts" / "shop" / "dashboards"
 SERVICES = ["gateway", "product", "order", "user"]
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Probe and scrape traffic is measured but is not what users experience.
 NOT_PROBES = 'route!~"/health|/ready|/metrics|admin"'
 NS = 'namespace=~"$namespace"'
@@ -45,86 +54,95 @@ def quantile(q: float, metric: str, by: str, *matchers: str) -> str:
     return f"histogram_quantile({q}, sum by ({by}, le) ({rate(metric + '_bucket', *matchers)}))"
 
 
+def namespace_variable(name: str, label: str, query: str) -> dashboard.QueryVariable:
+    return (dashboard.QueryVariable(name).label(label).datasource(DS).query(query)
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).all_value(".*")
+            .multi(True).sort(model.VariableSort.ALPHABETICAL_ASC))
+
+
 class Board:
+    """One dashboard: the SDK's builder, plus the grid layout this project keeps (a panel
+    that does not fit in the rest of a row starts the next one; the SDK's own placement
+    lets it overflow) and panel ids in order."""
+
     def __init__(self, uid: str, title: str, description: str, service_var: bool, tags: list[str]):
-        self.uid, self.title, self.description = uid, title, description
-        self.service_var, self.tags = service_var, tags
-        self.panels: list[dict] = []
+        self.uid = uid
+        self.builder = (
+            dashboard.Dashboard(title).uid(uid).description(description).tags(["shop", *tags])
+            .editable().tooltip(model.DashboardCursorSync.CROSSHAIR).timezone("")
+            .time("now-1h", "now").refresh("30s")
+            .annotation(dashboard.AnnotationQuery().name("Annotations & Alerts").built_in(1).type("dashboard")
+                        .datasource(model.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+                        .enable(True).hide(True).icon_color("rgba(0, 211, 255, 1)"))
+            .link(dashboard.DashboardLink("Shop dashboards").type(model.DashboardLinkType.DASHBOARDS)
+                  .tags(["shop"]).as_dropdown(True).include_vars(True).keep_time(True))
+            .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+            .with_variable(namespace_variable("namespace", "Namespace", "label_values(build_info, namespace)"))
+        )
+        if service_var:
+            self.builder.with_variable(namespace_variable(
+                "service", "Service", 'label_values(build_info{namespace=~"$namespace"}, service)'))
+        self.builder.with_variable(
+            dashboard.TextBoxVariable("jaeger").label("Trace UI").default_value("http://localhost:16686")
+            .description("Base URL of the Jaeger UI that panel links open"))
         self.next_id = 1
-        self.y = 0
+        self.x = self.y = 0
+        self.row_height = 0
+
+    def _newline(self) -> None:
+        self.y += self.row_height
+        self.x = self.row_height = 0
 
     def row(self, title: str) -> None:
-        self.panels.append({"id": self.next_id, "type": "row", "title": title, "collapsed": False,
-                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []})
+        self._newline()
+        self.builder.with_row(dashboard.Row(title).id(self.next_id)
+                              .grid_pos(model.GridPos(h=1, w=24, x=0, y=self.y)))
         self.next_id += 1
         self.y += 1
 
     def add(self, title: str, targets: list[tuple[str, str]], *, unit: str = "short", kind: str = "timeseries",
             width: int = 12, height: int = 8, description: str = "", mappings: list | None = None,
-            links: list | None = None, x: int | None = None) -> None:
-        used = sum(p["gridPos"]["w"] for p in self.panels if p["gridPos"]["y"] == self.y and p["type"] != "row")
-        if used + width > 24:
-            self.y += height
-            used = 0
-        panel = {
-            "id": self.next_id, "type": kind, "title": title, "description": description, "datasource": DS,
-            "gridPos": {"h": height, "w": width, "x": used if x is None else x, "y": self.y},
-            "fieldConfig": {"defaults": {"unit": unit, "mappings": mappings or [], "links": links or []},
-                            "overrides": []},
-            "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]},
-                        "tooltip": {"mode": "multi", "sort": "desc"}} if kind == "timeseries" else {},
-            "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
-                         "range": True, "instant": False}
-                        for i, (expr, legend) in enumerate(targets)],
-        }
-        self.panels.append(panel)
+            links: list | None = None) -> None:
+        if self.x + width > 24:
+            self._newline()
+        if kind == "timeseries":
+            panel = (timeseries.Panel()
+                     .legend(common.VizLegendOptions().display_mode(LegendDisplayMode.TABLE)
+                             .placement(LegendPlacement.BOTTOM).show_legend(True).calcs(["mean", "max"]))
+                     .tooltip(common.VizTooltipOptions().mode(TooltipDisplayMode.MULTI)
+                              .sort(SortOrder.DESCENDING)))
+        else:
+            panel = stat.Panel()
+        panel.id(self.next_id).title(title).description(description).datasource(DS).unit(unit)
+        panel.grid_pos(model.GridPos(h=height, w=width, x=self.x, y=self.y))
+        if mappings:
+            panel.mappings(mappings)
+        if links:
+            panel.data_links(links)
+        for i, (expr, legend) in enumerate(targets):
+            panel.with_target(prometheus.Dataquery().ref_id(chr(ord("A") + i)).datasource(DS).expr(expr)
+                              .legend_format(legend).range())
+        self.builder.with_panel(panel)
         self.next_id += 1
-        if used + width >= 24:
-            self.y += height
+        self.x += width
+        self.row_height = max(self.row_height, height)
+        if self.x >= 24:
+            self._newline()
 
     def json(self) -> dict:
-        variables = [
-            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
-            {"name": "namespace", "label": "Namespace", "type": "query", "datasource": DS,
-             "query": {"query": "label_values(build_info, namespace)", "refId": "namespace"},
-             "definition": "label_values(build_info, namespace)", "refresh": 2, "includeAll": True,
-             "allValue": ".*", "multi": True, "current": {}, "hide": 0, "sort": 1, "options": [], "regex": ""},
-        ]
-        if self.service_var:
-            variables.append(
-                {"name": "service", "label": "Service", "type": "query", "datasource": DS,
-                 "query": {"query": 'label_values(build_info{namespace=~"$namespace"}, service)', "refId": "service"},
-                 "definition": 'label_values(build_info{namespace=~"$namespace"}, service)', "refresh": 2,
-                 "includeAll": True, "allValue": ".*", "multi": True, "current": {}, "hide": 0, "sort": 1,
-                 "options": [], "regex": ""})
-        variables.append(
-            {"name": "jaeger", "label": "Trace UI", "type": "textbox", "query": "http://localhost:16686",
-             "current": {"text": "http://localhost:16686", "value": "http://localhost:16686"}, "hide": 0,
-             "options": [], "description": "Base URL of the Jaeger UI that panel links open"})
-        return {
-            "uid": self.uid, "title": self.title, "description": self.description, "tags": ["shop", *self.tags],
-            "schemaVersion": 39, "version": 1, "editable": True, "graphTooltip": 1, "timezone": "",
-            "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "fiscalYearStartMonth": 0,
-            "liveNow": False, "weekStart": "",
-            "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                      "enable": True, "hide": True, "name": "Annotations & Alerts",
-                                      "type": "dashboard", "iconColor": "rgba(0, 211, 255, 1)"}]},
-            "links": [{"title": "Shop dashboards", "type": "dashboards", "tags": ["shop"], "asDropdown": True,
-                       "includeVars": True, "keepTime": True}],
-            "templating": {"list": variables},
-            "panels": self.panels,
-        }
+        return json.loads(json.dumps(self.builder.build(), cls=JSONEncoder))
 
 
-CIRCUIT = [{"type": "value", "options": {"0": {"text": "closed", "color": "green"},
-                                         "1": {"text": "open", "color": "red"},
-                                         "2": {"text": "half-open", "color": "orange"}}}]
+CIRCUIT = [model.ValueMap(options={
+    "0": model.ValueMappingResult(text="closed", color="green"),
+    "1": model.ValueMappingResult(text="open", color="red"),
+    "2": model.ValueMappingResult(text="half-open", color="orange"),
+})]
 
 
-def traces_link(service: str) -> list[dict]:
-    return [{"title": "Traces of ${__field.labels.service} in Jaeger", "targetBlank": True,
-             "url": "${jaeger}/search?service=" + service + "&limit=20"}]
+def traces_link(service: str) -> list[dashboard.DashboardLink]:
+    return [dashboard.DashboardLink("Traces of ${__field.labels.service} in Jaeger").target_blank(True)
+            .url("${jaeger}/search?service=" + service + "&limit=20")]
 
 
 def red(board: Board, service: str, by: str, legend: str) -> None:
