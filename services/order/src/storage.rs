@@ -93,22 +93,6 @@ pub struct SqlOrderStore {
     backend: Backend,
 }
 
-/// The table whose unique constraint `err` broke, if that is what it is. PostgreSQL
-/// names it; SQLite only says it in its message ("UNIQUE constraint failed: t.col").
-fn unique_violation_on(err: &sqlx::Error) -> Option<String> {
-    let sqlx::Error::Database(db) = err else {
-        return None;
-    };
-    if !db.is_unique_violation() {
-        return None;
-    }
-    if let Some(table) = db.table() {
-        return Some(table.to_owned());
-    }
-    let (_, column) = db.message().rsplit_once(": ")?;
-    Some(column.split('.').next()?.to_owned())
-}
-
 /// Parameters of the statements that store an order: `$1`..`$6` the order, four per
 /// line from `$7`, then four for the idempotency record if there is one.
 const ORDER_PARAMS: usize = 6;
@@ -136,20 +120,28 @@ fn line_values(lines: usize, casts: bool) -> String {
         .join(", ")
 }
 
+/// The idempotency record's columns: its four parameters (numbered after the lines'),
+/// then the order id and time it shares with the order.
+const RECORD_COLUMNS: &str = "(key, request_hash, status, response, order_id, created_at)";
+
+/// `$k, $k+1, $k+2, $k+3`: the record's key, request hash, status and response.
+fn record_values(lines: usize) -> String {
+    let first = ORDER_PARAMS + lines * LINE_PARAMS + 1;
+    (first..first + 4)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// PostgreSQL: one statement, so one round trip and its own transaction. Each insert
 /// depends on the one before through `RETURNING`, so nothing is stored unless the
 /// checkout was still ours to claim.
 fn store_order_postgres(lines: usize, keyed: bool) -> String {
-    let key = ORDER_PARAMS + lines * LINE_PARAMS;
     let keyed = if keyed {
         format!(
-            ", keyed AS (
-                INSERT INTO idempotency_keys (key, request_hash, order_id, status, response, created_at)
-                SELECT ${}, ${}, id, ${}, ${}, $6 FROM stored)",
-            key + 1,
-            key + 2,
-            key + 3,
-            key + 4
+            ", keyed AS (INSERT INTO idempotency_keys {RECORD_COLUMNS}
+                SELECT {}, id, $6 FROM stored)",
+            record_values(lines)
         )
     } else {
         String::new()
@@ -177,15 +169,10 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
 /// SQLite has no data-modifying CTEs; the claim's `RETURNING` row says whether the
 /// checkout was still ours, and the caller rolls back if it was not.
 fn store_order_sqlite(lines: usize, keyed: bool) -> String {
-    let key = ORDER_PARAMS + lines * LINE_PARAMS;
     let keyed = if keyed {
         format!(
-            "INSERT INTO idempotency_keys (key, request_hash, order_id, status, response, created_at)
-             VALUES (${}, ${}, $2, ${}, ${}, $6);",
-            key + 1,
-            key + 2,
-            key + 3,
-            key + 4
+            "INSERT INTO idempotency_keys {RECORD_COLUMNS} VALUES ({}, $2, $6);",
+            record_values(lines)
         )
     } else {
         String::new()
@@ -314,7 +301,7 @@ impl OrderStore for SqlOrderStore {
                 .bind(i64::from(record.status))
                 .bind(&record.response);
         }
-        let named = |err: sqlx::Error| match unique_violation_on(&err).as_deref() {
+        let named = |err: sqlx::Error| match shop_platform::db::unique_violation(&err).as_deref() {
             Some("idempotency_keys") => StoreError::IdempotencyKeyTaken,
             Some("orders") => StoreError::DuplicateId(order.id.clone()),
             _ => err.into(),

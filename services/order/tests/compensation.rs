@@ -246,11 +246,7 @@ async fn the_order_is_charged_the_reserved_price_and_a_wrong_total_releases_it(b
             })),
     )
     .await;
-    let user = stub(Router::new().route(
-        "/users/{id}",
-        get(|| async { axum::Json(json!({"id": "1"})) }),
-    ))
-    .await;
+    let user = user_stub().await;
     let dir = TestDatabase::new(backend).await;
     let store = open_store(&dir).await;
     let router = router(state(store.clone(), &product, &user));
@@ -305,11 +301,7 @@ async fn a_reservation_without_names_is_completed_from_the_catalogue(backend: Ba
             })),
     )
     .await;
-    let user = stub(Router::new().route(
-        "/users/{id}",
-        get(|| async { axum::Json(json!({"id": "1"})) }),
-    ))
-    .await;
+    let user = user_stub().await;
     let dir = TestDatabase::new(backend).await;
     let store = open_store(&dir).await;
     let router = router(state(store, &product, &user));
@@ -323,6 +315,15 @@ async fn a_reservation_without_names_is_completed_from_the_catalogue(backend: Ba
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(r.body["items"][0]["name"], json!("Laptop"));
     assert_eq!(r.body["total"], json!(1999.98));
+}
+
+/// A user service that knows user 1.
+async fn user_stub() -> String {
+    stub(Router::new().route(
+        "/users/{id}",
+        get(|| async { axum::Json(json!({"id": "1"})) }),
+    ))
+    .await
 }
 
 async fn stub(router: Router) -> String {

@@ -556,6 +556,23 @@ fn backend_of(url: &str) -> Option<Backend> {
     }
 }
 
+/// The table whose unique constraint (or primary key) `err` broke, if that is what it
+/// is, so a store can name the rule: PostgreSQL reports the table; SQLite only in its
+/// message ("UNIQUE constraint failed: table.column").
+pub fn unique_violation(err: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = err else {
+        return None;
+    };
+    if !db.is_unique_violation() {
+        return None;
+    }
+    if let Some(table) = db.table() {
+        return Some(table.to_owned());
+    }
+    let (_, column) = db.message().rsplit_once(": ")?;
+    Some(column.split('.').next()?.to_owned())
+}
+
 /// Errors that mean "the database cannot be reached right now" rather than "this
 /// request is wrong": I/O, pool exhaustion, and PostgreSQL's connection-exception and
 /// shutdown codes (class 08, 57P01-57P03, too many connections). Callers answer 503.
@@ -587,6 +604,29 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_unique_violation_names_its_table() {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY); CREATE TABLE other (x TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let insert = || sqlx::query("INSERT INTO keys (key) VALUES ('k')").execute(&pool);
+        insert().await.unwrap();
+        let err = insert().await.unwrap_err();
+        assert_eq!(unique_violation(&err).as_deref(), Some("keys"));
+        let other = sqlx::query("INSERT INTO missing VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert_eq!(unique_violation(&other), None);
+    }
 
     #[test]
     fn rejects_unknown_scheme_without_leaking_password() {

@@ -303,7 +303,7 @@ fn product_from_row(row: &AnyRow) -> Result<ProductRow, sqlx::Error> {
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+    shop_platform::db::unique_violation(err).is_some()
 }
 
 /// Takes one line's units and records them under reservation `id`, inside the caller's
