@@ -1395,6 +1395,58 @@ async fn malformed_and_ambiguous_requests_are_refused_by_the_parser() {
     gw.stop().await;
 }
 
+/// Series whose labels are known at start-up are there before the first request, so a
+/// dashboard shows 0 rather than "No data".
+#[tokio::test]
+async fn per_upstream_series_are_exported_at_zero_from_start_up() {
+    let gw = RunningGateway::start(&[
+        ("PRODUCT_URL", "http://127.0.0.1:1"),
+        ("CACHE_SIZE", "1MiB"),
+    ]);
+    let text = client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Label order is the exporter's; match the name, each label and the value.
+    let at_zero = |name: &str, labels: &[&str]| {
+        text.lines().any(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && l.ends_with("} 0")
+                && labels.iter().all(|label| l.contains(label))
+        })
+    };
+    let product = r#"upstream="product""#;
+    for (name, labels) in [
+        (
+            "gateway_upstream_request_duration_seconds_count",
+            vec![product],
+        ),
+        ("gateway_upstream_stream_errors_total", vec![product]),
+        (
+            "gateway_cache_requests_total",
+            vec![product, r#"result="hit""#],
+        ),
+        (
+            "gateway_cache_requests_total",
+            vec![product, r#"result="revalidated""#],
+        ),
+        (
+            "gateway_cache_requests_total",
+            vec![product, r#"result="stored""#],
+        ),
+    ] {
+        assert!(
+            at_zero(name, &labels),
+            "{name} {labels:?} not at 0 in\n{text}"
+        );
+    }
+    gw.stop().await;
+}
+
 /// RFC 9112 section 3.2: an HTTP/1.1 request has exactly one valid `Host`; an
 /// absolute-form target's authority replaces it. Refusals are JSON and close.
 #[tokio::test]
