@@ -141,6 +141,11 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     config.product.auth.keys = KeySource::Pair(keys.clone());
     config.order.auth.keys = KeySource::Pair(keys.clone());
     config.gateway.auth.keys = KeySource::Pair(keys);
+    // One in-process broker: the order and product services hear each other's events
+    // without RabbitMQ.
+    let broker = shop_platform::events::LocalBroker::default();
+    config.product.events = broker.clone();
+    config.order.events = broker;
     if let Some(path) = &config.user.admin_password_file {
         write_admin_password(path)?;
     }

@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shop_platform::events::NewEvent;
 use shop_platform::{AppError, Caller, Money, PeerResponse};
 
-use crate::domain::{NewOrder, Order, OrderItem, OrderRequest, price_lines, units};
+use crate::domain::{NewOrder, Order, OrderEvent, OrderItem, OrderRequest, price_lines, units};
 use crate::routes::AppState;
 use crate::storage::{Checkout, CheckoutStart, IdempotencyRecord, StoreError};
 
@@ -163,6 +164,10 @@ pub async fn place_order(
         total,
         status: "pending".into(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        version: 1,
+        confirmed_at: None,
+        cancelled_at: None,
+        stock_returned_at: None,
         reservation_id: checkout.reservation_id,
     };
     let record = match &key {
@@ -175,7 +180,8 @@ pub async fn place_order(
         }),
         None => None,
     };
-    match state.store.create(&order, record.as_ref()).await {
+    let placed = NewEvent::new("order.placed", &OrderEvent::from(&order));
+    match state.store.create(&order, record.as_ref(), &placed).await {
         Ok(()) => Ok(Placed::Created(order)),
         // The recovery loop owns the reservation now and is releasing it.
         Err(StoreError::CheckoutAbandoned) => Err(AppError::unavailable(

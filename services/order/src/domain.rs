@@ -87,11 +87,113 @@ pub struct Order {
     pub products: Vec<String>,
     pub items: Vec<OrderItem>,
     pub total: Money,
+    /// `pending`, then `confirmed` (by an admin), or `cancelled`.
+    #[schema(example = "pending")]
     pub status: String,
     #[schema(format = DateTime)]
     pub created_at: String,
+    /// Counts the order's changes, from 1; the `ETag` of the order is this number, quoted.
+    #[serde(default = "first_version")]
+    pub version: i64,
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub confirmed_at: Option<String>,
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub cancelled_at: Option<String>,
+    /// When the product service put a cancelled order's stock back on sale: it hears of
+    /// the cancellation through an event, so this follows `cancelled_at` shortly.
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub stock_returned_at: Option<String>,
     #[serde(skip)]
     pub reservation_id: String,
+}
+
+fn first_version() -> i64 {
+    1
+}
+
+/// A change of an order's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Confirm,
+    Cancel,
+}
+
+/// What an action does to an order in a given status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The order is in the action's status already: answered as is, nothing changes.
+    AlreadyDone,
+    To(&'static str),
+}
+
+impl Action {
+    /// The lifecycle: `pending` -> `confirmed` -> `cancelled`, and `pending` -> `cancelled`.
+    pub fn step(self, status: &str) -> Result<Step, AppError> {
+        match (self, status) {
+            (Action::Confirm, "pending") => Ok(Step::To("confirmed")),
+            (Action::Confirm, "confirmed") | (Action::Cancel, "cancelled") => Ok(Step::AlreadyDone),
+            (Action::Cancel, "pending" | "confirmed") => Ok(Step::To("cancelled")),
+            (Action::Confirm, "cancelled") => Err(AppError::conflict(
+                "invalid_transition",
+                "a cancelled order cannot be confirmed",
+            )),
+            (_, other) => Err(AppError::internal(anyhow::anyhow!(
+                "an order has the unknown status {other:?}"
+            ))),
+        }
+    }
+
+    /// The event a change announces.
+    pub fn event(self) -> &'static str {
+        match self {
+            Action::Confirm => "order.confirmed",
+            Action::Cancel => "order.cancelled",
+        }
+    }
+}
+
+/// The `data` of `order.placed`, `order.confirmed` and `order.cancelled` (version 1):
+/// the order as it is after the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderEvent {
+    pub order_id: String,
+    pub user_id: String,
+    pub status: String,
+    pub items: Vec<EventLine>,
+    pub total_cents: i64,
+    /// The product service's reservation holding the order's stock.
+    pub reservation_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventLine {
+    pub product_id: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+}
+
+impl From<&Order> for OrderEvent {
+    fn from(order: &Order) -> Self {
+        Self {
+            order_id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            status: order.status.clone(),
+            items: order
+                .items
+                .iter()
+                .map(|item| EventLine {
+                    product_id: item.product_id.clone(),
+                    quantity: item.quantity,
+                    unit_price_cents: item.unit_price.cents(),
+                })
+                .collect(),
+            total_cents: order.total.cents(),
+            reservation_id: order.reservation_id.clone(),
+        }
+    }
 }
 
 impl NewOrder {
@@ -264,6 +366,18 @@ mod tests {
             assert_eq!(err.status.as_u16(), 422, "{body}");
             assert_eq!(err.field.as_deref(), Some(field), "{body}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn the_lifecycle_allows_what_a_shop_needs_and_repeats_are_no_ops() {
+        use Action::*;
+        assert_eq!(Confirm.step("pending").unwrap(), Step::To("confirmed"));
+        assert_eq!(Cancel.step("pending").unwrap(), Step::To("cancelled"));
+        assert_eq!(Cancel.step("confirmed").unwrap(), Step::To("cancelled"));
+        assert_eq!(Confirm.step("confirmed").unwrap(), Step::AlreadyDone);
+        assert_eq!(Cancel.step("cancelled").unwrap(), Step::AlreadyDone);
+        let refused = Confirm.step("cancelled").unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.code.as_ref()), (409, "invalid_transition"));
     }
 
     #[test]

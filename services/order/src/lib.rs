@@ -2,6 +2,7 @@
 //! its own database.
 
 pub mod checkout;
+pub mod consumers;
 pub mod domain;
 pub mod routes;
 pub mod storage;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+use shop_platform::events::{self, EventMetrics, LocalBroker, Outbox};
 use shop_platform::{
     Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceClient, ServiceParts,
     Shutdown, StorageConfig,
@@ -64,6 +66,8 @@ pub struct Config {
     pub user_url: String,
     pub upstream_timeout: Duration,
     pub checkout_timeout: Duration,
+    /// Where events go: this process's own broker unless the launcher shares one.
+    pub events: LocalBroker,
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -88,6 +92,7 @@ impl Config {
             user_url: env.parse_with(&USER_URL, http_url)?,
             upstream_timeout: env.duration(&UPSTREAM_TIMEOUT)?,
             checkout_timeout: env.duration(&CHECKOUT_TIMEOUT)?,
+            events: LocalBroker::default(),
         })
     }
 }
@@ -95,7 +100,27 @@ impl Config {
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
-    let store = Arc::new(SqlOrderStore::new(&db));
+    let outbox = Outbox::default();
+    let store = Arc::new(SqlOrderStore::new(&db, outbox.clone()));
+    let event_metrics = EventMetrics::new(
+        &metrics,
+        &["order.placed", "order.confirmed", "order.cancelled"],
+        &[consumers::StockReleased::queue()],
+    );
+    let relay = events::outbox::spawn_relay(
+        &db,
+        &outbox,
+        Arc::new(config.events.clone()),
+        event_metrics.clone(),
+        events::outbox::POLL,
+    );
+    config.events.attach(
+        Arc::new(consumers::StockReleased {
+            store: store.clone(),
+        }),
+        event_metrics,
+    );
+    let broker = config.events.clone();
     let products = ServiceClient::new(
         "product",
         &config.product_url,
@@ -114,7 +139,11 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         .database(db)
         .auth(Authenticator::new(&config.auth)?)
         .openapi(&openapi())
-        .on_close(async move { recovery.abort() })
+        .on_close(async move {
+            recovery.abort();
+            relay.abort();
+            broker.detach(consumers::StockReleased::queue());
+        })
         .readiness_check("product", move || {
             let products = products.clone();
             async move { products.check_health().await }

@@ -8,15 +8,17 @@ use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
+use shop_platform::events::NewEvent;
 use shop_platform::{
-    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, ServiceClient,
+    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, Representation,
+    ServiceClient,
 };
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::checkout::{IdempotencyKey, Placed, place_order};
-use crate::domain::{NewOrder, Order};
+use crate::domain::{Action, NewOrder, Order, OrderEvent, Step};
 use crate::storage::{OrderStore, StoreError};
 
 #[derive(Clone)]
@@ -26,6 +28,7 @@ pub struct AppState {
     pub users: ServiceClient,
     created: IntCounter,
     failed: IntCounterVec,
+    changed: IntCounterVec,
 }
 
 impl AppState {
@@ -54,6 +57,12 @@ impl AppState {
                     "dependency_unavailable",
                     "internal",
                 ],
+            ),
+            changed: metrics.counter_vec(
+                "orders_status_changes_total",
+                "Orders confirmed or cancelled, by the status they moved to.",
+                "to",
+                &["confirmed", "cancelled"],
             ),
         }
     }
@@ -98,6 +107,8 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_order, list_orders))
         .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
+        .routes(routes!(confirm_order))
         .routes(routes!(create_order_seed))
 }
 
@@ -254,7 +265,9 @@ async fn list_orders(
     params(("id" = String, Path, description = "Order id", min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The order", body = Order),
+        (status = 200, description = "The order", body = Order, headers(
+            ("ETag" = String, description = "the order's version, quoted: send it in `If-Match` to change the order only as seen"))),
+        (status = 304, description = "`If-None-Match` named the current version"),
         (status = 403, description = "`forbidden`: the order is someone else's"),
         (status = 404, description = "`not_found`: no order with this id"),
         (status = 422, description = "`validation_failed`: the id breaks its pattern"),
@@ -262,14 +275,128 @@ async fn list_orders(
 async fn get_order(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     shop_platform::validate::id("id", &id)?;
     match state.store.get(&id).await? {
         Some(order) => {
             caller.require_access(&order.user_id, "orders")?;
-            Ok(axum::Json(order).into_response())
+            Ok(representation(&order)?.respond_to(&headers))
         }
-        None => Err(AppError::not_found(format!("no order with id {id:?}"))),
+        None => Err(no_order(&id)),
+    }
+}
+
+fn no_order(id: &str) -> AppError {
+    AppError::not_found(format!("no order with id {id:?}"))
+}
+
+/// The order's JSON, tagged with its version.
+fn representation(order: &Order) -> Result<Representation, AppError> {
+    let body = serde_json::to_vec(order).map_err(AppError::internal)?;
+    Ok(Representation::json_tagged(body, &order.version.to_string()))
+}
+
+const CHANGE_PARAMS_ID: &str = "Order id";
+
+/// Cancel an order: its owner, while it is `pending` or `confirmed`, or an admin. Its
+/// reserved stock goes back on sale shortly after (`stock_returned_at` says when).
+/// Cancelling a cancelled order answers it again and changes nothing.
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", operation_id = "cancel_order",
+    params(
+        ("id" = String, Path, description = CHANGE_PARAMS_ID, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"),
+        ("If-Match" = Option<String>, Header, description = "Change the order only if its `ETag` is still this one"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Cancelled (now, or before)", body = Order, headers(
+            ("ETag" = String, description = "the order's new version, quoted"))),
+        (status = 404, description = "`not_found`: no order with this id that the caller may see"),
+        (status = 412, description = "`precondition_failed`: `If-Match` names a version the order is no longer at"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern, or `If-Match` is malformed"),
+    ))]
+async fn cancel_order(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    change(&state, &caller, &headers, &id, Action::Cancel).await
+}
+
+/// Confirm a pending order (admins only). Confirming a confirmed order answers it again
+/// and changes nothing; a cancelled order cannot be confirmed.
+#[utoipa::path(post, path = "/orders/{id}/confirm", tag = "orders", operation_id = "confirm_order",
+    params(
+        ("id" = String, Path, description = CHANGE_PARAMS_ID, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"),
+        ("If-Match" = Option<String>, Header, description = "Change the order only if its `ETag` is still this one"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Confirmed (now, or before)", body = Order, headers(
+            ("ETag" = String, description = "the order's new version, quoted"))),
+        (status = 403, description = "`forbidden`: only an admin confirms orders"),
+        (status = 404, description = "`not_found`: no order with this id that the caller may see"),
+        (status = 409, description = "`invalid_transition`: the order is cancelled"),
+        (status = 412, description = "`precondition_failed`: `If-Match` names a version the order is no longer at"),
+        (status = 422, description = "`validation_failed`: the id breaks its pattern, or `If-Match` is malformed"),
+    ))]
+async fn confirm_order(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    change(&state, &caller, &headers, &id, Action::Confirm).await
+}
+
+/// Reads the order, decides, and writes the change only if the order is still at the
+/// version read; a lost race reads again and decides again (the winner may have done
+/// this very change, which then answers as a repeat).
+async fn change(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    id: &str,
+    action: Action,
+) -> AppResult<Response> {
+    shop_platform::validate::id("id", id)?;
+    loop {
+        // Someone else's order is not found: do not confirm it exists.
+        let order = state
+            .store
+            .get(id)
+            .await?
+            .filter(|order| caller.may_access(&order.user_id))
+            .ok_or_else(|| no_order(id))?;
+        if action == Action::Confirm && !caller.is_admin() {
+            return Err(shop_platform::identity::forbidden(
+                "only an admin confirms orders",
+            ));
+        }
+        let current = representation(&order)?;
+        let status = match action.step(&order.status)? {
+            Step::AlreadyDone => return Ok(current.with_status(StatusCode::OK)),
+            Step::To(status) => status,
+        };
+        if !current.if_match_passes(headers)? {
+            return Err(AppError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                format!(
+                    "the order is at version {}, not the one If-Match names; read it again",
+                    order.version
+                ),
+            ));
+        }
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut after = order.clone();
+        after.status = status.to_owned();
+        let event = NewEvent::new(action.event(), &OrderEvent::from(&after));
+        if let Some(changed) = state.store.transition(&order, status, &at, &event).await? {
+            state.changed.with_label_values(&[status]).inc();
+            return Ok(representation(&changed)?.with_status(StatusCode::OK));
+        }
     }
 }

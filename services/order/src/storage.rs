@@ -4,6 +4,7 @@
 //! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
+use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
@@ -64,14 +65,34 @@ pub trait OrderStore: Send + Sync + 'static {
         checkout: &Checkout,
         idempotency_key: Option<&str>,
     ) -> Result<CheckoutStart, StoreError>;
-    /// Stores the order and its lines, the idempotency record if any, and ends the
-    /// checkout, atomically. Refuses with `CheckoutAbandoned` if the recovery loop took
-    /// the checkout over, and `IdempotencyKeyTaken` if a concurrent request won the key.
+    /// Stores the order and its lines, the idempotency record if any, and its
+    /// `order.placed` event, and ends the checkout, atomically. Refuses with
+    /// `CheckoutAbandoned` if the recovery loop took the checkout over, and
+    /// `IdempotencyKeyTaken` if a concurrent request won the key.
     async fn create(
         &self,
         order: &Order,
         idempotency: Option<&IdempotencyRecord>,
+        placed: &NewEvent,
     ) -> Result<(), StoreError>;
+    /// Moves `order` to `status` with its event, atomically, if it is still at
+    /// `order.version`; `None` if another change came first.
+    async fn transition(
+        &self,
+        order: &Order,
+        status: &'static str,
+        at: &str,
+        event: &NewEvent,
+    ) -> Result<Option<Order>, StoreError>;
+    /// Records that the stock of the order holding `reservation_id` is back on sale, once
+    /// per event (`queue`'s inbox).
+    async fn stock_returned(
+        &self,
+        queue: &str,
+        event_id: &str,
+        reservation_id: &str,
+        at: &str,
+    ) -> Result<Handled, StoreError>;
     /// Forgets a checkout whose reservation is released (or was never taken).
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError>;
     /// Claims the checkouts started before `started_before_ms` for compensation; from
@@ -91,14 +112,15 @@ pub struct SqlOrderStore {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    outbox: Outbox,
 }
 
-/// Parameters of the statements that store an order: `$1`..`$6` the order, four per
-/// line from `$7`, then four for the idempotency record if there is one.
-const ORDER_PARAMS: usize = 6;
+/// Parameters of the statements that store an order: `$1`..`$6` the order, `$7`..`$11`
+/// its event, four per line from `$12`, then four for the idempotency record if any.
+const ORDER_PARAMS: usize = 11;
 const LINE_PARAMS: usize = 4;
 
-/// `(0, $7, $8, $9, $10), (1, $11, ...)`: position, product id, name, quantity, price.
+/// `(0, $12, $13, $14, $15), (1, $16, ...)`: position, product id, name, quantity, price.
 fn line_values(lines: usize, casts: bool) -> String {
     let (int, text) = if casts {
         ("::bigint", "::text")
@@ -119,6 +141,8 @@ fn line_values(lines: usize, casts: bool) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+const OUTBOX_COLUMNS: &str = "(event_id, kind, body, traceparent, created_at_ms)";
 
 /// The idempotency record's columns: its four parameters (numbered after the lines'),
 /// then the order id and time it shares with the order.
@@ -158,6 +182,8 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
             INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
             SELECT stored.id, line.position, line.product_id, line.name, line.quantity, line.price
             FROM stored, (VALUES {values}) AS line (position, product_id, name, quantity, price)
+        ), announced AS (
+            INSERT INTO outbox {OUTBOX_COLUMNS} SELECT $7, $8, $9, $10, $11 FROM stored
         ){keyed}
         SELECT id FROM stored",
         values = line_values(lines, true),
@@ -183,18 +209,24 @@ fn store_order_sqlite(lines: usize, keyed: bool) -> String {
         VALUES ($2, $3, $4, $5, $1, $6);
         INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
         SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values});
+        INSERT INTO outbox {OUTBOX_COLUMNS} VALUES ($7, $8, $9, $10, $11);
         DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
         RETURNING reservation_id;",
         values = line_values(lines, false),
     )
 }
 
+const ORDER_COLUMNS: &str = "seq, id, user_id, total_cents, status, reservation_id, created_at,
+    version, confirmed_at, cancelled_at, stock_returned_at";
+
 impl SqlOrderStore {
-    pub fn new(db: &Database) -> Self {
+    /// `outbox` is woken after each commit that wrote an event.
+    pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
             pool: db.pool().clone(),
             writer: db.writer().clone(),
             backend: db.backend(),
+            outbox,
         }
     }
 
@@ -234,6 +266,10 @@ impl SqlOrderStore {
                 total: Money::from_cents(row.try_get("total_cents")?),
                 status: row.try_get("status")?,
                 created_at: row.try_get("created_at")?,
+                version: row.try_get("version")?,
+                confirmed_at: row.try_get("confirmed_at")?,
+                cancelled_at: row.try_get("cancelled_at")?,
+                stock_returned_at: row.try_get("stock_returned_at")?,
                 reservation_id: row.try_get("reservation_id")?,
             },
         ))
@@ -273,6 +309,7 @@ impl OrderStore for SqlOrderStore {
         &self,
         order: &Order,
         idempotency: Option<&IdempotencyRecord>,
+        placed: &NewEvent,
     ) -> Result<(), StoreError> {
         let keyed = idempotency.is_some();
         let sql = match self.backend {
@@ -286,7 +323,12 @@ impl OrderStore for SqlOrderStore {
             .bind(&order.user_id)
             .bind(order.total.cents())
             .bind(&order.status)
-            .bind(&order.created_at);
+            .bind(&order.created_at)
+            .bind(&placed.id)
+            .bind(placed.kind)
+            .bind(&placed.body)
+            .bind(&placed.traceparent)
+            .bind(placed.created_at_ms);
         for item in &order.items {
             query = query
                 .bind(&item.product_id)
@@ -323,10 +365,74 @@ impl OrderStore for SqlOrderStore {
             }
         };
         if claimed {
+            self.outbox.wake();
             Ok(())
         } else {
             Err(StoreError::CheckoutAbandoned)
         }
+    }
+
+    async fn transition(
+        &self,
+        order: &Order,
+        status: &'static str,
+        at: &str,
+        event: &NewEvent,
+    ) -> Result<Option<Order>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE orders SET status = $1, version = version + 1,
+                confirmed_at = CASE WHEN $1 = 'confirmed' THEN $2 ELSE confirmed_at END,
+                cancelled_at = CASE WHEN $1 = 'cancelled' THEN $2 ELSE cancelled_at END
+             WHERE id = $3 AND version = $4",
+        )
+        .bind(status)
+        .bind(at)
+        .bind(&order.id)
+        .bind(order.version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
+        event.append(&mut *tx).await?;
+        tx.commit().await?;
+        self.outbox.wake();
+        let mut order = order.clone();
+        order.status = status.to_owned();
+        order.version += 1;
+        match status {
+            "confirmed" => order.confirmed_at = Some(at.to_owned()),
+            "cancelled" => order.cancelled_at = Some(at.to_owned()),
+            _ => {}
+        }
+        Ok(Some(order))
+    }
+
+    async fn stock_returned(
+        &self,
+        queue: &str,
+        event_id: &str,
+        reservation_id: &str,
+        at: &str,
+    ) -> Result<Handled, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if !inbox::first_delivery(&mut *tx, queue, event_id).await? {
+            return Ok(Handled::Duplicate);
+        }
+        // No order holds a reservation released by a checkout's compensation: nothing to
+        // record, and the event is still consumed.
+        sqlx::query(
+            "UPDATE orders SET stock_returned_at = $1, version = version + 1
+             WHERE reservation_id = $2 AND stock_returned_at IS NULL",
+        )
+        .bind(at)
+        .bind(reservation_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Handled::Applied)
     }
 
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {
@@ -370,8 +476,7 @@ impl OrderStore for SqlOrderStore {
 
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
         let row = sqlx::query(
-            "SELECT seq, id, user_id, total_cents, status, reservation_id, created_at
-             FROM orders WHERE id = $1",
+            sqlx::AssertSqlSafe(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1")),
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -396,10 +501,11 @@ impl OrderStore for SqlOrderStore {
         page: PageRequest,
     ) -> Result<Vec<(i64, Order)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, id, user_id, total_cents, status, reservation_id, created_at
-             FROM orders
-             WHERE seq > $1 AND ($2 IS NULL OR user_id = $2)
-             ORDER BY seq LIMIT $3",
+            sqlx::AssertSqlSafe(format!(
+                "SELECT {ORDER_COLUMNS} FROM orders
+                 WHERE seq > $1 AND ($2 IS NULL OR user_id = $2)
+                 ORDER BY seq LIMIT $3"
+            )),
         )
         .bind(page.after)
         .bind(user_id)

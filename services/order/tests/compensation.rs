@@ -19,6 +19,7 @@ use shop_order::storage::{
     Checkout, CheckoutStart, IdempotencyRecord, MIGRATIONS, OrderStore, StoreError,
 };
 use shop_order::{AppState, SqlOrderStore, app};
+use shop_platform::events::{Handled, NewEvent, Outbox};
 use shop_platform::pagination::PageRequest;
 use shop_platform::server::stack;
 use shop_platform::testing::{Backend, TestDatabase, call};
@@ -41,14 +42,33 @@ impl OrderStore for FaultyStore {
         &self,
         order: &Order,
         idempotency: Option<&IdempotencyRecord>,
+        placed: &NewEvent,
     ) -> Result<(), StoreError> {
         match self.1 {
             Fault::CannotWrite => Err(StoreError::Database(sqlx::Error::PoolClosed)),
             Fault::TooSlow => {
                 self.0.claim_abandoned(i64::MAX).await?;
-                self.0.create(order, idempotency).await
+                self.0.create(order, idempotency, placed).await
             }
         }
+    }
+    async fn transition(
+        &self,
+        order: &Order,
+        status: &'static str,
+        at: &str,
+        event: &NewEvent,
+    ) -> Result<Option<Order>, StoreError> {
+        self.0.transition(order, status, at, event).await
+    }
+    async fn stock_returned(
+        &self,
+        queue: &str,
+        event_id: &str,
+        reservation_id: &str,
+        at: &str,
+    ) -> Result<Handled, StoreError> {
+        self.0.stock_returned(queue, event_id, reservation_id, at).await
     }
     async fn begin_checkout(
         &self,
@@ -100,7 +120,7 @@ fn router(state: AppState) -> axum::Router {
 
 async fn open_store(dir: &TestDatabase) -> Arc<SqlOrderStore> {
     let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
-    Arc::new(SqlOrderStore::new(&db))
+    Arc::new(SqlOrderStore::new(&db, Outbox::default()))
 }
 
 async fn a_failed_write_gives_the_reserved_stock_back(backend: Backend) {

@@ -201,6 +201,7 @@ async fn two_replicas_start_together_on_an_empty_database(backend: Backend) {
             seed_products: true,
             catalogue_resync: std::time::Duration::from_secs(1),
             auth: shop_platform::AuthConfig::demo(),
+            events: Default::default(),
         })
     };
     let user = || shop_user::build(common::user_config(&user_db));

@@ -50,6 +50,21 @@ impl Representation {
         &self.etag_value
     }
 
+    /// Does `If-Match` in `request` allow changing what this represents: absent, `*`, or
+    /// naming this tag? Comparison is strong (RFC 9110 section 13.1.1), so a weak tag
+    /// never matches. `Err` if the header is there but not a valid list of tags.
+    pub fn if_match_passes(&self, request: &HeaderMap) -> Result<bool, crate::AppError> {
+        if !request.contains_key(header::IF_MATCH) {
+            return Ok(true);
+        }
+        request
+            .typed_get::<headers::IfMatch>()
+            .map(|condition| condition.precondition_passes(&self.etag))
+            .ok_or_else(|| {
+                crate::AppError::validation("If-Match", "must be * or a list of quoted entity tags")
+            })
+    }
+
     /// Does `If-None-Match` in `request` name this representation (or `*`)? Comparison is
     /// weak, as RFC 9110 section 13.1.2 requires for this header.
     pub fn is_current_for(&self, request: &HeaderMap) -> bool {

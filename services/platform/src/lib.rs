@@ -9,6 +9,7 @@ pub mod conditional;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod identity;
 pub mod memory;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! take stock only through reservations.
 
 pub mod catalogue;
+pub mod consumers;
 pub mod domain;
 pub mod routes;
 pub mod storage;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+use shop_platform::events::{self, EventMetrics, LocalBroker, Outbox};
 use shop_platform::{
     Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceParts, Shutdown,
     StorageConfig,
@@ -51,6 +53,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub seed_products: bool,
     pub catalogue_resync: Duration,
+    /// Where events go: this process's own broker unless the launcher shares one.
+    pub events: LocalBroker,
 }
 
 impl Config {
@@ -61,6 +65,7 @@ impl Config {
             auth: AuthConfig::from_env(env)?,
             seed_products: env.flag(&SEED_PRODUCTS)?,
             catalogue_resync: positive(env.duration(&CATALOGUE_RESYNC)?)?,
+            events: LocalBroker::default(),
         })
     }
 }
@@ -80,7 +85,8 @@ fn positive(interval: Duration) -> Result<Duration, ConfigError> {
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
-    let store: Arc<dyn ProductStore> = Arc::new(SqlProductStore::new(&db));
+    let outbox = Outbox::default();
+    let store: Arc<dyn ProductStore> = Arc::new(SqlProductStore::new(&db, outbox.clone()));
     if config.seed_products {
         seed_demo_products(store.as_ref()).await?;
     }
@@ -93,12 +99,36 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         store.clone(),
         watch,
     ));
+    let state = AppState::new(store, catalogue, &metrics);
+    let event_metrics = EventMetrics::new(
+        &metrics,
+        &["stock.released"],
+        &[consumers::OrderCancelled::queue()],
+    );
+    let relay = events::outbox::spawn_relay(
+        &db,
+        &outbox,
+        Arc::new(config.events.clone()),
+        event_metrics.clone(),
+        events::outbox::POLL,
+    );
+    config.events.attach(
+        Arc::new(consumers::OrderCancelled {
+            state: state.clone(),
+        }),
+        event_metrics,
+    );
+    let broker = config.events.clone();
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
-        .on_close(async move { sync.abort() })
+        .on_close(async move {
+            sync.abort();
+            relay.abort();
+            broker.detach(consumers::OrderCancelled::queue());
+        })
         .auth(Authenticator::new(&config.auth)?)
         .openapi(&openapi())
-        .bind(app(AppState::new(store, catalogue, &metrics)))
+        .bind(app(state))
         .await
 }
 

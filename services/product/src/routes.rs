@@ -338,9 +338,20 @@ async fn reserve(
 /// released before, or never existed (its id is then closed against a late reserve).
 async fn release(State(state): State<AppState>, Path(id): Path<String>) -> AppResult<StatusCode> {
     validate::id("id", &id)?;
-    if let Release::Released(changed) = state.store.release(&id).await? {
-        state.catalogue.apply(changed, Source::Write);
+    release_stock(&state, &id, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Releases a reservation (see [`ProductStore::release`]) and shows its stock at once.
+pub async fn release_stock(
+    state: &AppState,
+    reservation_id: &str,
+    event: Option<(&str, &str)>,
+) -> Result<Release, StoreError> {
+    let release = state.store.release(reservation_id, event).await?;
+    if let Release::Released(changed) = &release {
+        state.catalogue.apply(changed.iter().cloned(), Source::Write);
         state.counters.released.inc();
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(release)
 }

@@ -4,6 +4,8 @@
 //! replica's copy is updated at once.
 
 use async_trait::async_trait;
+use serde::Serialize;
+use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -60,6 +62,8 @@ pub enum Release {
     /// The units went back to stock; the products as committed.
     Released(Vec<ProductRow>),
     AlreadyReleased,
+    /// The event asking for it was applied before: nothing was done.
+    Duplicate,
     /// Nothing was held under that id; it is now closed so a late reserve cannot take stock.
     NeverHeld,
 }
@@ -101,22 +105,45 @@ pub trait ProductStore: Send + Sync + 'static {
         order_id: Option<&str>,
         lines: &[ReservationLine],
     ) -> Result<Reserved, StoreError>;
-    /// Gives a held reservation's units back, once.
-    async fn release(&self, reservation_id: &str) -> Result<Release, StoreError>;
+    /// Gives a held reservation's units back, once, and announces it (`stock.released`)
+    /// in the same transaction. `event`: the queue and id of the event asking for it,
+    /// recorded in the inbox in that transaction too, so a repeat changes nothing.
+    async fn release(
+        &self,
+        reservation_id: &str,
+        event: Option<(&str, &str)>,
+    ) -> Result<Release, StoreError>;
+}
+
+/// The `data` of `stock.released` (version 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StockReleased {
+    pub reservation_id: String,
+    pub order_id: Option<String>,
+    pub items: Vec<ReleasedLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReleasedLine {
+    pub product_id: String,
+    pub quantity: i64,
 }
 
 pub struct SqlProductStore {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    outbox: Outbox,
 }
 
 impl SqlProductStore {
-    pub fn new(db: &Database) -> Self {
+    /// `outbox` is woken after each commit that wrote an event.
+    pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
             pool: db.pool().clone(),
             writer: db.writer().clone(),
             backend: db.backend(),
+            outbox,
         }
     }
 
@@ -509,17 +536,26 @@ impl ProductStore for SqlProductStore {
         })
     }
 
-    async fn release(&self, reservation_id: &str) -> Result<Release, StoreError> {
+    async fn release(
+        &self,
+        reservation_id: &str,
+        event: Option<(&str, &str)>,
+    ) -> Result<Release, StoreError> {
         loop {
             let mut tx = self.writer.begin().await?;
-            let flipped = sqlx::query(
-                "UPDATE reservations SET status = 'released' WHERE id = $1 AND status = 'held'",
+            if let Some((queue, event_id)) = event
+                && !inbox::first_delivery(&mut *tx, queue, event_id).await?
+            {
+                return Ok(Release::Duplicate);
+            }
+            let flipped: Option<Option<String>> = sqlx::query_scalar(
+                "UPDATE reservations SET status = 'released' WHERE id = $1 AND status = 'held'
+                 RETURNING order_id",
             )
             .bind(reservation_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if flipped == 1 {
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(order_id) = flipped {
                 let items: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT product_id, quantity FROM reservation_items
                      WHERE reservation_id = $1 ORDER BY product_id",
@@ -529,6 +565,7 @@ impl ProductStore for SqlProductStore {
                 .await?;
                 let now = now();
                 let mut changed = Vec::with_capacity(items.len());
+                let mut lines = Vec::with_capacity(items.len());
                 for (product_id, quantity) in items {
                     let row = sqlx::query(concat!(
                         "UPDATE products SET quantity = quantity + $1, rev = rev + 1, updated_at = $3
@@ -537,7 +574,7 @@ impl ProductStore for SqlProductStore {
                         product_columns!()
                     ))
                     .bind(quantity)
-                    .bind(product_id)
+                    .bind(&product_id)
                     .bind(&now)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -545,8 +582,21 @@ impl ProductStore for SqlProductStore {
                     if let Some(row) = row {
                         changed.push(product_from_row(&row)?);
                     }
+                    lines.push(ReleasedLine {
+                        product_id,
+                        quantity,
+                    });
                 }
+                let released = StockReleased {
+                    reservation_id: reservation_id.to_owned(),
+                    order_id,
+                    items: lines,
+                };
+                NewEvent::new("stock.released", &released)
+                    .append(&mut *tx)
+                    .await?;
                 tx.commit().await?;
+                self.outbox.wake();
                 return Ok(Release::Released(changed));
             }
             // Not held: close the id, unless it exists already.
@@ -567,13 +617,17 @@ impl ProductStore for SqlProductStore {
                     .fetch_one(&mut *tx)
                     .await?
             };
-            tx.commit().await?;
-            match status.as_str() {
-                "never held" => return Ok(Release::NeverHeld),
-                "released" => return Ok(Release::AlreadyReleased),
-                // A reserve under this id committed between our two statements.
-                _ => continue,
+            // A reserve under this id committed between our two statements: roll back
+            // (the inbox row too) and release what it holds.
+            if status == "held" {
+                continue;
             }
+            tx.commit().await?;
+            return Ok(if status == "released" {
+                Release::AlreadyReleased
+            } else {
+                Release::NeverHeld
+            });
         }
     }
 }

@@ -48,6 +48,7 @@ async fn requests_and_readiness_recover_when_the_database_returns() {
             seed_products: true,
             catalogue_resync: std::time::Duration::from_secs(1),
             auth: shop_platform::AuthConfig::demo(),
+            events: Default::default(),
         })
         .await
         .unwrap(),

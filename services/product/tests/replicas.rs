@@ -20,6 +20,7 @@ async fn replica(storage: StorageConfig, resync: Duration) -> RunningApp {
             server: ServerConfig::ephemeral(),
             storage,
             auth: AuthConfig::demo(),
+            events: Default::default(),
             seed_products: true,
             catalogue_resync: resync,
         })

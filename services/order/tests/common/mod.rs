@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shop_platform::config::Env;
+use shop_platform::events::LocalBroker;
 use shop_platform::testing::{Backend, RunningApp, TestDatabase};
 use shop_platform::{AuthConfig, ServerConfig};
 
@@ -14,6 +15,9 @@ pub struct Peers {
     pub user: RunningApp,
     pub http: reqwest::Client,
     pub backend: Backend,
+    /// The product service's events broker, shared with the order services of
+    /// [`Peers::order_config`] as the launcher shares one.
+    pub broker: LocalBroker,
     _dirs: (TestDatabase, TestDatabase),
 }
 
@@ -24,12 +28,14 @@ impl Peers {
             TestDatabase::new(backend).await,
             TestDatabase::new(backend).await,
         );
+        let broker = LocalBroker::default();
         let product = shop_product::build(shop_product::Config {
             server: ServerConfig::ephemeral(),
             storage: product_dir.storage(),
             seed_products: true,
             catalogue_resync: std::time::Duration::from_secs(1),
             auth: AuthConfig::demo(),
+            events: broker.clone(),
         })
         .await
         .unwrap();
@@ -39,6 +45,7 @@ impl Peers {
             user: RunningApp::start(user),
             http: reqwest::Client::new(),
             backend,
+            broker,
             _dirs: (product_dir, user_dir),
         };
         let created = peers
@@ -53,7 +60,10 @@ impl Peers {
     }
 
     pub fn order_config(&self, dir: &TestDatabase) -> shop_order::Config {
-        order_config(dir, &self.product.url, &self.user.url)
+        shop_order::Config {
+            events: self.broker.clone(),
+            ..order_config(dir, &self.product.url, &self.user.url)
+        }
     }
 
     /// A database for the order service, on the peers' backend.
@@ -84,6 +94,7 @@ pub fn order_config(dir: &TestDatabase, product_url: &str, user_url: &str) -> sh
         upstream_timeout: Duration::from_secs(2),
         checkout_timeout: Duration::from_secs(30),
         auth: AuthConfig::demo(),
+        events: LocalBroker::default(),
     }
 }
 

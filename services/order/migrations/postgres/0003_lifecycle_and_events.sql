@@ -1,0 +1,37 @@
+-- The same as migrations/sqlite, in PostgreSQL types, plus the relay's wake-up.
+ALTER TABLE orders ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE orders ADD COLUMN confirmed_at TEXT;
+ALTER TABLE orders ADD COLUMN cancelled_at TEXT;
+ALTER TABLE orders ADD COLUMN stock_returned_at TEXT;
+CREATE INDEX orders_by_reservation ON orders (reservation_id);
+
+CREATE TABLE outbox (
+    seq           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id      TEXT   NOT NULL UNIQUE,
+    kind          TEXT   NOT NULL,
+    body          TEXT   NOT NULL,
+    traceparent   TEXT,
+    created_at_ms BIGINT NOT NULL,
+    sent_at_ms    BIGINT,
+    attempts      BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent_at_ms IS NULL;
+
+CREATE TABLE inbox (
+    queue           TEXT   NOT NULL,
+    event_id        TEXT   NOT NULL,
+    processed_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (queue, event_id)
+);
+
+-- Wakes the relay of whichever replica holds the relay lock, once per committing
+-- transaction that wrote events; its poll covers a notification lost in a reconnect.
+CREATE FUNCTION announce_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER outbox_announce AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION announce_outbox();

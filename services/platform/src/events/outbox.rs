@@ -1,0 +1,302 @@
+//! The outbox relay: publishes committed events in order, marks them sent once the broker
+//! confirmed them. Each publishing service's migrations create:
+//! `outbox (seq, event_id UNIQUE, kind, body, traceparent, created_at_ms, sent_at_ms, attempts)`
+//! and, on PostgreSQL, a trigger that announces inserts on the `outbox` channel.
+//!
+//! On PostgreSQL every replica runs a relay, and one at a time works: each batch is read,
+//! published and marked inside a transaction holding an advisory lock, so a replica that
+//! dies mid-batch releases the lock and leaves its rows unsent for the next one. The
+//! price of a crash between confirm and commit is a second publication, which consumers
+//! absorb (their inbox); never a lost event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sqlx::{AnyPool, Row};
+use tokio::sync::Notify;
+
+use super::consume::EventMetrics;
+use crate::{Backend, Database};
+
+/// One outbox row on its way to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub event_id: String,
+    /// The event type, which is also its routing key.
+    pub kind: String,
+    pub body: String,
+    pub traceparent: Option<String>,
+    /// Earlier publications that were not confirmed.
+    pub attempt: i64,
+}
+
+/// The first `confirmed` messages of a batch were confirmed, and the rest may not be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unconfirmed {
+    pub confirmed: usize,
+    pub reason: String,
+}
+
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `messages` in order; `Ok` once the broker confirmed every one.
+    async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed>;
+}
+
+/// What a service keeps to wake its relay once it has committed an event, so delivery
+/// does not wait for the next poll.
+#[derive(Clone, Default)]
+pub struct Outbox {
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// How often a relay looks at the outbox without being woken: the longest an event
+/// written by another replica, or announced while the relay's listener reconnected, waits.
+pub const POLL: Duration = Duration::from_secs(1);
+const BATCH: usize = 100;
+/// How long the broker may take to confirm one batch.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sent rows are kept this long (to answer "was it sent?"), then deleted.
+const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// PostgreSQL advisory lock key of the relay: `hashtext('shop.outbox')` fixed.
+const RELAY_LOCK: i64 = 0x5ED0_0B0C;
+
+/// Starts the relay. It also runs every `poll`, which bounds how long an event written by
+/// another replica (or missed by a notification) waits.
+pub fn spawn_relay(
+    db: &Database,
+    outbox: &Outbox,
+    publisher: Arc<dyn Publisher>,
+    metrics: EventMetrics,
+    poll: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let relay = Relay {
+        pool: db.pool().clone(),
+        writer: db.writer().clone(),
+        backend: db.backend(),
+        publisher,
+        metrics,
+    };
+    let mut watch = db.watch("outbox", poll);
+    let wake = outbox.wake.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_warning: Option<(Instant, String)> = None;
+        let mut last_cleanup = Instant::now();
+        loop {
+            let drained = relay.drain().await;
+            relay.measure().await;
+            match drained {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    if last_warning.take().is_some() {
+                        tracing::info!("the outbox relay is publishing again");
+                    }
+                    if last_cleanup.elapsed() > Duration::from_secs(600) {
+                        last_cleanup = Instant::now();
+                        relay.forget_sent().await;
+                    }
+                    tokio::select! {
+                        _ = watch.next() => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+                Err(reason) => {
+                    // Once per reason and minute: a broker that stays away is one
+                    // message, not one per retry.
+                    let repeat = last_warning.as_ref().is_some_and(|(at, last)| {
+                        *last == reason && at.elapsed() < Duration::from_secs(60)
+                    });
+                    if !repeat {
+                        tracing::warn!(%reason, "events wait in the outbox; retrying");
+                        last_warning = Some((Instant::now(), reason));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    })
+}
+
+struct Relay {
+    pool: AnyPool,
+    writer: AnyPool,
+    backend: Backend,
+    publisher: Arc<dyn Publisher>,
+    metrics: EventMetrics,
+}
+
+impl Relay {
+    /// Publishes batches until the outbox is empty.
+    async fn drain(&self) -> Result<(), String> {
+        loop {
+            let published = match self.backend {
+                Backend::Postgres => self.batch_as_leader().await?,
+                Backend::Sqlite => self.batch().await?,
+            };
+            if published < BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn batch_as_leader(&self) -> Result<usize, String> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if !leader {
+            // Another replica relays; this one polls in case it dies.
+            return Ok(0);
+        }
+        let messages = unsent(&mut *tx).await.map_err(db)?;
+        let result = self.publish(&messages).await;
+        mark(&mut tx, &messages, &result).await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.count(&messages, &result);
+        result.map(|()| messages.len()).map_err(|u| u.reason)
+    }
+
+    /// SQLite: one process owns the file, so no lock, and no transaction held while the
+    /// broker confirms (it would stop every other write).
+    async fn batch(&self) -> Result<usize, String> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let messages = unsent(&mut conn).await.map_err(db)?;
+        drop(conn);
+        let result = self.publish(&messages).await;
+        let mut conn = self.writer.acquire().await.map_err(db)?;
+        mark(&mut conn, &messages, &result).await.map_err(db)?;
+        self.count(&messages, &result);
+        result.map(|()| messages.len()).map_err(|u| u.reason)
+    }
+
+    async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        tokio::time::timeout(PUBLISH_TIMEOUT, self.publisher.publish(messages))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Unconfirmed {
+                    confirmed: 0,
+                    reason: format!("the broker did not confirm within {PUBLISH_TIMEOUT:?}"),
+                })
+            })
+    }
+
+    fn count(&self, messages: &[Message], result: &Result<(), Unconfirmed>) {
+        for message in &messages[..confirmed(messages, result)] {
+            self.metrics
+                .published
+                .with_label_values(&[message.kind.as_str()])
+                .inc();
+        }
+    }
+
+    async fn measure(&self) {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, MIN(created_at_ms) AS oldest FROM outbox
+             WHERE sent_at_ms IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(row) => {
+                let pending: i64 = row.try_get("pending").unwrap_or(0);
+                let oldest: Option<i64> = row.try_get("oldest").unwrap_or(None);
+                self.metrics.pending.set(pending);
+                let age = oldest
+                    .map(|at| (chrono::Utc::now().timestamp_millis() - at).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                self.metrics.oldest_pending_age.set(age);
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot measure the outbox"),
+        }
+    }
+
+    async fn forget_sent(&self) {
+        let before = chrono::Utc::now().timestamp_millis() - RETENTION.as_millis() as i64;
+        if let Err(err) = sqlx::query("DELETE FROM outbox WHERE sent_at_ms < $1")
+            .bind(before)
+            .execute(&self.writer)
+            .await
+        {
+            tracing::debug!(error = %err, "cannot delete old sent events; will try again");
+        }
+    }
+}
+
+fn db(err: sqlx::Error) -> String {
+    format!("database: {err}")
+}
+
+fn confirmed(messages: &[Message], result: &Result<(), Unconfirmed>) -> usize {
+    match result {
+        Ok(()) => messages.len(),
+        Err(u) => u.confirmed.min(messages.len()),
+    }
+}
+
+async fn unsent(conn: &mut sqlx::AnyConnection) -> Result<Vec<Message>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT event_id, kind, body, traceparent, attempts FROM outbox
+         WHERE sent_at_ms IS NULL ORDER BY seq LIMIT $1",
+    )
+    .bind(BATCH as i64)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Message {
+                event_id: row.try_get("event_id")?,
+                kind: row.try_get("kind")?,
+                body: row.try_get("body")?,
+                traceparent: row.try_get("traceparent")?,
+                attempt: row.try_get("attempts")?,
+            })
+        })
+        .collect()
+}
+
+/// Marks the confirmed prefix sent, and counts an attempt on the first unconfirmed row.
+async fn mark(
+    conn: &mut sqlx::AnyConnection,
+    messages: &[Message],
+    result: &Result<(), Unconfirmed>,
+) -> Result<(), sqlx::Error> {
+    let done = confirmed(messages, result);
+    if done > 0 {
+        let placeholders = (2..done + 2)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Built from a count only; every value is a parameter.
+        let sql = format!("UPDATE outbox SET sent_at_ms = $1 WHERE event_id IN ({placeholders})");
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(chrono::Utc::now().timestamp_millis());
+        for message in &messages[..done] {
+            query = query.bind(&message.event_id);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    if let Some(stuck) = messages.get(done)
+        && result.is_err()
+    {
+        sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE event_id = $1")
+            .bind(&stuck.event_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
