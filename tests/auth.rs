@@ -435,6 +435,68 @@ async fn accounts_tokens_ownership_and_no_secret_in_any_log() {
     .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 
+    // The order's life: someone else's order is not found (its existence is not
+    // confirmed), a customer cannot confirm, the owner cancels and the stock comes back
+    // through the order.cancelled and stock.released events, the admin confirms.
+    let r = call(
+        &http,
+        Method::POST,
+        &format!("{gw}/api/v1/orders/{order}/cancel"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_refused(&r, StatusCode::NOT_FOUND, "bob cancels alice's order");
+    let r = call(
+        &http,
+        Method::POST,
+        &format!("{gw}/api/v1/orders/{bobs_order}/confirm"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_refused(&r, StatusCode::FORBIDDEN, "bob confirms his own order");
+    let r = call(
+        &http,
+        Method::POST,
+        &format!("{gw}/api/v1/orders/{order}/cancel"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["status"], "cancelled");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = call(
+            &http,
+            Method::GET,
+            &format!("{gw}/api/v1/orders/{order}"),
+            Some(&alice),
+            None,
+        )
+        .await;
+        if r.body["stock_returned_at"].is_string() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled order's stock never came back: {}",
+            r.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = call(
+        &http,
+        Method::POST,
+        &format!("{gw}/api/v1/orders/{bobs_order}/confirm"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["status"], "confirmed");
+
     // Every protected route, with no token and with each forgery: 401, nothing done.
     let protected: Vec<(Method, String, Option<Value>)> = vec![
         (Method::GET, "/api/v1/orders".into(), None),
@@ -443,6 +505,12 @@ async fn accounts_tokens_ownership_and_no_secret_in_any_log() {
             Method::POST,
             "/api/v1/orders".into(),
             Some(json!({"products": ["1"]})),
+        ),
+        (Method::POST, format!("/api/v1/orders/{order}/cancel"), None),
+        (
+            Method::POST,
+            format!("/api/v1/orders/{bobs_order}/confirm"),
+            None,
         ),
         (Method::GET, "/api/orders?user_id=alice".into(), None),
         (

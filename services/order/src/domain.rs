@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(Confirm.step("confirmed").unwrap(), Step::AlreadyDone);
         assert_eq!(Cancel.step("cancelled").unwrap(), Step::AlreadyDone);
         let refused = Confirm.step("cancelled").unwrap_err();
-        assert_eq!((refused.status.as_u16(), refused.code.as_ref()), (409, "invalid_transition"));
+        assert_eq!(
+            (refused.status.as_u16(), refused.code.as_ref()),
+            (409, "invalid_transition")
+        );
     }
 
     #[test]

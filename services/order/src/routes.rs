@@ -295,7 +295,10 @@ fn no_order(id: &str) -> AppError {
 /// The order's JSON, tagged with its version.
 fn representation(order: &Order) -> Result<Representation, AppError> {
     let body = serde_json::to_vec(order).map_err(AppError::internal)?;
-    Ok(Representation::json_tagged(body, &order.version.to_string()))
+    Ok(Representation::json_tagged(
+        body,
+        &order.version.to_string(),
+    ))
 }
 
 const CHANGE_PARAMS_ID: &str = "Order id";

@@ -475,9 +475,9 @@ impl OrderStore for SqlOrderStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
-        let row = sqlx::query(
-            sqlx::AssertSqlSafe(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1")),
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"
+        )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -500,13 +500,11 @@ impl OrderStore for SqlOrderStore {
         user_id: Option<&str>,
         page: PageRequest,
     ) -> Result<Vec<(i64, Order)>, StoreError> {
-        let rows = sqlx::query(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT {ORDER_COLUMNS} FROM orders
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders
                  WHERE seq > $1 AND ($2 IS NULL OR user_id = $2)
                  ORDER BY seq LIMIT $3"
-            )),
-        )
+        )))
         .bind(page.after)
         .bind(user_id)
         .bind(page.fetch_limit())

@@ -30,7 +30,15 @@ async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> 
     let timeout = Duration::from_secs(2);
     let products = ServiceClient::new("product", product_url, timeout, metrics.clone()).unwrap();
     let users = ServiceClient::new("user", user_url, timeout, metrics.clone()).unwrap();
-    let state = AppState::new(Arc::new(SqlOrderStore::new(&db, shop_platform::events::Outbox::default())), products, users, &metrics);
+    let state = AppState::new(
+        Arc::new(SqlOrderStore::new(
+            &db,
+            shop_platform::events::Outbox::default(),
+        )),
+        products,
+        users,
+        &metrics,
+    );
     stack(
         app(state).layer(axum::Extension(shop_platform::Authenticator::demo())),
         &ServerConfig::ephemeral(),

@@ -68,7 +68,9 @@ impl OrderStore for FaultyStore {
         reservation_id: &str,
         at: &str,
     ) -> Result<Handled, StoreError> {
-        self.0.stock_returned(queue, event_id, reservation_id, at).await
+        self.0
+            .stock_returned(queue, event_id, reservation_id, at)
+            .await
     }
     async fn begin_checkout(
         &self,

@@ -54,15 +54,23 @@ impl Representation {
     /// naming this tag? Comparison is strong (RFC 9110 section 13.1.1), so a weak tag
     /// never matches. `Err` if the header is there but not a valid list of tags.
     pub fn if_match_passes(&self, request: &HeaderMap) -> Result<bool, crate::AppError> {
-        if !request.contains_key(header::IF_MATCH) {
+        let values = request.get_all(header::IF_MATCH);
+        if values.iter().next().is_none() {
             return Ok(true);
+        }
+        let invalid =
+            || crate::AppError::validation("If-Match", "must be * or a list of quoted entity tags");
+        // The typed parser takes a bare `1` as a tag; the grammar does not.
+        if !values
+            .iter()
+            .all(|v| v.to_str().is_ok_and(is_if_match_value))
+        {
+            return Err(invalid());
         }
         request
             .typed_get::<headers::IfMatch>()
             .map(|condition| condition.precondition_passes(&self.etag))
-            .ok_or_else(|| {
-                crate::AppError::validation("If-Match", "must be * or a list of quoted entity tags")
-            })
+            .ok_or_else(invalid)
     }
 
     /// Does `If-None-Match` in `request` name this representation (or `*`)? Comparison is
@@ -103,6 +111,26 @@ impl Representation {
 }
 
 /// A short hex digest (128 bits of SHA-256) of the given parts, in order.
+/// `If-Match = "*" / #entity-tag` (RFC 9110 section 13.1.1), one header line's worth.
+fn is_if_match_value(value: &str) -> bool {
+    let value = value.trim();
+    value == "*"
+        || value
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .all(|member| {
+                let opaque = member.strip_prefix("W/").unwrap_or(member);
+                opaque.len() >= 2
+                    && opaque.starts_with('"')
+                    && opaque.ends_with('"')
+                    && opaque[1..opaque.len() - 1]
+                        .bytes()
+                        .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b) || b >= 0x80)
+            })
+            && value.split(',').any(|m| !m.trim().is_empty())
+}
+
 pub fn tag_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
@@ -136,6 +164,28 @@ mod tests {
             tag.starts_with('"') && tag.ends_with('"') && tag.len() == 34,
             "{tag}"
         );
+    }
+
+    #[test]
+    fn if_match_is_compared_strongly_and_malformed_lists_are_refused() {
+        let r = Representation::json_tagged(&b"{}"[..], "3");
+        let with = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::IF_MATCH, value.parse().unwrap());
+            }
+            r.if_match_passes(&headers).map_err(|e| e.field.unwrap())
+        };
+        assert_eq!(with(&[]), Ok(true));
+        assert_eq!(with(&["\"3\""]), Ok(true));
+        assert_eq!(with(&["*"]), Ok(true));
+        assert_eq!(with(&["\"1\", \"3\""]), Ok(true));
+        assert_eq!(with(&["\"1\"", "\"3\""]), Ok(true));
+        assert_eq!(with(&["\"2\""]), Ok(false));
+        assert_eq!(with(&["W/\"3\""]), Ok(false), "weak tags never match");
+        for bad in ["3", "\"3", "\"a b\"", ",", "*, \"3\""] {
+            assert_eq!(with(&[bad]), Err("If-Match".to_owned()), "{bad}");
+        }
     }
 
     #[test]

@@ -41,7 +41,12 @@ impl Consumer for OrderCancelled {
         shop_platform::validate::id("reservation_id", &cancelled.reservation_id)
             .map_err(|err| Rejection::Poison(err.message))?;
         let queue = Self::queue().name;
-        match release_stock(&self.state, &cancelled.reservation_id, Some((queue, &event.id))).await
+        match release_stock(
+            &self.state,
+            &cancelled.reservation_id,
+            Some((queue, &event.id)),
+        )
+        .await
         {
             Ok(Release::Duplicate) => Ok(Handled::Duplicate),
             // Released now, before (by hand), or never held: the order holds nothing now.

@@ -350,7 +350,9 @@ pub async fn release_stock(
 ) -> Result<Release, StoreError> {
     let release = state.store.release(reservation_id, event).await?;
     if let Release::Released(changed) = &release {
-        state.catalogue.apply(changed.iter().cloned(), Source::Write);
+        state
+            .catalogue
+            .apply(changed.iter().cloned(), Source::Write);
         state.counters.released.inc();
     }
     Ok(release)

@@ -20,7 +20,10 @@ impl Harness {
     async fn new(backend: Backend) -> Self {
         let db = TestDatabase::new(backend).await;
         let database = db.storage().open("product", &MIGRATIONS).await.unwrap();
-        let store = Arc::new(SqlProductStore::new(&database, shop_platform::events::Outbox::default()));
+        let store = Arc::new(SqlProductStore::new(
+            &database,
+            shop_platform::events::Outbox::default(),
+        ));
         seed_demo_products(store.as_ref()).await.unwrap();
         let metrics = Metrics::new("product");
         let catalogue = Arc::new(Catalogue::load(store.as_ref(), &metrics).await.unwrap());

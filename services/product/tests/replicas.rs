@@ -323,12 +323,12 @@ async fn a_lost_notification_is_made_good_by_the_re_read_and_by_reconnecting() {
         .unwrap();
     let cut: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+         WHERE datname = current_database() AND query LIKE 'LISTEN%catalogue%'",
     )
     .fetch_all(&mut psql)
     .await
     .unwrap();
-    assert_eq!(cut.len(), 2, "one listener per replica");
+    assert_eq!(cut.len(), 2, "one catalogue listener per replica");
     let took = c
         .wait_for(&listening_only, "1", Duration::from_secs(10), |p| {
             p["name"] == "Laptop Air"

@@ -69,7 +69,10 @@ impl EventMetrics {
             registry.register(c).expect("event metrics registered once");
         };
         let published = IntCounterVec::new(
-            Opts::new("events_published_total", "Events the broker confirmed, by type."),
+            Opts::new(
+                "events_published_total",
+                "Events the broker confirmed, by type.",
+            ),
             &["type"],
         )
         .expect("valid metric");
@@ -199,7 +202,11 @@ pub async fn deliver(
             "dead_lettered"
         }
         Outcome::Retry(reason) => {
-            tracing::warn!(queue, reason, "could not apply an event now; it will be delivered again");
+            tracing::warn!(
+                queue,
+                reason,
+                "could not apply an event now; it will be delivered again"
+            );
             "retried"
         }
     };

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use super::Queue;
 use super::consume::{Consumer, EventMetrics, Outcome, deliver};
 use super::outbox::{Message, Publisher, Unconfirmed};
-use super::Queue;
 
 #[derive(Clone, Default)]
 pub struct LocalBroker {
@@ -26,8 +26,16 @@ struct Attached {
 
 impl std::fmt::Debug for LocalBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let queues: Vec<_> = self.consumers.lock().expect("not poisoned").keys().copied().collect();
-        f.debug_struct("LocalBroker").field("queues", &queues).finish()
+        let queues: Vec<_> = self
+            .consumers
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .copied()
+            .collect();
+        f.debug_struct("LocalBroker")
+            .field("queues", &queues)
+            .finish()
     }
 }
 
@@ -42,11 +50,18 @@ impl LocalBroker {
 
     /// Detaches a stopping service's consumer: its events wait for the next one.
     pub fn detach(&self, queue: &Queue) {
-        self.consumers.lock().expect("not poisoned").remove(queue.name);
+        self.consumers
+            .lock()
+            .expect("not poisoned")
+            .remove(queue.name);
     }
 
     fn attached(&self, queue: &str) -> Option<Attached> {
-        self.consumers.lock().expect("not poisoned").get(queue).cloned()
+        self.consumers
+            .lock()
+            .expect("not poisoned")
+            .get(queue)
+            .cloned()
     }
 }
 

@@ -153,7 +153,9 @@ mod tests {
             assert!(!purpose.is_empty() && !queue.topics.is_empty(), "{queue:?}");
         }
         assert_eq!(
-            Queue::routed("order.cancelled").map(|q| q.name).collect::<Vec<_>>(),
+            Queue::routed("order.cancelled")
+                .map(|q| q.name)
+                .collect::<Vec<_>>(),
             ["product.order-cancelled"]
         );
         assert_eq!(Queue::routed("order.unknown").count(), 0);
@@ -165,10 +167,23 @@ mod tests {
         struct Data {
             order_id: String,
         }
-        let new = NewEvent::new("order.cancelled", &Data { order_id: "7".into() });
+        let new = NewEvent::new(
+            "order.cancelled",
+            &Data {
+                order_id: "7".into(),
+            },
+        );
         let event: Event = serde_json::from_str(&new.body).unwrap();
-        assert_eq!((event.id.as_str(), event.kind.as_str()), (new.id.as_str(), "order.cancelled"));
-        assert_eq!(event.data::<Data>().unwrap(), Data { order_id: "7".into() });
+        assert_eq!(
+            (event.id.as_str(), event.kind.as_str()),
+            (new.id.as_str(), "order.cancelled")
+        );
+        assert_eq!(
+            event.data::<Data>().unwrap(),
+            Data {
+                order_id: "7".into()
+            }
+        );
         #[derive(Deserialize, Debug)]
         #[allow(dead_code)]
         struct Other {
