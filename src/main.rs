@@ -143,9 +143,12 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     config.gateway.auth.keys = KeySource::Pair(keys);
     // One in-process broker: the order and product services hear each other's events
     // without RabbitMQ.
-    let broker = shop_platform::events::LocalBroker::default();
-    config.product.events = broker.clone();
-    config.order.events = broker;
+    // Unless AMQP_URL names RabbitMQ: then each service connects to it as on its own.
+    if matches!(config.order.events, shop_platform::events::Broker::Local(_)) {
+        let broker = shop_platform::events::Broker::default();
+        config.product.events = broker.clone();
+        config.order.events = broker;
+    }
     if let Some(path) = &config.user.admin_password_file {
         write_admin_password(path)?;
     }

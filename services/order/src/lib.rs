@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::events::{self, EventMetrics, LocalBroker, Outbox};
+use shop_platform::events::{Broker, EventMetrics, Outbox};
 use shop_platform::{
     Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceClient, ServiceParts,
     Shutdown, StorageConfig,
@@ -52,6 +52,7 @@ pub const BINARY: Binary = Binary {
         ("Storage", StorageConfig::VARS),
         ("Authentication", &AuthConfig::SERVICE_VARS),
         ("Dependencies", &[PRODUCT_URL, USER_URL, UPSTREAM_TIMEOUT]),
+        ("Events", &[Broker::AMQP_URL]),
         ("Orders", &[CHECKOUT_TIMEOUT]),
     ],
     runtime: Runtime::MultiThread,
@@ -66,8 +67,8 @@ pub struct Config {
     pub user_url: String,
     pub upstream_timeout: Duration,
     pub checkout_timeout: Duration,
-    /// Where events go: this process's own broker unless the launcher shares one.
-    pub events: LocalBroker,
+    /// Where events go: RabbitMQ, or in-process (a broker the launcher shares).
+    pub events: Broker,
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -92,7 +93,7 @@ impl Config {
             user_url: env.parse_with(&USER_URL, http_url)?,
             upstream_timeout: env.duration(&UPSTREAM_TIMEOUT)?,
             checkout_timeout: env.duration(&CHECKOUT_TIMEOUT)?,
-            events: LocalBroker::default(),
+            events: Broker::from_env(env)?,
         })
     }
 }
@@ -107,20 +108,15 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         &["order.placed", "order.confirmed", "order.cancelled"],
         &[consumers::StockReleased::queue()],
     );
-    let relay = events::outbox::spawn_relay(
+    let events = config.events.start(
+        NAME,
         &db,
         &outbox,
-        Arc::new(config.events.clone()),
-        event_metrics.clone(),
-        events::outbox::POLL,
-    );
-    config.events.attach(
-        Arc::new(consumers::StockReleased {
-            store: store.clone(),
-        }),
         event_metrics,
+        vec![Arc::new(consumers::StockReleased {
+            store: store.clone(),
+        })],
     );
-    let broker = config.events.clone();
     let products = ServiceClient::new(
         "product",
         &config.product_url,
@@ -141,8 +137,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         .openapi(&openapi())
         .on_close(async move {
             recovery.abort();
-            relay.abort();
-            broker.detach(consumers::StockReleased::queue());
+            events.stop();
         })
         .readiness_check("product", move || {
             let products = products.clone();

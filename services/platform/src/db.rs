@@ -592,7 +592,7 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
 }
 
 /// Hides credentials in a URL for error messages.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***{}", &url[..scheme_end], &url[at..])

@@ -325,6 +325,72 @@ impl Drop for PgCluster {
     }
 }
 
+/// Are the RabbitMQ tests required to run (`SHOP_TEST_RABBITMQ=required`, set by
+/// ./scripts/test), rather than skipped where no server is installed?
+pub fn rabbitmq_required() -> bool {
+    std::env::var("SHOP_TEST_RABBITMQ").is_ok_and(|v| v == "required")
+}
+
+/// A private RabbitMQ node (via `scripts/rabbitmq-node`) that a test may stop and start,
+/// destroyed on drop. `None` (skip, reason printed) when RabbitMQ is not installed,
+/// unless RabbitMQ tests are required.
+pub struct RabbitMq {
+    dir: String,
+    pub url: String,
+}
+
+impl RabbitMq {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/rabbitmq-node");
+
+    pub fn start(test: &str) -> Option<Self> {
+        let output = std::process::Command::new(Self::SCRIPT)
+            .arg("start")
+            .output()
+            .expect("run scripts/rabbitmq-node");
+        if !output.status.success() {
+            let why = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !rabbitmq_required(),
+                "{test}: RabbitMQ tests are required but no node could be started: {why}"
+            );
+            skipped(&format!("{test}: cannot start a RabbitMQ node: {why}"));
+            return None;
+        }
+        let line = String::from_utf8(output.stdout).expect("utf-8");
+        let (dir, url) = line.trim().split_once(' ').expect("DIR URL");
+        Some(Self {
+            dir: dir.to_owned(),
+            url: url.to_owned(),
+        })
+    }
+
+    /// Stops the node, as in an outage: connections drop, durable data stays.
+    pub fn stop(&self) {
+        self.run("stop");
+    }
+
+    /// Starts the stopped node again on the same port and data.
+    pub fn restart(&self) {
+        self.run("start");
+    }
+
+    fn run(&self, action: &str) {
+        let status = std::process::Command::new(Self::SCRIPT)
+            .args([action, &self.dir])
+            .status()
+            .expect("run scripts/rabbitmq-node");
+        assert!(status.success(), "rabbitmq-node {action} failed");
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::SCRIPT)
+            .args(["destroy", &self.dir])
+            .status();
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let Some((admin, name)) = self.postgres.take() else {
@@ -380,9 +446,16 @@ impl ServiceProcess {
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let addr = loop {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-                .expect("the service logs its address");
+            let Ok(line) =
+                logs.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            else {
+                // Not left running (and holding the test's output open) after the panic.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the service did not log its `listening` line within 30 s (is RUST_LOG hiding info from shop_platform::server?)"
+                );
+            };
             let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
             if entry["message"] == "listening" {
                 break entry["address"]

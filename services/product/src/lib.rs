@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
-use shop_platform::events::{self, EventMetrics, LocalBroker, Outbox};
+use shop_platform::events::{Broker, EventMetrics, Outbox};
 use shop_platform::{
     Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceParts, Shutdown,
     StorageConfig,
@@ -42,6 +42,7 @@ pub const BINARY: Binary = Binary {
         ("Storage", StorageConfig::VARS),
         ("Authentication", &AuthConfig::SERVICE_VARS),
         ("Product", &[SEED_PRODUCTS, CATALOGUE_RESYNC]),
+        ("Events", &[Broker::AMQP_URL]),
     ],
     runtime: Runtime::MultiThread,
 };
@@ -53,8 +54,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub seed_products: bool,
     pub catalogue_resync: Duration,
-    /// Where events go: this process's own broker unless the launcher shares one.
-    pub events: LocalBroker,
+    /// Where events go: RabbitMQ, or in-process (a broker the launcher shares).
+    pub events: Broker,
 }
 
 impl Config {
@@ -65,7 +66,7 @@ impl Config {
             auth: AuthConfig::from_env(env)?,
             seed_products: env.flag(&SEED_PRODUCTS)?,
             catalogue_resync: positive(env.duration(&CATALOGUE_RESYNC)?)?,
-            events: LocalBroker::default(),
+            events: Broker::from_env(env)?,
         })
     }
 }
@@ -105,26 +106,20 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         &["stock.released"],
         &[consumers::OrderCancelled::queue()],
     );
-    let relay = events::outbox::spawn_relay(
+    let events = config.events.start(
+        NAME,
         &db,
         &outbox,
-        Arc::new(config.events.clone()),
-        event_metrics.clone(),
-        events::outbox::POLL,
-    );
-    config.events.attach(
-        Arc::new(consumers::OrderCancelled {
-            state: state.clone(),
-        }),
         event_metrics,
+        vec![Arc::new(consumers::OrderCancelled {
+            state: state.clone(),
+        })],
     );
-    let broker = config.events.clone();
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
         .on_close(async move {
             sync.abort();
-            relay.abort();
-            broker.detach(consumers::OrderCancelled::queue());
+            events.stop();
         })
         .auth(Authenticator::new(&config.auth)?)
         .openapi(&openapi())

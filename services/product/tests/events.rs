@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use shop_platform::events::outbox::Message;
 use shop_platform::events::{
-    Consumer, Event, EventMetrics, Handled, LocalBroker, NewEvent, Publisher, Queue, Rejection,
+    Broker, Consumer, Event, EventMetrics, Handled, LocalBroker, NewEvent, Publisher, Queue,
+    Rejection,
 };
 use shop_platform::testing::{Backend, RunningApp, TestDatabase, parse_exposition};
 use shop_platform::{AuthConfig, Metrics, ServerConfig};
@@ -32,7 +33,7 @@ impl Product {
             seed_products: true,
             catalogue_resync: Duration::from_secs(1),
             auth: AuthConfig::demo(),
-            events: broker.clone(),
+            events: Broker::Local(broker.clone()),
         })
         .await
         .unwrap();

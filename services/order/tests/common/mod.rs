@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shop_platform::config::Env;
-use shop_platform::events::LocalBroker;
+use shop_platform::events::{Broker, LocalBroker};
 use shop_platform::testing::{Backend, RunningApp, TestDatabase};
 use shop_platform::{AuthConfig, ServerConfig};
 
@@ -16,19 +16,22 @@ pub struct Peers {
     pub http: reqwest::Client,
     pub backend: Backend,
     /// The product service's events broker, shared with the order services of
-    /// [`Peers::order_config`] as the launcher shares one.
-    pub broker: LocalBroker,
+    /// [`Peers::order_config`] (in-process, as the launcher shares one, or RabbitMQ).
+    pub broker: Broker,
     _dirs: (TestDatabase, TestDatabase),
 }
 
 impl Peers {
     /// Product (seeded with the demo catalogue) and user services, with user "1".
     pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, Broker::Local(LocalBroker::default())).await
+    }
+
+    pub async fn start_with(backend: Backend, broker: Broker) -> Self {
         let (product_dir, user_dir) = (
             TestDatabase::new(backend).await,
             TestDatabase::new(backend).await,
         );
-        let broker = LocalBroker::default();
         let product = shop_product::build(shop_product::Config {
             server: ServerConfig::ephemeral(),
             storage: product_dir.storage(),
@@ -94,7 +97,7 @@ pub fn order_config(dir: &TestDatabase, product_url: &str, user_url: &str) -> sh
         upstream_timeout: Duration::from_secs(2),
         checkout_timeout: Duration::from_secs(30),
         auth: AuthConfig::demo(),
-        events: LocalBroker::default(),
+        events: Broker::default(),
     }
 }
 

@@ -12,16 +12,19 @@
 //! outbox and consumers, delivered in-process (the local launcher runs every service in
 //! one process).
 
+pub mod amqp;
 pub mod consume;
 pub mod inbox;
 pub mod local;
 pub mod outbox;
+pub mod setup;
 
 use serde::{Deserialize, Serialize};
 
 pub use consume::{Consumer, EventMetrics, Handled, Rejection};
 pub use local::LocalBroker;
 pub use outbox::{Outbox, Publisher};
+pub use setup::{Broker, Running};
 
 /// The topic exchange every event is published to, routed by its type.
 pub const EXCHANGE: &str = "shop.events";

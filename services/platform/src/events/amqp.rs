@@ -1,0 +1,336 @@
+//! RabbitMQ (AMQP 0-9-1, through `lapin`): a topic exchange routed by event type, a
+//! durable queue per consumer with a dead-letter queue beside it, persistent messages,
+//! publisher confirms, manual acks, and reconnection with a growing pause.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::Mutex;
+
+use super::consume::{Consumer, EventMetrics, Outcome, deliver};
+use super::outbox::{Message, Publisher, Unconfirmed};
+use super::{EXCHANGE, QUEUES, Queue};
+
+/// Where a queue's poison messages go: `<queue>.dead`, through this exchange.
+pub const DEAD_LETTER_EXCHANGE: &str = "shop.events.dead";
+/// Deliveries a consumer may hold unacknowledged.
+const PREFETCH: u16 = 32;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub fn dead_letter_queue(queue: &Queue) -> String {
+    format!("{}.dead", queue.name)
+}
+
+/// A connection and a confirming channel, made on first use and again after a failure.
+pub struct AmqpPublisher {
+    url: String,
+    name: String,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl AmqpPublisher {
+    pub fn new(url: &str, service: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            name: format!("{service} outbox relay"),
+            link: Mutex::new(None),
+        }
+    }
+}
+
+async fn connect(url: &str, name: &str) -> Result<(Connection, Channel), lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = Connection::connect(url, properties).await?;
+    let channel = connection.create_channel().await?;
+    declare_topology(&channel).await?;
+    Ok((connection, channel))
+}
+
+/// Declares the exchanges and every queue of [`QUEUES`], idempotently: publishers and
+/// consumers both do, so whichever starts first, no event is published to nowhere.
+async fn declare_topology(channel: &Channel) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            DEAD_LETTER_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in QUEUES {
+        let dead = dead_letter_queue(queue);
+        channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                dead.as_str().into(),
+                DEAD_LETTER_EXCHANGE.into(),
+                queue.name.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.name.into()),
+        );
+        channel
+            .queue_declare(queue.name.into(), QueueDeclareOptions::durable(), arguments)
+            .await?;
+        for topic in queue.topics {
+            channel
+                .queue_bind(
+                    queue.name.into(),
+                    EXCHANGE.into(),
+                    (*topic).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed> {
+        let mut link = self.link.lock().await;
+        if link
+            .as_ref()
+            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+        {
+            let (connection, channel) = connect(&self.url, &self.name)
+                .await
+                .map_err(|err| unconfirmed(0, "cannot reach the broker", err))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|err| unconfirmed(0, "cannot turn on publisher confirms", err))?;
+            *link = Some((connection, channel));
+        }
+        let (_, channel) = link.as_ref().expect("connected above");
+        let result = publish_confirmed(channel, messages).await;
+        if result.is_err() {
+            // Whatever broke, start the next batch on a fresh connection.
+            *link = None;
+        }
+        result
+    }
+}
+
+/// Publishes the batch without waiting in between, then takes the confirms in order.
+async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<(), Unconfirmed> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for (sent, message) in messages.iter().enumerate() {
+        let mut headers = FieldTable::default();
+        if let Some(traceparent) = &message.traceparent {
+            headers.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(traceparent.as_str().into()),
+            );
+        }
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2) // persistent
+            .with_message_id(message.event_id.as_str().into())
+            .with_type(message.kind.as_str().into())
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE.into(),
+                message.kind.as_str().into(),
+                BasicPublishOptions::default(),
+                message.body.as_bytes(),
+                properties,
+            )
+            .await;
+        match confirm {
+            Ok(confirm) => pending.push(confirm),
+            Err(err) => {
+                // What was sent before may still be confirmed: wait for it.
+                let confirmed = await_confirms(pending).await;
+                return Err(unconfirmed(confirmed.min(sent), "publishing failed", err));
+            }
+        }
+    }
+    let total = pending.len();
+    let confirmed = await_confirms(pending).await;
+    if confirmed == total {
+        Ok(())
+    } else {
+        Err(Unconfirmed {
+            confirmed,
+            reason: "the broker refused (nacked) or lost a message".into(),
+        })
+    }
+}
+
+/// How many confirms from the front were acks.
+async fn await_confirms(pending: Vec<lapin::PublisherConfirm>) -> usize {
+    let mut confirmed = 0;
+    for confirm in pending {
+        match confirm.await {
+            Ok(Confirmation::Ack(_)) => confirmed += 1,
+            _ => break,
+        }
+    }
+    confirmed
+}
+
+fn unconfirmed(confirmed: usize, what: &str, err: lapin::Error) -> Unconfirmed {
+    Unconfirmed {
+        confirmed,
+        reason: format!("{what}: {err}"),
+    }
+}
+
+/// Consumes `consumer`'s queue until the task is aborted, reconnecting after any failure.
+/// Each delivery is acked once applied (or found applied before), dead-lettered if it can
+/// never be applied, and requeued after a pause if it cannot be applied now.
+pub fn spawn_consumer(
+    url: &str,
+    service: &str,
+    consumer: Arc<dyn Consumer>,
+    metrics: EventMetrics,
+) -> tokio::task::JoinHandle<()> {
+    let url = url.to_owned();
+    let name = format!("{service} consumer of {}", consumer.queue().name);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match consume(&url, &name, consumer.as_ref(), &metrics, &mut backoff).await {
+                Ok(()) => tracing::warn!(
+                    queue = consumer.queue().name,
+                    "the broker ended the subscription; subscribing again"
+                ),
+                Err(err) => {
+                    tracing::warn!(queue = consumer.queue().name, error = %err, "lost the broker; reconnecting")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    })
+}
+
+async fn consume(
+    url: &str,
+    name: &str,
+    consumer: &dyn Consumer,
+    metrics: &EventMetrics,
+    backoff: &mut Duration,
+) -> Result<(), lapin::Error> {
+    let queue = consumer.queue().name;
+    let (_connection, channel) = connect(url, name).await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = channel
+        .basic_consume(
+            queue.into(),
+            name.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue, "consuming events");
+    *backoff = Duration::from_millis(100);
+    let mut retry_pause = Duration::from_millis(100);
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery?;
+        let traceparent = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"))
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                _ => None,
+            });
+        let outcome = deliver(
+            consumer,
+            metrics,
+            &delivery.data,
+            traceparent.as_deref(),
+            delivery.redelivered,
+        )
+        .await;
+        match outcome {
+            Outcome::Done(_) => {
+                retry_pause = Duration::from_millis(100);
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Outcome::DeadLetter(_) => {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Outcome::Retry(_) => {
+                // Back to the queue after a pause, so a database outage is not a spin.
+                tokio::time::sleep(retry_pause).await;
+                retry_pause = (retry_pause * 2).min(MAX_BACKOFF);
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Messages waiting in `queue` (which must exist): for operators and tests.
+pub async fn queue_depth(url: &str, queue: &str) -> Result<u32, lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(declared.message_count())
+}

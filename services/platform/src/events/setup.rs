@@ -1,0 +1,121 @@
+//! Choosing the broker and starting a service's relay and consumers on it.
+
+use std::sync::Arc;
+
+use super::amqp::{AmqpPublisher, spawn_consumer};
+use super::consume::{Consumer, EventMetrics};
+use super::local::LocalBroker;
+use super::outbox::{Outbox, POLL, Publisher, spawn_relay};
+use crate::Database;
+use crate::config::{ConfigError, Env, Var};
+
+/// Where a service's events go.
+#[derive(Clone)]
+pub enum Broker {
+    /// In-process: the consumers attached to this broker, in this process.
+    Local(LocalBroker),
+    /// RabbitMQ at this URL.
+    Amqp(String),
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broker::Local(local) => local.fmt(f),
+            Broker::Amqp(url) => write!(f, "Amqp({})", crate::db::redact_url(url)),
+        }
+    }
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker::Local(LocalBroker::default())
+    }
+}
+
+impl Broker {
+    pub const AMQP_URL: Var = Var::optional(
+        "AMQP_URL",
+        "RabbitMQ for events (amqp://user:password@host:5672/%2f). Empty: events are delivered in-process, to the services of the same process only (the local launcher's mode).",
+    );
+
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        match env.parse_opt::<String>(&Self::AMQP_URL)? {
+            None => Ok(Self::default()),
+            Some(url) => {
+                let url = url.trim().to_owned();
+                let refuse = |reason: &str| {
+                    ConfigError::new(&Self::AMQP_URL, crate::db::redact_url(&url), reason)
+                };
+                if url.starts_with("amqps://") {
+                    return Err(refuse(
+                        "amqps is not built in: brokers are reached in-cluster over amqp:// (a mesh adds mTLS)",
+                    ));
+                }
+                let rest = url
+                    .strip_prefix("amqp://")
+                    .ok_or_else(|| refuse("must start with amqp://"))?;
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Err(refuse("must name a host"));
+                }
+                Ok(Broker::Amqp(url))
+            }
+        }
+    }
+
+    /// Starts the outbox relay and the consumers. Returns what stops them.
+    pub fn start(
+        &self,
+        service: &str,
+        db: &Database,
+        outbox: &Outbox,
+        metrics: EventMetrics,
+        consumers: Vec<Arc<dyn Consumer>>,
+    ) -> Running {
+        let publisher: Arc<dyn Publisher> = match self {
+            Broker::Local(local) => Arc::new(local.clone()),
+            Broker::Amqp(url) => Arc::new(AmqpPublisher::new(url, service)),
+        };
+        let mut tasks = vec![spawn_relay(db, outbox, publisher, metrics.clone(), POLL)];
+        let mut attached = Vec::new();
+        for consumer in consumers {
+            match self {
+                Broker::Local(local) => {
+                    attached.push(consumer.queue());
+                    local.attach(consumer, metrics.clone());
+                }
+                Broker::Amqp(url) => {
+                    tasks.push(spawn_consumer(url, service, consumer, metrics.clone()))
+                }
+            }
+        }
+        Running {
+            tasks,
+            local: match self {
+                Broker::Local(local) => Some((local.clone(), attached)),
+                Broker::Amqp(_) => None,
+            },
+        }
+    }
+}
+
+/// A service's relay and consumers; [`Running::stop`] ends them.
+pub struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    local: Option<(LocalBroker, Vec<&'static super::Queue>)>,
+}
+
+impl Running {
+    /// Unsent events stay in the outbox, and unacked deliveries go back to their queue,
+    /// for the next process.
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+        if let Some((local, queues)) = self.local {
+            for queue in queues {
+                local.detach(queue);
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The product service consuming `order.cancelled` from a real RabbitMQ node
+//! (scripts/rabbitmq-node): killed with SIGKILL mid-stream, redelivered to, fed
+//! duplicates and poison, it returns every reservation's stock exactly once.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth};
+use shop_platform::events::outbox::Message;
+use shop_platform::events::{NewEvent, Publisher, Queue};
+use shop_platform::testing::{RabbitMq, ServiceProcess, parse_exposition};
+use sqlx::Connection;
+
+const RESERVATIONS: usize = 100;
+
+fn start_product(data_dir: &std::path::Path, amqp_url: &str) -> ServiceProcess {
+    ServiceProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_product"))
+            .env_clear()
+            .env("PORT", "0")
+            .env("AUTH_MODE", "demo")
+            .env("HOST", "127.0.0.1")
+            .env("RUST_LOG", "warn,shop_platform::server=info")
+            .env("DATA_DIR", data_dir)
+            .env("AMQP_URL", amqp_url)
+            .stderr(Stdio::inherit()),
+    )
+}
+
+async fn stock(http: &reqwest::Client, url: &str) -> i64 {
+    let product: Value = http
+        .get(format!("{url}/products/2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    product["quantity"].as_i64().unwrap()
+}
+
+fn cancelled(reservation_id: &str) -> Message {
+    let event = NewEvent::new(
+        "order.cancelled",
+        &json!({"order_id": format!("order-{reservation_id}"), "user_id": "1",
+                "status": "cancelled", "items": [], "total_cents": 0,
+                "reservation_id": reservation_id}),
+    );
+    message(&event.body, &event.id)
+}
+
+fn message(body: &str, id: &str) -> Message {
+    Message {
+        event_id: id.to_owned(),
+        kind: "order.cancelled".into(),
+        body: body.to_owned(),
+        traceparent: None,
+        attempt: 0,
+    }
+}
+
+#[tokio::test]
+async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
+    let Some(rabbit) = RabbitMq::start("killed_mid_stream_and_fed_duplicates") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut product = start_product(dir.path(), &rabbit.url);
+    let http = reqwest::Client::new();
+    // Product 2 starts with 100 units: one reservation takes each.
+    for n in 0..RESERVATIONS {
+        let r = http
+            .post(format!("{}/reservations", product.url()))
+            .json(&json!({"id": format!("r{n}"), "items": [{"product_id": "2", "quantity": 1}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    assert_eq!(stock(&http, &product.url()).await, 0);
+
+    // Each cancellation published twice, as a relay that crashed between the broker's
+    // confirm and its own commit would; poison in between.
+    let publisher = AmqpPublisher::new(&rabbit.url, "test");
+    let mut batch = Vec::new();
+    for n in 0..RESERVATIONS {
+        let event = cancelled(&format!("r{n}"));
+        batch.push(event.clone());
+        if n % 25 == 0 {
+            batch.push(message("not an event", &format!("poison-{n}")));
+        }
+        batch.push(event);
+    }
+    publisher.publish(&batch).await.unwrap();
+
+    // Kill the consumer once it is well into the stream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stock(&http, &product.url()).await < 20 {
+        assert!(Instant::now() < deadline, "the consumer never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    product.child.kill().unwrap(); // SIGKILL
+    product.child.wait().unwrap();
+
+    let product = start_product(dir.path(), &rabbit.url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stock(&http, &product.url()).await < RESERVATIONS as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "stock lost: {} of {RESERVATIONS}",
+            stock(&http, &product.url()).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let queue = Queue::named("product.order-cancelled").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_depth(&rabbit.url, queue.name).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stock(&http, &product.url()).await,
+        RESERVATIONS as i64,
+        "every unit back, none twice"
+    );
+    // The kill landed mid-stream: the restarted process applied some of it.
+    let metrics = http
+        .get(format!("{}/metrics", product.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let applied_after_restart: f64 = parse_exposition(&metrics)
+        .unwrap()
+        .samples_of("events_consumed_total")
+        .filter(|s| s.labels["outcome"] == "applied")
+        .map(|s| s.value)
+        .sum();
+    assert!(
+        (1.0..RESERVATIONS as f64).contains(&applied_after_restart),
+        "{applied_after_restart} applied after the restart"
+    );
+    assert_eq!(
+        queue_depth(&rabbit.url, &dead_letter_queue(queue))
+            .await
+            .unwrap(),
+        4,
+        "the poison went to the dead-letter queue"
+    );
+
+    // The database agrees: stock plus what is still held is what there was, and each
+    // event was applied once.
+    let file = dir.path().join("product.db");
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let (left, held, applied): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT quantity FROM products WHERE id = '2'),
+                (SELECT COALESCE(SUM(i.quantity), 0) FROM reservation_items i
+                   JOIN reservations r ON r.id = i.reservation_id WHERE r.status = 'held'),
+                (SELECT COUNT(*) FROM inbox WHERE queue = 'product.order-cancelled')",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!((left + held, held, applied), (100, 0, RESERVATIONS as i64));
+}
