@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::Peers;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shop_platform::testing::{Backend, RunningApp, TestDatabase, parse_exposition};
+use shop_platform::events::Broker;
+use shop_platform::testing::{Backend, RabbitMq, RunningApp, TestDatabase, parse_exposition};
 
 struct Shop {
     peers: Peers,
@@ -21,7 +22,11 @@ struct Shop {
 
 impl Shop {
     async fn start(backend: Backend) -> Self {
-        let peers = Peers::start(backend).await;
+        Self::start_with(backend, Broker::default()).await
+    }
+
+    async fn start_with(backend: Backend, broker: Broker) -> Self {
+        let peers = Peers::start_with(backend, broker).await;
         let dir = peers.order_db().await;
         let order = shop_order::build(peers.order_config(&dir)).await.unwrap();
         Self {
@@ -103,7 +108,9 @@ impl Shop {
         parse_exposition(&text)
             .unwrap()
             .samples_of(name)
-            .filter(|s| s.labels.get(label.0).map(String::as_str) == Some(label.1))
+            .filter(|s| {
+                label.0.is_empty() || s.labels.get(label.0).map(String::as_str) == Some(label.1)
+            })
             .map(|s| s.value)
             .sum()
     }
@@ -231,7 +238,10 @@ async fn confirm_then_cancel_and_if_match_guards_each_change(backend: Backend) {
 /// 200 concurrent cancels and re-cancels of 50 orders: every order is cancelled once,
 /// announced once, and its stock returned once.
 async fn concurrent_cancels_return_each_orders_stock_exactly_once(backend: Backend) {
-    let shop = Shop::start(backend).await;
+    concurrent_cancels(Shop::start(backend).await).await;
+}
+
+async fn concurrent_cancels(shop: Shop) {
     let mut ids = Vec::new();
     for _ in 0..50 {
         ids.push(shop.place("2", 1).await["id"].as_str().unwrap().to_owned());
@@ -281,6 +291,87 @@ async fn concurrent_cancels_return_each_orders_stock_exactly_once(backend: Backe
         .await,
         50.0
     );
+}
+
+/// The same through RabbitMQ.
+#[tokio::test]
+async fn concurrent_cancels_through_rabbitmq_return_each_orders_stock_exactly_once() {
+    let Some(rabbit) = RabbitMq::start("concurrent_cancels_through_rabbitmq") else {
+        return;
+    };
+    concurrent_cancels(Shop::start_with(Backend::Sqlite, Broker::Amqp(rabbit.url.clone())).await)
+        .await;
+}
+
+/// With the broker down, orders are still placed and cancelled; their events wait in
+/// the outboxes, and once it is back every one is delivered and applied, once.
+#[tokio::test]
+async fn orders_placed_while_the_broker_is_down_have_their_events_delivered_once_it_is_back() {
+    let Some(rabbit) = RabbitMq::start("orders_placed_while_the_broker_is_down") else {
+        return;
+    };
+    rabbit.stop();
+    let shop = Shop::start_with(Backend::Sqlite, Broker::Amqp(rabbit.url.clone())).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(shop.place("2", 1).await["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids[..10] {
+        let (status, _, body) = shop.change(id, "cancel", None).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("cancelled"))
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shop
+        .metric(&shop.order.url, "outbox_pending_events", ("", ""))
+        .await
+        != 30.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "20 placed and 10 cancelled should wait"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        shop.peers.stock("2").await,
+        80,
+        "no stock returned without the broker"
+    );
+
+    rabbit.restart();
+    for id in &ids[..10] {
+        shop.stock_returned(id).await;
+    }
+    assert_eq!(shop.peers.stock("2").await, 90);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shop
+        .metric(&shop.order.url, "outbox_pending_events", ("", ""))
+        .await
+        != 0.0
+    {
+        assert!(Instant::now() < deadline, "the outbox never emptied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (kind, count) in [("order.placed", 20.0), ("order.cancelled", 10.0)] {
+        let published = shop
+            .metric(&shop.order.url, "events_published_total", ("type", kind))
+            .await;
+        assert_eq!(published, count, "{kind}");
+    }
+    let applied = shop
+        .metric(
+            &shop.peers.product.url,
+            "events_consumed_total",
+            ("outcome", "applied"),
+        )
+        .await;
+    assert_eq!(applied, 10.0);
+    for id in &ids[10..] {
+        assert_eq!(shop.get(id).await["status"], "pending");
+    }
 }
 
 shop_platform::backend_tests!(
