@@ -396,7 +396,7 @@ impl OrderStore for SqlOrderStore {
         if changed == 0 {
             return Ok(None);
         }
-        event.append(&mut *tx).await?;
+        event.append(&mut tx).await?;
         tx.commit().await?;
         self.outbox.wake();
         let mut order = order.clone();
@@ -418,7 +418,7 @@ impl OrderStore for SqlOrderStore {
         at: &str,
     ) -> Result<Handled, StoreError> {
         let mut tx = self.writer.begin().await?;
-        if !inbox::first_delivery(&mut *tx, queue, event_id).await? {
+        if !inbox::first_delivery(&mut tx, queue, event_id).await? {
             return Ok(Handled::Duplicate);
         }
         // No order holds a reservation released by a checkout's compensation: nothing to

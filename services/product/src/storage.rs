@@ -544,7 +544,7 @@ impl ProductStore for SqlProductStore {
         loop {
             let mut tx = self.writer.begin().await?;
             if let Some((queue, event_id)) = event
-                && !inbox::first_delivery(&mut *tx, queue, event_id).await?
+                && !inbox::first_delivery(&mut tx, queue, event_id).await?
             {
                 return Ok(Release::Duplicate);
             }
@@ -593,7 +593,7 @@ impl ProductStore for SqlProductStore {
                     items: lines,
                 };
                 NewEvent::new("stock.released", &released)
-                    .append(&mut *tx)
+                    .append(&mut tx)
                     .await?;
                 tx.commit().await?;
                 self.outbox.wake();

@@ -160,7 +160,7 @@ impl Relay {
             // Another replica relays; this one polls in case it dies.
             return Ok(0);
         }
-        let messages = unsent(&mut *tx).await.map_err(db)?;
+        let messages = unsent(&mut tx).await.map_err(db)?;
         let result = self.publish(&messages).await;
         mark(&mut tx, &messages, &result).await.map_err(db)?;
         tx.commit().await.map_err(db)?;
