@@ -77,6 +77,7 @@ const BINARY: Binary = Binary {
                 shop_product::CATALOGUE_RESYNC,
                 shop_order::UPSTREAM_TIMEOUT,
                 shop_order::CHECKOUT_TIMEOUT,
+                shop_platform::events::Broker::AMQP_URL,
                 AuthConfig::MODE,
                 shop_user::TOKEN_TTL,
             ],
