@@ -242,6 +242,26 @@ def service_board(service: str) -> Board:
             unit="reqps")
         b.add("Call latency p95 by peer", [(
             quantile(0.95, "http_client_request_duration_seconds", "peer", NS, svc), "{{peer}}")], unit="s")
+    if service == "order":
+        b.add("Status changes", [(
+            f"sum by (to) ({rate('orders_status_changes_total', NS, svc)})", "{{to}}")], unit="ops",
+            description="Orders confirmed or cancelled.")
+    if service in ("product", "order"):
+        b.row("Events (outbox, broker, consumers)")
+        b.add("Outbox: waiting events and the oldest one's age", [
+            (f"sum(outbox_pending_events{sel(NS, svc)})", "waiting"),
+            (f"max(outbox_oldest_pending_age_seconds{sel(NS, svc)})", "oldest (s)")], width=8,
+            description="Events written but not yet confirmed by the broker; they flow once it is back.")
+        b.add("Published by type", [(
+            f"sum by (type) ({rate('events_published_total', NS, svc)})", "{{type}}")], unit="ops", width=8)
+        b.add("Consumed by queue and outcome", [
+            (f"sum by (queue, outcome) ({rate('events_consumed_total', NS, svc)})", "{{queue}} {{outcome}}"),
+            (f"sum by (queue) ({rate('events_redelivered_total', NS, svc)})", "{{queue}} redelivered")],
+            unit="ops", width=8,
+            description="applied; duplicate (already in the inbox: nothing changed); dead_lettered; retried.")
+        b.add("Consumer lag", [(
+            f"max by (queue) (events_consumer_lag_seconds{sel(NS, svc)})", "{{queue}}")], unit="s", width=8,
+            description="From an event's occurrence to its handling, for the last one handled.")
     if service == "user":
         b.row("Accounts")
         b.add("Users registered", [(f"sum({rate('users_registered_total', NS, svc)})", "registered")], unit="ops")
