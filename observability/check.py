@@ -6,7 +6,8 @@
 2. Rules: the chart's PrometheusRule rendered by Helm, `promtool check rules`, and
    `promtool test rules` (observability/rules-test.yaml: every alert fires and stays silent).
 3. The four binaries started on loopback (AUTH_MODE=demo), exporting spans over OTLP/HTTP
-   to a receiver in this process; Debian's Prometheus scraping their /metrics every second
+   to a receiver in this process, with their events on a private RabbitMQ node
+   (scripts/rabbitmq-node); Debian's Prometheus scraping their /metrics every second
    with the rendered rules loaded; traffic driven through the gateway, including refusals,
    404s and 5xx (the product service is stopped for a moment, then restarted).
 4. Every PromQL expression in the dashboards (targets and variables) and in the rules is
@@ -15,7 +16,10 @@
 5. One POST /api/v1/orders: gateway, order, product and user spans share one trace id with
    the right parents, names by route and standard HTTP attributes; a 5xx span is marked as an
    error; the trace id is in the JSON request log line of each of the four services.
-6. With the gateway sampling at ratio 0, an order's trace is logged everywhere and exported
+6. One cancellation: the order's cancel span, the product service's consumption of
+   `order.cancelled` and the order service's of `stock.released` are one trace, each a
+   child of the one before, the context carried in the message headers.
+7. With the gateway sampling at ratio 0, an order's trace is logged everywhere and exported
    nowhere (the services follow the gateway's decision).
 """
 
@@ -256,7 +260,7 @@ class ReceiverHandler(BaseHTTPRequestHandler):
 class Stack:
     """The four binaries on loopback, each logging to its own file."""
 
-    def __init__(self, work: Path, otlp: str):
+    def __init__(self, work: Path, otlp: str, amqp: str):
         self.work = work
         self.ports = {s: free_port() for s in SERVICES}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -268,6 +272,8 @@ class Stack:
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             "OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_BSP_SCHEDULE_DELAY": "200",
             "PRODUCT_URL": self.url("product"), "USER_URL": self.url("user"), "ORDER_URL": self.url("order"),
+            # Separate processes hear each other's events through a real broker.
+            "AMQP_URL": amqp,
         }
 
     def url(self, service: str) -> str:
@@ -386,6 +392,15 @@ def drive_traffic(gateway: str, request_id: str) -> dict:
     call("POST", "/orders", {"user_id": "obs-1", "products": []})  # 422
     call("POST", "/orders", b"{not json", {"Content-Type": "application/json"})  # 400
     call("GET", "/orders?user_id=obs-1")
+    # A cancellation: its stock comes back through order.cancelled and stock.released.
+    status, _, body = call("POST", "/orders", {"user_id": "obs-1", "products": ["2"]})
+    cancel_id = f"{request_id}-cancel"
+    if status == 201:
+        order_id = json.loads(body)["id"]
+        call("POST", f"/orders/{order_id}/cancel", None, {"x-request-id": cancel_id})
+        wait_until("the cancelled order's stock to come back", lambda: json.loads(
+            http("GET", f"{api}/orders/{order_id}")[2]).get("stock_returned_at") is not None, timeout=20)
+    traced["cancel_request_id"] = cancel_id
     http("GET", gateway + "/no/such/route")  # gateway 404, unmatched
     traced["statuses"] = sorted(set(seen))
     return traced
@@ -558,6 +573,35 @@ def check_trace(stack: Stack, receiver: Receiver, traced: dict) -> None:
     print(f"  ok   {len(marked)} spans of 5xx answers marked as errors")
 
 
+def check_cancel_trace(stack: Stack, receiver: Receiver, traced: dict) -> None:
+    step("traces: one cancellation across gateway -> order -> RabbitMQ -> product -> RabbitMQ -> order")
+    lines = [e for e in log_lines(stack.log("gateway")) if e.get("request_id") == traced["cancel_request_id"]]
+    if not check(len(lines) == 1, f"expected one gateway log line for the cancellation: {lines}"):
+        return
+    trace_id = lines[0]["trace_id"]
+    spans = [s for s in receiver.spans if s["trace_id"] == trace_id]
+    summary = "\n    ".join(f"{s['service']}: {s['name']} kind={s['kind']} parent={s['parent']}" for s in spans)
+    print(f"  trace {trace_id}: {len(spans)} spans\n    {summary}")
+    by_id = {s["span_id"]: s for s in spans}
+
+    def one(service, name, kind):
+        found = [s for s in spans if s["service"] == service and s["name"] == name and s["kind"] == kind]
+        check(len(found) == 1, f"expected one {service} span {name!r} (kind {kind}) in the trace, got {len(found)}")
+        return found[0] if found else None
+
+    cancel = one("order", "POST /orders/{id}/cancel", 2)
+    release = one("product", "product.order-cancelled process", 5)
+    recorded = one("order", "order.stock-released process", 5)
+    if cancel and release:
+        # The consumer continues the change's context, carried in the message headers.
+        check(release["parent"] == cancel["span_id"],
+              f"the stock release should be a child of the cancel span: parent {by_id.get(release['parent'])}")
+    if release and recorded:
+        check(recorded["parent"] == release["span_id"],
+              "recording the returned stock should be a child of the release")
+    print("  ok   the cancel, the stock release and its record are one trace")
+
+
 def check_unsampled(stack: Stack, receiver: Receiver) -> None:
     step("sampling: OTEL_TRACES_SAMPLER=parentbased_traceidratio, ratio 0, on the gateway")
     lines = [e for e in log_lines(stack.log("gateway")) if e.get("request_id") == "obs-unsampled"]
@@ -585,7 +629,9 @@ def main() -> int:
 
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    stack = Stack(work, f"http://127.0.0.1:{receiver.server_address[1]}")
+    rabbit_dir, amqp = subprocess.run([str(ROOT / "scripts" / "rabbitmq-node"), "start"], check=True,
+                                      capture_output=True, text=True).stdout.split()
+    stack = Stack(work, f"http://127.0.0.1:{receiver.server_address[1]}", amqp)
     prom = None
     try:
         step("the four binaries, Prometheus scraping them, traffic through the gateway")
@@ -624,7 +670,9 @@ def main() -> int:
                 prom.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 prom.kill()
+        subprocess.run([str(ROOT / "scripts" / "rabbitmq-node"), "destroy", rabbit_dir], check=False)
     check_trace(stack, receiver, traced)
+    check_cancel_trace(stack, receiver, traced)
     check_unsampled(stack, receiver)
     receiver.shutdown()
 
