@@ -148,6 +148,7 @@ async fn run(mut config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     if matches!(config.order.events, shop_platform::events::Broker::Local(_)) {
         let broker = shop_platform::events::Broker::default();
         config.product.events = broker.clone();
+        config.user.events = broker.clone();
         config.order.events = broker;
     }
     if let Some(path) = &config.user.admin_password_file {

@@ -150,6 +150,27 @@ async fn a_cancelled_order_gives_its_stock_back_once(backend: Backend) {
         1.0,
         "one event for one cancellation"
     );
+    // The user service counted the order and its cancellation from the same events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let user: Value = shop
+            .http
+            .get(format!("{}/users/1", shop.peers.user.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if user["orders"] == json!({"placed": 1, "cancelled": 1}) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order counts never caught up: {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A cancelled order cannot be confirmed.
     let (status, _, refused) = shop.change(id, "confirm", None).await;
     assert_eq!(

@@ -109,7 +109,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     let events = config.events.start(
         NAME,
         &db,
-        &outbox,
+        Some(&outbox),
         event_metrics,
         vec![Arc::new(consumers::OrderCancelled {
             state: state.clone(),

@@ -19,6 +19,16 @@ pub struct User {
     pub created_at: String,
     /// `customer` for every registration; `admin` only by configuration.
     pub role: Role,
+    /// The account's orders, counted from the order service's events: they may trail a
+    /// placed or cancelled order by a moment.
+    #[serde(default)]
+    pub orders: OrderCounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OrderCounts {
+    pub placed: i64,
+    pub cancelled: i64,
 }
 
 /// A password that never prints itself.

@@ -1,6 +1,7 @@
 //! User service: accounts and login. Owns its own database; passwords are stored only as
 //! argon2id hashes and never returned. Signs the access tokens everything else verifies.
 
+pub mod consumers;
 pub mod domain;
 pub mod routes;
 pub mod storage;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use shop_platform::auth::{KeyPair, TokenSigner};
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
+use shop_platform::events::{Broker, EventMetrics};
 use shop_platform::identity::KeySource;
 use shop_platform::{
     Application, AuthConfig, Authenticator, Binary, Metrics, Runtime, ServiceParts, Shutdown,
@@ -84,6 +86,7 @@ pub const BINARY: Binary = Binary {
                 THROTTLE_WINDOW,
             ],
         ),
+        ("Events", &[Broker::AMQP_URL]),
     ],
     runtime: Runtime::MultiThread,
 };
@@ -100,6 +103,8 @@ pub struct Config {
     pub limits: LoginLimits,
     pub admin_email: Option<String>,
     pub admin_password_file: Option<PathBuf>,
+    /// Where order events come from: RabbitMQ, or in-process (a broker the launcher shares).
+    pub events: Broker,
 }
 
 impl Config {
@@ -135,6 +140,7 @@ impl Config {
             },
             admin_email,
             admin_password_file: env.parse_opt(&ADMIN_PASSWORD_FILE)?,
+            events: Broker::from_env(env)?,
         })
     }
 
@@ -171,9 +177,20 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
         ..config.auth.clone()
     };
     let signer = TokenSigner::new(&keys, &auth.issuer, &auth.audience, config.token_ttl);
+    // Publishes nothing: no outbox, only the order counts' consumer.
+    let events = config.events.start(
+        NAME,
+        &db,
+        None,
+        EventMetrics::new(&metrics, &[], &[consumers::OrderCountsConsumer::queue()]),
+        vec![Arc::new(consumers::OrderCountsConsumer {
+            store: store.clone(),
+        })],
+    );
     let state = AppState::new(store, &metrics, &keys, signer, config.limits);
     ServiceParts::new(NAME, config.server, metrics.clone())
         .database(db)
+        .on_close(async move { events.stop() })
         .auth(Authenticator::new(&auth)?)
         .openapi(&openapi())
         .bind(app(state))
@@ -214,6 +231,7 @@ async fn ensure_admin(config: &Config, store: &dyn UserStore) -> anyhow::Result<
         email: registration.email,
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         role: Role::Admin,
+        orders: Default::default(),
     };
     match store.create(&admin, &hash).await {
         // Another replica created it first.

@@ -172,6 +172,7 @@ async fn register(
         email: registration.email,
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         role: Role::Customer,
+        orders: Default::default(),
     };
     state.store.create(&user, &password_hash).await?;
     state.registered.inc();

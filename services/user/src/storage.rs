@@ -2,10 +2,11 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
+use shop_platform::events::{Handled, inbox};
 use shop_platform::{Database, Migrations};
 use sqlx::{AnyPool, Row};
 
-use crate::domain::{Role, User};
+use crate::domain::{OrderCounts, Role, User};
 
 pub static MIGRATIONS: Migrations = Migrations {
     sqlite: sqlx::migrate!("./migrations/sqlite"),
@@ -29,6 +30,15 @@ pub trait UserStore: Send + Sync + 'static {
     /// registration hears "exists" rather than "email taken".
     async fn conflict(&self, id: &str, email: &str) -> Result<Option<StoreError>, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError>;
+    /// Adds an order event to `user_id`'s counts, once per event (`queue`'s inbox). A
+    /// user this service does not know is left alone; the event is still consumed.
+    async fn count_order(
+        &self,
+        queue: &str,
+        event_id: &str,
+        user_id: &str,
+        counts: OrderCounts,
+    ) -> Result<Handled, StoreError>;
     /// What a login needs to know about the account registered under `email`.
     async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError>;
     /// Gives the account under `email` the admin role; false if there is no such account.
@@ -118,10 +128,13 @@ impl UserStore for SqlUserStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query("SELECT id, name, email, created_at, role FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, email, created_at, role, orders_placed, orders_cancelled
+             FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|row| {
             Ok(User {
                 id: row.try_get("id")?,
@@ -129,10 +142,38 @@ impl UserStore for SqlUserStore {
                 email: row.try_get("email")?,
                 created_at: row.try_get("created_at")?,
                 role: role(&row)?,
+                orders: OrderCounts {
+                    placed: row.try_get("orders_placed")?,
+                    cancelled: row.try_get("orders_cancelled")?,
+                },
             })
         })
         .transpose()
         .map_err(StoreError::Database)
+    }
+
+    async fn count_order(
+        &self,
+        queue: &str,
+        event_id: &str,
+        user_id: &str,
+        counts: OrderCounts,
+    ) -> Result<Handled, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if !inbox::first_delivery(&mut tx, queue, event_id).await? {
+            return Ok(Handled::Duplicate);
+        }
+        sqlx::query(
+            "UPDATE users SET orders_placed = orders_placed + $1,
+                orders_cancelled = orders_cancelled + $2 WHERE id = $3",
+        )
+        .bind(counts.placed)
+        .bind(counts.cancelled)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Handled::Applied)
     }
 
     async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError> {

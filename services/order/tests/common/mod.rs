@@ -42,7 +42,12 @@ impl Peers {
         })
         .await
         .unwrap();
-        let user = shop_user::build(user_config(&user_dir)).await.unwrap();
+        let user = shop_user::build(shop_user::Config {
+            events: broker.clone(),
+            ..user_config(&user_dir)
+        })
+        .await
+        .unwrap();
         let peers = Self {
             product: RunningApp::start(product),
             user: RunningApp::start(user),

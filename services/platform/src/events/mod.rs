@@ -40,6 +40,10 @@ pub const QUEUES: &[Queue] = &[
         name: "order.stock-released",
         topics: &["stock.released"],
     },
+    Queue {
+        name: "user.order-counts",
+        topics: &["order.placed", "order.cancelled"],
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -63,20 +63,24 @@ impl Broker {
         }
     }
 
-    /// Starts the outbox relay and the consumers. Returns what stops them.
+    /// Starts the outbox relay (for a service that publishes: `outbox`) and the
+    /// consumers. Returns what stops them.
     pub fn start(
         &self,
         service: &str,
         db: &Database,
-        outbox: &Outbox,
+        outbox: Option<&Outbox>,
         metrics: EventMetrics,
         consumers: Vec<Arc<dyn Consumer>>,
     ) -> Running {
-        let publisher: Arc<dyn Publisher> = match self {
-            Broker::Local(local) => Arc::new(local.clone()),
-            Broker::Amqp(url) => Arc::new(AmqpPublisher::new(url, service)),
-        };
-        let mut tasks = vec![spawn_relay(db, outbox, publisher, metrics.clone(), POLL)];
+        let mut tasks = Vec::new();
+        if let Some(outbox) = outbox {
+            let publisher: Arc<dyn Publisher> = match self {
+                Broker::Local(local) => Arc::new(local.clone()),
+                Broker::Amqp(url) => Arc::new(AmqpPublisher::new(url, service)),
+            };
+            tasks.push(spawn_relay(db, outbox, publisher, metrics.clone(), POLL));
+        }
         let mut attached = Vec::new();
         for consumer in consumers {
             match self {
