@@ -202,8 +202,12 @@ async fn registers_a_user_and_never_returns_the_password(backend: Backend) {
         .collect();
     assert_eq!(
         keys.len(),
-        5,
-        "exactly id, name, email, created_at, role: {body}"
+        6,
+        "exactly id, name, email, created_at, role, orders: {body}"
+    );
+    assert_eq!(
+        body["orders"],
+        serde_json::json!({"placed": 0, "cancelled": 0})
     );
     assert_eq!(body["role"], "customer", "registration never makes admins");
     assert_eq!(body["id"], "alice");

@@ -163,7 +163,7 @@ mod tests {
             Queue::routed("order.cancelled")
                 .map(|q| q.name)
                 .collect::<Vec<_>>(),
-            ["product.order-cancelled"]
+            ["product.order-cancelled", "user.order-counts"]
         );
         assert_eq!(Queue::routed("order.unknown").count(), 0);
     }
