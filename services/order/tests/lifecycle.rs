@@ -11,7 +11,7 @@ use common::Peers;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shop_platform::events::Broker;
-use shop_platform::testing::{Backend, RabbitMq, RunningApp, TestDatabase, parse_exposition};
+use shop_platform::testing::{Backend, RabbitMq, RunningApp, TestDatabase, metric_sum};
 
 struct Shop {
     peers: Peers,
@@ -94,26 +94,6 @@ impl Shop {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
-    async fn metric(&self, url: &str, name: &str, label: (&str, &str)) -> f64 {
-        let text = self
-            .http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        parse_exposition(&text)
-            .unwrap()
-            .samples_of(name)
-            .filter(|s| {
-                label.0.is_empty() || s.labels.get(label.0).map(String::as_str) == Some(label.1)
-            })
-            .map(|s| s.value)
-            .sum()
-    }
 }
 
 async fn a_cancelled_order_gives_its_stock_back_once(backend: Backend) {
@@ -141,10 +121,10 @@ async fn a_cancelled_order_gives_its_stock_back_once(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shop.peers.stock("1").await, 10);
     assert_eq!(
-        shop.metric(
+        metric_sum(
             &shop.order.url,
             "events_published_total",
-            ("type", "order.cancelled")
+            &[("type", "order.cancelled")]
         )
         .await,
         1.0,
@@ -286,28 +266,28 @@ async fn concurrent_cancels(shop: Shop) {
         "every unit back, none twice"
     );
     assert_eq!(
-        shop.metric(
+        metric_sum(
             &shop.order.url,
             "events_published_total",
-            ("type", "order.cancelled")
+            &[("type", "order.cancelled")]
         )
         .await,
         50.0
     );
     assert_eq!(
-        shop.metric(
+        metric_sum(
             &shop.peers.product.url,
             "events_consumed_total",
-            ("outcome", "applied")
+            &[("outcome", "applied")]
         )
         .await,
         50.0
     );
     assert_eq!(
-        shop.metric(
+        metric_sum(
             &shop.order.url,
             "orders_status_changes_total",
-            ("to", "cancelled")
+            &[("to", "cancelled")]
         )
         .await,
         50.0
@@ -345,11 +325,7 @@ async fn orders_placed_while_the_broker_is_down_have_their_events_delivered_once
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while shop
-        .metric(&shop.order.url, "outbox_pending_events", ("", ""))
-        .await
-        != 30.0
-    {
+    while metric_sum(&shop.order.url, "outbox_pending_events", &[]).await != 30.0 {
         assert!(
             Instant::now() < deadline,
             "20 placed and 10 cancelled should wait"
@@ -368,27 +344,21 @@ async fn orders_placed_while_the_broker_is_down_have_their_events_delivered_once
     }
     assert_eq!(shop.peers.stock("2").await, 90);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while shop
-        .metric(&shop.order.url, "outbox_pending_events", ("", ""))
-        .await
-        != 0.0
-    {
+    while metric_sum(&shop.order.url, "outbox_pending_events", &[]).await != 0.0 {
         assert!(Instant::now() < deadline, "the outbox never emptied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (kind, count) in [("order.placed", 20.0), ("order.cancelled", 10.0)] {
-        let published = shop
-            .metric(&shop.order.url, "events_published_total", ("type", kind))
-            .await;
+        let published =
+            metric_sum(&shop.order.url, "events_published_total", &[("type", kind)]).await;
         assert_eq!(published, count, "{kind}");
     }
-    let applied = shop
-        .metric(
-            &shop.peers.product.url,
-            "events_consumed_total",
-            ("outcome", "applied"),
-        )
-        .await;
+    let applied = metric_sum(
+        &shop.peers.product.url,
+        "events_consumed_total",
+        &[("outcome", "applied")],
+    )
+    .await;
     assert_eq!(applied, 10.0);
     for id in &ids[10..] {
         assert_eq!(shop.get(id).await["status"], "pending");

@@ -265,40 +265,41 @@ impl TestDatabase {
     }
 }
 
-/// A private PostgreSQL server (via `scripts/pg-cluster`) that a test may stop and start,
-/// destroyed on drop. `None` (skip, reason printed) when the server binaries are
-/// missing, unless PostgreSQL tests are required.
-pub struct PgCluster {
+/// A private server run by one of our scripts (`start` prints `DIR URL`; `stop DIR`,
+/// `start DIR` and `destroy DIR` follow), that a test may stop and start, destroyed on
+/// drop.
+pub struct ScriptedServer {
+    script: &'static str,
     dir: String,
     pub url: String,
 }
 
-impl PgCluster {
-    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-cluster");
-
-    pub fn start(test: &str) -> Option<Self> {
-        let output = std::process::Command::new(Self::SCRIPT)
+impl ScriptedServer {
+    /// `None` (skip, reason printed) when the script cannot start one, unless `required`.
+    fn start(script: &'static str, what: &str, test: &str, required: bool) -> Option<Self> {
+        let output = std::process::Command::new(script)
             .arg("start")
             .output()
-            .expect("run scripts/pg-cluster");
+            .unwrap_or_else(|err| panic!("run {script}: {err}"));
         if !output.status.success() {
             let why = String::from_utf8_lossy(&output.stderr);
             assert!(
-                !postgres_required(),
-                "{test}: PostgreSQL tests are required but no server could be started: {why}"
+                !required,
+                "{test}: {what} tests are required but no server could be started: {why}"
             );
-            skipped(&format!("{test}: cannot start a PostgreSQL server: {why}"));
+            skipped(&format!("{test}: cannot start a {what} server: {why}"));
             return None;
         }
         let line = String::from_utf8(output.stdout).expect("utf-8");
         let (dir, url) = line.trim().split_once(' ').expect("DIR URL");
         Some(Self {
+            script,
             dir: dir.to_owned(),
             url: url.to_owned(),
         })
     }
 
-    /// Fast shutdown, as in an outage: sessions are terminated, connections refused.
+    /// Stops the server, as in an outage: connections drop, its data stays.
     pub fn stop(&self) {
         self.run("stop");
     }
@@ -309,19 +310,30 @@ impl PgCluster {
     }
 
     fn run(&self, action: &str) {
-        let status = std::process::Command::new(Self::SCRIPT)
+        let status = std::process::Command::new(self.script)
             .args([action, &self.dir])
             .status()
-            .expect("run scripts/pg-cluster");
-        assert!(status.success(), "pg-cluster {action} failed");
+            .unwrap_or_else(|err| panic!("run {}: {err}", self.script));
+        assert!(status.success(), "{} {action} failed", self.script);
     }
 }
 
-impl Drop for PgCluster {
+impl Drop for ScriptedServer {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(Self::SCRIPT)
+        let _ = std::process::Command::new(self.script)
             .args(["destroy", &self.dir])
             .status();
+    }
+}
+
+/// A private PostgreSQL server (`scripts/pg-cluster`; fast shutdown on `stop`), for
+/// tests of outages and restarts.
+pub struct PgCluster;
+
+impl PgCluster {
+    pub fn start(test: &str) -> Option<ScriptedServer> {
+        const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-cluster");
+        ScriptedServer::start(SCRIPT, "PostgreSQL", test, postgres_required())
     }
 }
 
@@ -331,64 +343,35 @@ pub fn rabbitmq_required() -> bool {
     std::env::var("SHOP_TEST_RABBITMQ").is_ok_and(|v| v == "required")
 }
 
-/// A private RabbitMQ node (via `scripts/rabbitmq-node`) that a test may stop and start,
-/// destroyed on drop. `None` (skip, reason printed) when RabbitMQ is not installed,
-/// unless RabbitMQ tests are required.
-pub struct RabbitMq {
-    dir: String,
-    pub url: String,
-}
+/// A private RabbitMQ node (`scripts/rabbitmq-node`).
+pub struct RabbitMq;
 
 impl RabbitMq {
-    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/rabbitmq-node");
-
-    pub fn start(test: &str) -> Option<Self> {
-        let output = std::process::Command::new(Self::SCRIPT)
-            .arg("start")
-            .output()
-            .expect("run scripts/rabbitmq-node");
-        if !output.status.success() {
-            let why = String::from_utf8_lossy(&output.stderr);
-            assert!(
-                !rabbitmq_required(),
-                "{test}: RabbitMQ tests are required but no node could be started: {why}"
-            );
-            skipped(&format!("{test}: cannot start a RabbitMQ node: {why}"));
-            return None;
-        }
-        let line = String::from_utf8(output.stdout).expect("utf-8");
-        let (dir, url) = line.trim().split_once(' ').expect("DIR URL");
-        Some(Self {
-            dir: dir.to_owned(),
-            url: url.to_owned(),
-        })
-    }
-
-    /// Stops the node, as in an outage: connections drop, durable data stays.
-    pub fn stop(&self) {
-        self.run("stop");
-    }
-
-    /// Starts the stopped node again on the same port and data.
-    pub fn restart(&self) {
-        self.run("start");
-    }
-
-    fn run(&self, action: &str) {
-        let status = std::process::Command::new(Self::SCRIPT)
-            .args([action, &self.dir])
-            .status()
-            .expect("run scripts/rabbitmq-node");
-        assert!(status.success(), "rabbitmq-node {action} failed");
+    pub fn start(test: &str) -> Option<ScriptedServer> {
+        const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/rabbitmq-node");
+        ScriptedServer::start(SCRIPT, "RabbitMQ", test, rabbitmq_required())
     }
 }
 
-impl Drop for RabbitMq {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(Self::SCRIPT)
-            .args(["destroy", &self.dir])
-            .status();
-    }
+/// The sum of `name`'s samples in `base_url`'s `/metrics` whose labels include each of
+/// `matching`.
+pub async fn metric_sum(base_url: &str, name: &str, matching: &[(&str, &str)]) -> f64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    parse_exposition(&text)
+        .expect("valid exposition")
+        .samples_of(name)
+        .filter(|s| {
+            matching
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
 }
 
 impl Drop for TestDatabase {

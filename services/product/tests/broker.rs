@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth};
 use shop_platform::events::outbox::Message;
 use shop_platform::events::{NewEvent, Publisher, Queue};
-use shop_platform::testing::{RabbitMq, ServiceProcess, parse_exposition};
+use shop_platform::testing::{RabbitMq, ServiceProcess, metric_sum};
 use sqlx::Connection;
 
 const RESERVATIONS: usize = 100;
@@ -125,20 +125,12 @@ async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
         "every unit back, none twice"
     );
     // The kill landed mid-stream: the restarted process applied some of it.
-    let metrics = http
-        .get(format!("{}/metrics", product.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let applied_after_restart: f64 = parse_exposition(&metrics)
-        .unwrap()
-        .samples_of("events_consumed_total")
-        .filter(|s| s.labels["outcome"] == "applied")
-        .map(|s| s.value)
-        .sum();
+    let applied_after_restart = metric_sum(
+        &product.url(),
+        "events_consumed_total",
+        &[("outcome", "applied")],
+    )
+    .await;
     assert!(
         (1.0..RESERVATIONS as f64).contains(&applied_after_restart),
         "{applied_after_restart} applied after the restart"

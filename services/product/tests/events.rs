@@ -13,7 +13,7 @@ use shop_platform::events::{
     Broker, Consumer, Event, EventMetrics, Handled, LocalBroker, NewEvent, Publisher, Queue,
     Rejection,
 };
-use shop_platform::testing::{Backend, RunningApp, TestDatabase, parse_exposition};
+use shop_platform::testing::{Backend, RunningApp, TestDatabase, metric_sum};
 use shop_platform::{AuthConfig, Metrics, ServerConfig};
 
 struct Product {
@@ -74,22 +74,8 @@ impl Product {
         product["quantity"].as_i64().unwrap()
     }
 
-    async fn metric(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.app.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        parse_exposition(&text)
-            .unwrap()
-            .samples_of(name)
-            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
-            .map(|s| s.value)
-            .sum()
+    async fn metric(&self, name: &str, matching: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.app.url, name, matching).await
     }
 }
 
@@ -122,10 +108,10 @@ async fn a_repeated_cancellation_returns_the_stock_once(backend: Backend) {
     product.broker.publish(&batch).await.unwrap();
     assert_eq!(product.stock().await, 10, "four units back, once");
     let applied = product
-        .metric("events_consumed_total", Some(("outcome", "applied")))
+        .metric("events_consumed_total", &[("outcome", "applied")])
         .await;
     let duplicate = product
-        .metric("events_consumed_total", Some(("outcome", "duplicate")))
+        .metric("events_consumed_total", &[("outcome", "duplicate")])
         .await;
     assert_eq!((applied, duplicate), (1.0, 2.0));
 }
@@ -154,7 +140,7 @@ async fn poison_is_dead_lettered_and_the_queue_moves_on(backend: Backend) {
         "the good message after the poison was applied"
     );
     let dead = product
-        .metric("events_consumed_total", Some(("outcome", "dead_lettered")))
+        .metric("events_consumed_total", &[("outcome", "dead_lettered")])
         .await;
     assert_eq!(dead, 3.0);
 }
@@ -181,8 +167,8 @@ async fn released_stock_is_announced_once_a_consumer_is_there(backend: Backend) 
     }
     // Nobody consumes stock.released yet: the events wait.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(product.metric("outbox_pending_events", None).await, 2.0);
-    assert_eq!(product.metric("events_published_total", None).await, 0.0);
+    assert_eq!(product.metric("outbox_pending_events", &[]).await, 2.0);
+    assert_eq!(product.metric("events_published_total", &[]).await, 0.0);
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let metrics = EventMetrics::new(&Metrics::new("recorder"), &[], &[]);
@@ -216,13 +202,13 @@ async fn released_stock_is_announced_once_a_consumer_is_there(backend: Backend) 
         "in order"
     );
     let deadline = Instant::now() + Duration::from_secs(3);
-    while product.metric("outbox_pending_events", None).await != 0.0 {
+    while product.metric("outbox_pending_events", &[]).await != 0.0 {
         assert!(Instant::now() < deadline, "the outbox was not marked sent");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         product
-            .metric("events_published_total", Some(("type", "stock.released")))
+            .metric("events_published_total", &[("type", "stock.released")])
             .await,
         2.0
     );
