@@ -81,13 +81,20 @@ def http(method, url, body=None, token=None):
 class Stack:
     """Our four binaries on loopback (or just the product service), each on its own port."""
 
-    def __init__(self, args, work, database_urls=None):
+    def __init__(self, args, work, database_urls=None, broker=False):
         self.args, self.work = args, work
         self.svc = bench.Services()
         self.ports = {s: bench.free_port() for s in SERVICES}
         self.pids = {}
         self.data = {}
         self.database_urls = database_urls or {}
+        # Events go through a private RabbitMQ node, as deployed (bench/services.sh
+        # installs rabbitmq-server); its CPU counts in each order's cost.
+        self.rabbit_dir, self.amqp_url = None, None
+        if broker:
+            self.rabbit_dir, self.amqp_url = subprocess.run(
+                [os.path.join(ROOT, "scripts", "rabbitmq-node"), "start"], check=True, capture_output=True,
+                text=True).stdout.split()
         key = subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519"], check=True,
                              capture_output=True).stdout
         self.private = key.decode()
@@ -109,6 +116,8 @@ class Stack:
             "PRODUCT_URL": self.url("product"), "USER_URL": self.url("user"), "ORDER_URL": self.url("order"),
             "JWT_PUBLIC_KEY": self.public, **extra,
         }
+        if self.amqp_url:
+            env["AMQP_URL"] = self.amqp_url
         if service in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[service]
         proc = self.svc.start([os.path.join(self.args.target_dir, "release", service)], env=env)
@@ -127,8 +136,17 @@ class Stack:
         time.sleep(1)
         return {s: bench.rss_kib(bench.tree(pid), field) / 1024 for s, pid in self.pids.items()}
 
+    def count_broker(self):
+        """From now on the broker's CPU and memory count with the services'."""
+        if self.rabbit_dir:
+            with open(os.path.join(self.rabbit_dir, "pid")) as f:
+                self.pids["rabbitmq"] = int(f.read())
+
     def stop(self):
         self.svc.stop()
+        if self.rabbit_dir:
+            subprocess.run([os.path.join(ROOT, "scripts", "rabbitmq-node"), "destroy", self.rabbit_dir],
+                           capture_output=True)
 
 
 def measure(url, args, measured, script=None, connections=None):
@@ -182,11 +200,12 @@ def reads(args, work, results):
 
 
 def orders(args, work, results, backend, database_urls=None):
-    stack = Stack(args, work, database_urls)
+    stack = Stack(args, work, database_urls, broker=True)
     try:
         stack.start_all()
         results["idle"].update({f"{s} ({backend})": v for s, v in stack.idle_rss().items()})
         results["idle_anon"].update({f"{s} ({backend})": v for s, v in stack.idle_rss("RssAnon").items()})
+        stack.count_broker()
         gw = stack.url("gateway")
         admin = http("POST", f"{gw}/api/v1/auth/login", {"email": "admin@shop.local", "password": stack.admin_password})
         stock = 1_000_000_000

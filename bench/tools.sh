@@ -9,6 +9,7 @@ command -v taskset >/dev/null || need+=(util-linux)
 command -v go >/dev/null || need+=(golang-go)
 command -v psql >/dev/null || need+=(postgresql-client)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

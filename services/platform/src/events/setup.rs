@@ -58,6 +58,7 @@ impl Broker {
                 if rest.is_empty() || rest.starts_with('/') {
                     return Err(refuse("must name a host"));
                 }
+                super::amqp::endpoint(&url).map_err(|reason| refuse(&reason))?;
                 Ok(Broker::Amqp(url))
             }
         }
@@ -121,5 +122,43 @@ impl Running {
                 local.detach(queue);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<Broker, ConfigError> {
+        Broker::from_env(&Env::from_pairs([("AMQP_URL", url.to_owned())]))
+    }
+
+    #[test]
+    fn amqp_url_is_checked_at_start_up_without_printing_its_password() {
+        assert!(matches!(
+            Broker::from_env(&Env::from_pairs([("X", "1".to_owned())])),
+            Ok(Broker::Local(_))
+        ));
+        let ok = parse("amqp://shop:s3cret@rabbitmq:5672/%2f").unwrap();
+        assert!(matches!(&ok, Broker::Amqp(url) if url.ends_with("/%2f")));
+        assert!(!format!("{ok:?}").contains("s3cret"), "{ok:?}");
+        for bad in [
+            "amqps://shop:s3cret@rabbitmq/",
+            "http://rabbitmq",
+            "amqp://",
+            "amqp://shop:s3cret@rabbitmq:notaport/",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.var, "AMQP_URL", "{bad}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn connections_ask_for_small_frames_unless_the_url_says_otherwise() {
+        let uri = super::super::amqp::endpoint("amqp://rabbitmq/%2f").unwrap();
+        assert_eq!(uri.query.frame_max, Some(16 * 1024));
+        let uri = super::super::amqp::endpoint("amqp://rabbitmq/%2f?frame_max=65536").unwrap();
+        assert_eq!(uri.query.frame_max, Some(65536));
     }
 }
