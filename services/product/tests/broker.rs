@@ -2,13 +2,15 @@
 //! (scripts/rabbitmq-node): killed with SIGKILL mid-stream, redelivered to, fed
 //! duplicates and poison, it returns every reservation's stock exactly once.
 
+mod common;
+
+use common::{cancelled, message};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth};
-use shop_platform::events::outbox::Message;
-use shop_platform::events::{NewEvent, Publisher, Queue};
+use shop_platform::events::{Publisher, Queue};
 use shop_platform::testing::{RabbitMq, ServiceProcess, metric_sum};
 use sqlx::Connection;
 
@@ -38,26 +40,6 @@ async fn stock(http: &reqwest::Client, url: &str) -> i64 {
         .await
         .unwrap();
     product["quantity"].as_i64().unwrap()
-}
-
-fn cancelled(reservation_id: &str) -> Message {
-    let event = NewEvent::new(
-        "order.cancelled",
-        &json!({"order_id": format!("order-{reservation_id}"), "user_id": "1",
-                "status": "cancelled", "items": [], "total_cents": 0,
-                "reservation_id": reservation_id}),
-    );
-    message(&event.body, &event.id)
-}
-
-fn message(body: &str, id: &str) -> Message {
-    Message {
-        event_id: id.to_owned(),
-        kind: "order.cancelled".into(),
-        body: body.to_owned(),
-        traceparent: None,
-        attempt: 0,
-    }
 }
 
 #[tokio::test]

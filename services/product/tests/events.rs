@@ -3,15 +3,16 @@
 //! without stopping the queue, and its own `stock.released` events wait in the outbox
 //! until a consumer is there to take them.
 
+mod common;
+
+use common::{cancelled, message};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use shop_platform::events::outbox::Message;
 use shop_platform::events::{
-    Broker, Consumer, Event, EventMetrics, Handled, LocalBroker, NewEvent, Publisher, Queue,
-    Rejection,
+    Broker, Consumer, Event, EventMetrics, Handled, LocalBroker, Publisher, Queue, Rejection,
 };
 use shop_platform::testing::{Backend, RunningApp, TestDatabase, metric_sum};
 use shop_platform::{AuthConfig, Metrics, ServerConfig};
@@ -79,25 +80,6 @@ impl Product {
     }
 }
 
-fn cancelled(reservation_id: &str) -> Message {
-    let event = NewEvent::new(
-        "order.cancelled",
-        &json!({"order_id": "o", "user_id": "1", "status": "cancelled", "items": [],
-                "total_cents": 0, "reservation_id": reservation_id}),
-    );
-    raw(&event.body, &event.id)
-}
-
-fn raw(body: &str, id: &str) -> Message {
-    Message {
-        event_id: id.to_owned(),
-        kind: "order.cancelled".into(),
-        body: body.to_owned(),
-        traceparent: None,
-        attempt: 0,
-    }
-}
-
 async fn a_repeated_cancellation_returns_the_stock_once(backend: Backend) {
     let product = Product::start(backend).await;
     product.reserve("r1", 4).await;
@@ -125,12 +107,12 @@ async fn poison_is_dead_lettered_and_the_queue_moves_on(backend: Backend) {
         serde_json::to_string(&event).unwrap()
     };
     let batch = [
-        raw("this is not json", "p1"),
-        raw(
+        message("this is not json", "p1"),
+        message(
             r#"{"id":"p2","type":"order.cancelled","version":1,"occurred_at":"2026-01-01T00:00:00Z","data":{"order_id":"x"}}"#,
             "p2",
         ),
-        raw(&unknown_version, "p3"),
+        message(&unknown_version, "p3"),
         cancelled("r2"),
     ];
     product.broker.publish(&batch).await.unwrap();
