@@ -117,6 +117,9 @@ async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
         (1.0..RESERVATIONS as f64).contains(&applied_after_restart),
         "{applied_after_restart} applied after the restart"
     );
+    // What the killed process held unacknowledged came again, marked as redelivered.
+    let redelivered = metric_sum(&product.url(), "events_redelivered_total", &[]).await;
+    assert!(redelivered >= 1.0, "{redelivered} redelivered");
     assert_eq!(
         queue_depth(&rabbit.url, &dead_letter_queue(queue))
             .await

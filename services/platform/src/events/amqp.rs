@@ -301,6 +301,7 @@ async fn consume(
                 _ => None,
             });
         let outcome = deliver(
+            "rabbitmq",
             consumer,
             metrics,
             &delivery.data,

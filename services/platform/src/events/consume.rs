@@ -142,8 +142,9 @@ impl EventMetrics {
 }
 
 /// Delivers one message body to `consumer`, in a span that continues the publisher's
-/// trace, and counts the outcome.
+/// trace, and counts the outcome. `system`: the broker, as the span's `messaging.system`.
 pub async fn deliver(
+    system: &'static str,
     consumer: &dyn Consumer,
     metrics: &EventMetrics,
     body: &[u8],
@@ -158,7 +159,7 @@ pub async fn deliver(
         "event",
         otel.name = format!("{queue} process"),
         otel.kind = "consumer",
-        messaging.system = "rabbitmq",
+        messaging.system = system,
         messaging.destination.name = queue,
         messaging.message.id = tracing::field::Empty,
         event.r#type = tracing::field::Empty,

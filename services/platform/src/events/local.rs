@@ -77,6 +77,7 @@ impl Publisher for LocalBroker {
                     });
                 };
                 let outcome = deliver(
+                    "in-process",
                     attached.consumer.as_ref(),
                     &attached.metrics,
                     message.body.as_bytes(),

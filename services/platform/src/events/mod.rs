@@ -83,7 +83,7 @@ pub struct Event {
 impl Event {
     /// `data` as the consumer's own type; a mismatch is a poison message.
     pub fn data<T: serde::de::DeserializeOwned>(&self) -> Result<T, Rejection> {
-        serde_json::from_value(self.data.clone()).map_err(|err| {
+        T::deserialize(&self.data).map_err(|err| {
             Rejection::Poison(format!("{} v{} data: {err}", self.kind, self.version))
         })
     }

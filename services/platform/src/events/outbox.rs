@@ -66,7 +66,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sent rows are kept this long (to answer "was it sent?"), then deleted.
 const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// PostgreSQL advisory lock key of the relay: `hashtext('shop.outbox')` fixed.
+/// PostgreSQL advisory lock key of the relay: any constant no other lock of this
+/// database uses (the migrations lock uses its own).
 const RELAY_LOCK: i64 = 0x5ED0_0B0C;
 
 /// Starts the relay. It also runs every `poll`, which bounds how long an event written by
