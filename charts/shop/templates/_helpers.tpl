@@ -89,6 +89,28 @@ product order user
 {{- end }}
 {{- end }}
 
+{{/* The services that publish or consume events (AMQP_URL). */}}
+{{- define "shop.brokerServices" -}}
+product order user
+{{- end }}
+
+{{/* Secret and key holding the services' AMQP_URL. */}}
+{{- define "shop.brokerSecretName" -}}
+{{- if .Values.rabbitmq.enabled }}
+{{- .Values.rabbitmq.existingSecret | default (printf "%s-rabbitmq" (include "shop.fullname" .)) }}
+{{- else }}
+{{- .Values.externalBroker.existingSecret | default (printf "%s-broker" (include "shop.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{- define "shop.brokerSecretKey" -}}
+{{- if and (not .Values.rabbitmq.enabled) .Values.externalBroker.existingSecret }}
+{{- .Values.externalBroker.existingSecretKey }}
+{{- else }}
+{{- "amqp-url" }}
+{{- end }}
+{{- end }}
+
 {{/* Seconds Kubernetes waits before SIGKILL: longer than everything the pod does on the way out. */}}
 {{- define "shop.terminationGracePeriod" -}}
 {{- $s := .Values.shutdown }}
