@@ -195,7 +195,17 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
             check(all("@sha256:" in c["image"] for d in docs if (p := pod_spec(d)) for c in p["containers"]),
                   f"{where}: every image should be pinned by digest")
         if variant == "external-db":
-            check(not has("StatefulSet"), f"{where}: no bundled database expected")
+            check(not has("StatefulSet"), f"{where}: no bundled database or broker expected")
+            amqp = {d["metadata"]["name"]: [e["valueFrom"]["secretKeyRef"] for e in d["spec"]["template"]["spec"]["containers"][0].get("env", [])
+                                            if e["name"] == "AMQP_URL"]
+                    for d in docs if d["kind"] == "Deployment"}
+            want = {"name": "events-broker", "key": "url"}
+            check(amqp == {"shop-gateway": [], "shop-product": [want], "shop-order": [want], "shop-user": [want]},
+                  f"{where}: AMQP_URL secret references wrong: {amqp}")
+            egress = [r for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "shop-order"
+                      for r in d["spec"]["egress"] if {"port": 5672, "protocol": "TCP"} in r.get("ports", [])]
+            check(len(egress) == 1 and egress[0].get("to") == [{"ipBlock": {"cidr": "10.30.0.0/16"}}],
+                  f"{where}: order's egress to the external broker wrong: {egress}")
             refs = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
                     for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "shop-gateway"}
             check(refs.get("shop-order") == {"name": "orders-db", "key": "url"}
@@ -224,9 +234,10 @@ def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
         if variant == "default":
             check(not has("Ingress") and not has("HTTPRoute") and not has("HorizontalPodAutoscaler"),
                   f"{where}: ingress, route and HPAs are opt-in")
-            check(sum(k == "StatefulSet" for k, _ in kinds) == 3 and sum(k == "Secret" for k, _ in kinds) == 4,
-                  f"{where}: one PostgreSQL StatefulSet and Secret per service, plus the token key Secret, expected")
+            check(sum(k == "StatefulSet" for k, _ in kinds) == 4 and sum(k == "Secret" for k, _ in kinds) == 5,
+                  f"{where}: one PostgreSQL StatefulSet and Secret per service, RabbitMQ's, and the token key Secret expected")
             database_wiring(docs, where)
+            broker_wiring(docs, where)
     print(f"  ok   {sum(len(d) for d in rendered.values())} rendered objects checked")
     # HTTPRoute is a CRD kubernetes-validate has no schema for: check its shape here.
     for (variant, kube), docs in rendered.items():
@@ -290,7 +301,7 @@ def database_wiring(docs: list[dict], where: str) -> None:
             data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
             secrets[d["metadata"]["name"]] = data | (d.get("stringData") or {})
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
-    for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+    for sts in (d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-postgresql")):
         c = sts["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in c["env"]}
         volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "password")
@@ -302,6 +313,36 @@ def database_wiring(docs: list[dict], where: str) -> None:
               and url.port == 5432 and url.username == env["POSTGRES_USER"] and url.password == secret["password"]
               and url.path == f"/{env['POSTGRES_DB']}",
               f"{where} {sts['metadata']['name']}: database-url does not match the StatefulSet ({url.hostname}, {url.username})")
+
+
+def broker_wiring(docs: list[dict], where: str) -> None:
+    """The services' AMQP_URL names the bundled RabbitMQ with the account it creates; the
+    gateway has none."""
+    import base64
+    from urllib.parse import urlsplit
+    secrets = {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+               | (d.get("stringData") or {}) for d in docs if d["kind"] == "Secret"}
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    sts = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "shop-rabbitmq"]
+    if not check(len(sts) == 1, f"{where}: one RabbitMQ StatefulSet expected"):
+        return
+    env = {e["name"]: e for e in sts[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["RABBITMQ_DEFAULT_PASS"]["valueFrom"]["secretKeyRef"]
+    secret = secrets.get(ref["name"])
+    if not check(secret is not None and ref["key"] == "password", f"{where}: RabbitMQ password Secret missing: {ref}"):
+        return
+    url = urlsplit(secret["amqp-url"])
+    check(url.scheme == "amqp" and url.hostname == sts[0]["spec"]["serviceName"] and url.hostname in services
+          and url.port == 5672 and url.username == env["RABBITMQ_DEFAULT_USER"]["value"]
+          and url.password == secret["password"],
+          f"{where}: amqp-url does not match the RabbitMQ StatefulSet ({url.hostname}, {url.username})")
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        amqp = [e["valueFrom"]["secretKeyRef"] for c in d["spec"]["template"]["spec"]["containers"]
+                for e in c.get("env", []) if e["name"] == "AMQP_URL"]
+        want = [] if d["metadata"]["name"] == "shop-gateway" else [{"name": ref["name"], "key": "amqp-url"}]
+        check(amqp == want, f"{where} {d['metadata']['name']}: AMQP_URL {amqp}, expected {want}")
 
 
 def pod_spec(doc: dict) -> dict | None:
@@ -346,6 +387,7 @@ def kustomize(outdir: Path) -> None:
                     for c in d["spec"]["template"]["spec"]["containers"] if c.get("env")}
             check(refs and refs <= secret_names, f"dev: DATABASE_URL secrets {refs} not generated ({secret_names})")
             database_wiring(docs, "k8s/overlays/dev")
+            broker_wiring(docs, "k8s/overlays/dev")
         else:
             check(all("replicas" not in d["spec"] for d in deployments), "prod: replicas left to the HPAs")
             hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
