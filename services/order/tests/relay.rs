@@ -1,0 +1,143 @@
+//! Two replicas' outbox relays on one PostgreSQL database: one publishes at a time (the
+//! advisory lock), so every event goes out once and in the order it was written, whichever
+//! replica happens to publish it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shop_platform::Metrics;
+use shop_platform::events::outbox::{Message, Unconfirmed, spawn_relay};
+use shop_platform::events::{EventMetrics, NewEvent, Outbox, Publisher};
+use shop_platform::testing::{Backend, TestDatabase, postgres_admin_url};
+
+const EVENTS: usize = 400;
+const PER_COMMIT: usize = 8;
+
+/// A broker that takes a little while to confirm, and notes who published what, and
+/// whether two publications ever overlapped.
+struct Recording {
+    replica: usize,
+    log: Arc<Mutex<Vec<(usize, String)>>>,
+    in_flight: Arc<AtomicUsize>,
+    overlaps: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Publisher for Recording {
+    async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed> {
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) > 0 {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        self.log.lock().unwrap().extend(
+            messages
+                .iter()
+                .map(|m| (self.replica, m.event_id.clone())),
+        );
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_publish_each_event_once_in_order() {
+    if postgres_admin_url("two_relays_publish_each_event_once_in_order").is_none() {
+        return;
+    }
+    let test_db = TestDatabase::new(Backend::Postgres).await;
+    let storage = test_db.storage();
+    let replicas = [
+        storage
+            .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
+            .await
+            .unwrap(),
+        storage
+            .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
+            .await
+            .unwrap(),
+    ];
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let outboxes = [Outbox::default(), Outbox::default()];
+    let mut relays = Vec::new();
+    for (replica, db) in replicas.iter().enumerate() {
+        let metrics = Metrics::new(shop_order::NAME);
+        let publisher = Recording {
+            replica,
+            log: log.clone(),
+            in_flight: in_flight.clone(),
+            overlaps: overlaps.clone(),
+        };
+        relays.push(spawn_relay(
+            db,
+            &outboxes[replica],
+            Arc::new(publisher),
+            EventMetrics::new(&metrics, &["order.placed"], &[]),
+            Duration::from_millis(200),
+        ));
+    }
+
+    // Commits from both replicas, each waking both relays, in alternating order so that
+    // neither is always first to try the lock.
+    for commit in 0..EVENTS / PER_COMMIT {
+        let writer = &replicas[commit % 2];
+        let mut tx = writer.writer().begin().await.unwrap();
+        for n in 0..PER_COMMIT {
+            NewEvent::new(
+                "order.placed",
+                &serde_json::json!({"commit": commit, "n": n}),
+            )
+            .append(&mut tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let (first, second) = if commit % 2 == 0 { (0, 1) } else { (1, 0) };
+        outboxes[first].wake();
+        outboxes[second].wake();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.lock().unwrap().len() < EVENTS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {EVENTS} events published",
+            log.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both relays keep polling: long enough for a second publication to show.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for relay in &relays {
+        relay.abort();
+    }
+
+    let written: Vec<String> = sqlx::query_scalar("SELECT event_id FROM outbox ORDER BY seq")
+        .fetch_all(replicas[0].pool())
+        .await
+        .unwrap();
+    let unsent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at_ms IS NULL")
+        .fetch_one(replicas[0].pool())
+        .await
+        .unwrap();
+    let log = log.lock().unwrap().clone();
+    let published: Vec<String> = log.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(written.len(), EVENTS);
+    assert_eq!(
+        published, written,
+        "every event published once, in the order written"
+    );
+    assert_eq!(unsent, 0);
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two relays published at once");
+    let by = |replica| log.iter().filter(|(r, _)| *r == replica).count();
+    assert!(
+        by(0) > 0 && by(1) > 0,
+        "both replicas should have published some: {} and {}",
+        by(0),
+        by(1)
+    );
+}
