@@ -31,11 +31,10 @@ impl Publisher for Recording {
             self.overlaps.fetch_add(1, Ordering::SeqCst);
         }
         tokio::time::sleep(Duration::from_millis(3)).await;
-        self.log.lock().unwrap().extend(
-            messages
-                .iter()
-                .map(|m| (self.replica, m.event_id.clone())),
-        );
+        self.log
+            .lock()
+            .unwrap()
+            .extend(messages.iter().map(|m| (self.replica, m.event_id.clone())));
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
@@ -132,7 +131,11 @@ async fn two_relays_publish_each_event_once_in_order() {
         "every event published once, in the order written"
     );
     assert_eq!(unsent, 0);
-    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two relays published at once");
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two relays published at once"
+    );
     let by = |replica| log.iter().filter(|(r, _)| *r == replica).count();
     assert!(
         by(0) > 0 && by(1) > 0,
