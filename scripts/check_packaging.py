@@ -255,9 +255,14 @@ def monitoring_objects(docs: list[dict], where: str) -> None:
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     for kind, key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
         monitors = [d for d in docs if d["kind"] == kind]
-        check(sorted(m["metadata"]["name"] for m in monitors) == sorted(deployments),
-              f"{where}: one {kind} per component expected")
+        check(sorted(m["metadata"]["name"] for m in monitors) == sorted([*deployments, "shop-rabbitmq"]),
+              f"{where}: one {kind} per component and one for RabbitMQ expected")
         for m in monitors:
+            if m["metadata"]["name"] == "shop-rabbitmq":
+                ep = m["spec"][key][0]
+                check(ep["port"] == "metrics" and m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "rabbitmq",
+                      f"{where} {kind}/shop-rabbitmq: malformed: {m['spec']}")
+                continue
             ep = m["spec"][key][0]
             dep = deployments.get(m["metadata"]["name"])
             pod_labels = dep["spec"]["template"]["metadata"]["labels"] if dep else {}
@@ -613,6 +618,17 @@ def contract(rendered: dict, outdir: Path, described: dict[str, dict]) -> None:
                   f"compose {name}: image not pinned to a version: {svc.get('image')}")
             for volume in svc.get("volumes", []):
                 check((ROOT / volume.split(":")[0]).exists(), f"compose {name}: {volume} mounts a missing path")
+            continue
+        if name == "rabbitmq":
+            # The broker: the image the chart deploys, locked down like the services.
+            values = yaml.safe_load((CHART / "values.yaml").read_text())["rabbitmq"]["image"]
+            check(svc.get("image") == f"{values['repository']}:{values['tag']}",
+                  f"compose rabbitmq: image {svc.get('image')} is not the chart's {values['repository']}:{values['tag']}")
+            check(svc.get("read_only") is True and svc.get("user") not in (None, "0", "root")
+                  and svc.get("cap_drop") == ["ALL"] and svc.get("healthcheck", {}).get("test"),
+                  f"compose rabbitmq: not read-only, non-root, without capabilities, with a healthcheck")
+            check(svc.get("hostname") == "rabbitmq" and "rabbitmq-data:/var/lib/rabbitmq" in svc.get("volumes", []),
+                  "compose rabbitmq: a fixed host name (the node's name) and its data on a volume")
             continue
         component = svc["build"]["args"]["SERVICE"]
         info = described[component]
