@@ -228,14 +228,19 @@ impl Relay {
 
     async fn forget_sent(&self) {
         let before = chrono::Utc::now().timestamp_millis() - RETENTION.as_millis() as i64;
-        if let Err(err) = sqlx::query("DELETE FROM outbox WHERE sent_at_ms < $1")
-            .bind(before)
-            .execute(&self.writer)
-            .await
-        {
+        if let Err(err) = delete_sent_before(&self.writer, before).await {
             tracing::debug!(error = %err, "cannot delete old sent events; will try again");
         }
     }
+}
+
+/// Deletes rows sent before `before_ms`; an unsent row stays, however old.
+async fn delete_sent_before(writer: &AnyPool, before_ms: i64) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM outbox WHERE sent_at_ms < $1")
+        .bind(before_ms)
+        .execute(writer)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 fn db(err: sqlx::Error) -> String {
@@ -300,4 +305,56 @@ async fn mark(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_rows_sent_longer_ago_than_the_retention_are_deleted() {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
+             created_at_ms BIGINT NOT NULL, sent_at_ms BIGINT)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 24 * 3600 * 1000;
+        for (id, created, sent) in [
+            ("sent-8-days-ago", now - 9 * day, Some(now - 8 * day)),
+            ("sent-6-days-ago", now - 9 * day, Some(now - 6 * day)),
+            ("never-sent-30-days-old", now - 30 * day, None),
+            ("sent-just-now", now, Some(now)),
+        ] {
+            sqlx::query(
+                "INSERT INTO outbox (event_id, created_at_ms, sent_at_ms) VALUES ($1, $2, $3)",
+            )
+            .bind(id)
+            .bind(created)
+            .bind(sent)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let deleted = delete_sent_before(&pool, now - RETENTION.as_millis() as i64)
+            .await
+            .unwrap();
+        let left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM outbox ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
+        assert_eq!(
+            left,
+            ["sent-6-days-ago", "never-sent-30-days-old", "sent-just-now"]
+        );
+    }
 }
