@@ -27,8 +27,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::deadline::Timer;
-use crate::h1::{self, ChunkedDecoder, Decoded, ProtocolError};
+use crate::http::deadline::Timer;
+use crate::http::h1::{self, ChunkedDecoder, Decoded, ProtocolError};
 use crate::proxy::{Client, ResponseBody, Worker};
 use shop_platform::probes::Readiness;
 

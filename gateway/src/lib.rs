@@ -10,21 +10,19 @@ pub mod access;
 pub mod apidocs;
 pub mod cache;
 pub mod config;
-pub mod deadline;
 pub mod discovery;
 pub mod front;
-pub mod h1;
+pub mod http;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
-pub mod trace;
 pub mod upstream;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode};
+use ::http::header::{HeaderMap, HeaderValue};
+use ::http::{Method, StatusCode};
 use serde_json::json;
 use shop_platform::probes::Readiness;
 use shop_platform::{AppError, Metrics};
@@ -38,7 +36,7 @@ use crate::routes::RouteTable;
 use crate::upstream::{CircuitState, Upstream};
 
 pub const NAME: &str = "gateway";
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::http::REQUEST_ID;
 
 /// Route ids for requests that matched no route, and for the admin endpoints; real routes
 /// are numbered from 0.
@@ -86,7 +84,11 @@ impl Shared {
     }
 
     /// `/health`, `/ready` and `/metrics`, answered by the gateway itself.
-    pub async fn admin(&self, path: &str, method: &Method) -> Option<http::Response<ResponseBody>> {
+    pub async fn admin(
+        &self,
+        path: &str,
+        method: &Method,
+    ) -> Option<::http::Response<ResponseBody>> {
         if !matches!(path, "/health" | "/ready" | "/metrics") {
             return None;
         }

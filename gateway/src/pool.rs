@@ -23,7 +23,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::h1::{
+use crate::http::h1::{
     self, ChunkedDecoder, Decoded, LAST_CHUNK, RequestFraming, RequestHead, ResponseFraming,
 };
 use crate::proxy::{BodyLimitExceeded, HandleMap, OutboundBody};

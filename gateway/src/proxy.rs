@@ -24,9 +24,9 @@ use shop_platform::AppError;
 use crate::Shared;
 use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
-use crate::deadline::Deadlines;
 use crate::front::RequestBody;
-use crate::h1::{RequestFraming, RequestHead};
+use crate::http::deadline::Deadlines;
+use crate::http::h1::{RequestFraming, RequestHead};
 use crate::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight, Upstream};
 
@@ -176,7 +176,7 @@ impl Worker {
         let method = request.method().clone();
         // Both go upstream as lines of the request head, not through the header map.
         let request_id = crate::request_id(request.headers());
-        let trace = crate::trace::continue_trace(request.headers(), &shared.sampler);
+        let trace = crate::http::trace::continue_trace(request.headers(), &shared.sampler);
         let credentialed = request.headers().contains_key(header::AUTHORIZATION);
         let origin = match &shared.cors {
             Some(_) => request.headers().get(header::ORIGIN).cloned(),
@@ -188,7 +188,10 @@ impl Worker {
                 if trace.sampled
                     && !matches!(request.uri().path(), "/health" | "/ready" | "/metrics") =>
             {
-                Some((sink, crate::trace::SpanStart::capture(&request, started)))
+                Some((
+                    sink,
+                    crate::http::trace::SpanStart::capture(&request, started),
+                ))
             }
             _ => None,
         };
@@ -207,7 +210,7 @@ impl Worker {
                     .name
                     .as_str()
             });
-            crate::trace::export(
+            crate::http::trace::export(
                 sink,
                 &trace,
                 start,
@@ -525,7 +528,7 @@ impl Worker {
                         _slot: slot,
                         stream_errors: upstream.stream_errors.clone(),
                     };
-                    crate::h1::recycle_map(std::mem::take(&mut parts.headers));
+                    crate::http::h1::recycle_map(std::mem::take(&mut parts.headers));
                     return Response::from_parts(head, Either::Left(body));
                 }
             }

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
 use crate::config::{Config, Discovery};
-use crate::deadline::Deadlines;
 use crate::discovery;
 use crate::front::{Connections, Front};
+use crate::http::deadline::Deadlines;
 use crate::metrics::GatewayMetrics;
 use crate::pool::Pool;
 use crate::proxy::{Client, Worker};

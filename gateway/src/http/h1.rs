@@ -76,9 +76,9 @@ impl RequestHead<'_> {
             // body follows the head at once, so the upstream is not asked again.
             if *name == header::HOST
                 || *name == header::EXPECT
-                || *name == crate::REQUEST_ID
-                || *name == crate::trace::TRACEPARENT
-                || (self.drop_tracestate && *name == crate::trace::TRACESTATE)
+                || *name == crate::http::REQUEST_ID
+                || *name == crate::http::trace::TRACEPARENT
+                || (self.drop_tracestate && *name == crate::http::trace::TRACESTATE)
                 || *name == X_FORWARDED_PROTO
                 || (*name == X_FORWARDED_HOST && self.forwarded_host.is_some())
                 || (*name == header::CONTENT_LENGTH && self.framing != RequestFraming::Length)
@@ -652,9 +652,9 @@ mod tests {
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        headers.insert(crate::REQUEST_ID, HeaderValue::from_static("bad id"));
+        headers.insert(crate::http::REQUEST_ID, HeaderValue::from_static("bad id"));
         headers.insert(
-            crate::trace::TRACEPARENT,
+            crate::http::trace::TRACEPARENT,
             HeaderValue::from_static("inbound"),
         );
         let client = HeaderValue::from_static("127.0.0.1");
@@ -686,7 +686,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         headers.insert(
-            crate::trace::TRACESTATE,
+            crate::http::trace::TRACESTATE,
             HeaderValue::from_static("vendor=1"),
         );
         let client = HeaderValue::from_static("::1");

@@ -1,0 +1,11 @@
+//! The HTTP/1 layer: the codec (request and response heads, body framing, limits), the
+//! per-connection deadlines, and the trace-context headers the codec strips or forwards.
+//! It knows nothing of routes, upstreams or the proxy.
+
+pub mod deadline;
+pub mod h1;
+pub mod trace;
+
+use ::http::header::HeaderName;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
