@@ -10,9 +10,9 @@ use shop_platform::{AuthConfig, Binary, Runtime};
 
 use crate::access::Cors;
 
-use crate::discovery::Target;
 use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
 use crate::upstream::Endpoint;
+use crate::upstream::discovery::Target;
 
 pub const PORT: Var = Var::new("PORT", "8080", "Port to listen on.");
 pub const ROUTES: Var = Var::optional(

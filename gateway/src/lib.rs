@@ -10,11 +10,9 @@ pub mod access;
 pub mod apidocs;
 pub mod cache;
 pub mod config;
-pub mod discovery;
 pub mod front;
 pub mod http;
 pub mod metrics;
-pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
@@ -71,6 +69,12 @@ pub struct Shared {
     /// Where sampled requests' spans go; `None` when no OTLP endpoint is configured.
     pub spans: Option<&'static shop_platform::telemetry::SpanSink>,
     pub docs: apidocs::ApiDocs,
+}
+
+impl upstream::discovery::Upstreams for Shared {
+    fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
 }
 
 impl Shared {

@@ -3,9 +3,7 @@
 //! streamed response. Bodies are never buffered in either direction.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -25,12 +23,18 @@ use crate::Shared;
 use crate::access::{self, TokenCache};
 use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::front::RequestBody;
+use crate::http::body;
 use crate::http::deadline::Deadlines;
 use crate::http::h1::{RequestFraming, RequestHead};
-use crate::pool::{Pool, SendError, UpstreamBody};
+pub use crate::upstream::pool::{HandleMap, PackedKeyHasher};
+use crate::upstream::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight, Upstream};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
+
+/// The client's request body on its way upstream, cut off at the body limit.
+pub type OutboundBody = body::OutboundBody<RequestBody>;
+pub use crate::http::body::BodyLimitExceeded;
 
 const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
@@ -72,30 +76,6 @@ pub struct Worker {
     tokens: TokenCache,
     handles: RefCell<HandleMap<Handles>>,
     upstream_handles: RefCell<HandleMap<(IntCounter, Histogram)>>,
-}
-
-/// Per-worker maps keyed by a packed `u64` (metric label sets, endpoint ids): a SipHash
-/// per request costs more than the counter increments or pool lookups it guards.
-pub type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
-
-#[derive(Default)]
-pub struct PackedKeyHasher(u64);
-
-impl Hasher for PackedKeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, key: u64) {
-        // Fibonacci hashing spreads the packed fields into the high bits hashbrown uses.
-        self.0 = (self.0 ^ key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
 }
 
 fn pack(route: usize, method: &Method, status: StatusCode) -> u64 {
@@ -697,59 +677,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
-}
-
-/// The client's request body on its way upstream, cut off at the body limit.
-pub enum OutboundBody {
-    Empty,
-    Limited { inner: RequestBody, remaining: u64 },
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds the limit")]
-pub struct BodyLimitExceeded;
-
-impl Body for OutboundBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            OutboundBody::Empty => Poll::Ready(None),
-            OutboundBody::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let len = data.len() as u64;
-                        if len > *remaining {
-                            return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
-                        }
-                        *remaining -= len;
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            OutboundBody::Empty => true,
-            OutboundBody::Limited { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            OutboundBody::Empty => SizeHint::with_exact(0),
-            OutboundBody::Limited { inner, .. } => inner.size_hint(),
-        }
-    }
 }
 
 /// The upstream's response body on its way to the client. Holds the endpoint's in-flight

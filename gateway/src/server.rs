@@ -18,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
 use crate::config::{Config, Discovery};
-use crate::discovery;
 use crate::front::{Connections, Front};
 use crate::http::deadline::Deadlines;
 use crate::metrics::GatewayMetrics;
-use crate::pool::Pool;
 use crate::proxy::{Client, Worker};
 use crate::ratelimit::RateLimiter;
 use crate::routes::RouteTable;
+use crate::upstream::discovery;
+use crate::upstream::pool::Pool;
 use crate::upstream::{Breaker, Endpoint, RetryBudget, Upstream};
 use crate::{NAME, Options, Shared};
 

@@ -18,7 +18,7 @@ use hyper::body::Frame;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use serde_json::{Value, json};
-use shop_gateway::discovery::{self, SERVICE_LABEL, Status, Target};
+use shop_gateway::upstream::discovery::{self, SERVICE_LABEL, Status, Target};
 use shop_gateway::upstream::{Breaker, RetryBudget, Upstream};
 use shop_platform::Shutdown;
 use shop_platform::config::Env;

@@ -2,6 +2,7 @@
 //! per-connection deadlines, and the trace-context headers the codec strips or forwards.
 //! It knows nothing of routes, upstreams or the proxy.
 
+pub mod body;
 pub mod deadline;
 pub mod h1;
 pub mod trace;

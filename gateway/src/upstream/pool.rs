@@ -9,6 +9,8 @@
 //! dropped by a sweeper.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -23,11 +25,40 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::http::body::{BodyLimitExceeded, OutboundBody};
 use crate::http::h1::{
     self, ChunkedDecoder, Decoded, LAST_CHUNK, RequestFraming, RequestHead, ResponseFraming,
 };
-use crate::proxy::{BodyLimitExceeded, HandleMap, OutboundBody};
 use crate::upstream::Endpoint;
+
+/// The client's body as the pool reads it (the front end's request body).
+pub trait ClientBody: hyper::body::Body<Data = Bytes, Error = io::Error> + Unpin {}
+
+impl<B: hyper::body::Body<Data = Bytes, Error = io::Error> + Unpin> ClientBody for B {}
+
+/// Per-worker maps keyed by a packed `u64` (metric label sets, endpoint ids): a SipHash
+/// per request costs more than the counter increments or pool lookups it guards.
+pub type HandleMap<V> = HashMap<u64, V, BuildHasherDefault<PackedKeyHasher>>;
+
+#[derive(Default)]
+pub struct PackedKeyHasher(u64);
+
+impl Hasher for PackedKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        // Fibonacci hashing spreads the packed fields into the high bits hashbrown uses.
+        self.0 = (self.0 ^ key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// Free space asked of the read buffer before reading a response head: most heads and
 /// many whole API responses fit, and a small buffer per connection keeps memory flat.
@@ -187,11 +218,11 @@ impl Pool {
     /// head. A pooled connection the upstream had closed in the meantime is replaced once,
     /// when that cannot repeat the request upstream.
     /// `now` is the caller's clock reading for this attempt (one fewer per request).
-    pub async fn send(
+    pub async fn send<B: ClientBody>(
         self: &Rc<Self>,
         endpoint: &Arc<Endpoint>,
         head: &RequestHead<'_>,
-        body: OutboundBody,
+        body: OutboundBody<B>,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let key = endpoint.id;
@@ -212,14 +243,14 @@ impl Pool {
             .map_err(|f| f.error)
     }
 
-    async fn exchange(
+    async fn exchange<B: ClientBody>(
         self: &Rc<Self>,
         key: u64,
         mut conn: Conn,
         reused: bool,
         endpoint: &Endpoint,
         head: &RequestHead<'_>,
-        body: &mut OutboundBody,
+        body: &mut OutboundBody<B>,
     ) -> Result<Response<UpstreamBody>, Failed> {
         let mut out = std::mem::take(&mut *self.scratch.borrow_mut());
         out.clear();
@@ -338,9 +369,9 @@ enum BodyFailure {
 
 /// Streams the client's body upstream. An upstream that answers before the body is
 /// complete (a 413, say) ends the upload: per RFC 9112 section 9.5 the rest is not sent.
-async fn send_body(
+async fn send_body<B: ClientBody>(
     conn: &mut Conn,
-    body: &mut OutboundBody,
+    body: &mut OutboundBody<B>,
     framing: RequestFraming,
 ) -> Result<(), BodyFailure> {
     let mut chunk = Vec::new();

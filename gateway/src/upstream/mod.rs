@@ -6,6 +6,9 @@
 //! The endpoint list sits behind an `ArcSwap` so a discovery source (the static list, or
 //! Kubernetes EndpointSlices: `discovery`) can replace it without stopping traffic.
 
+pub mod discovery;
+pub mod pool;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -244,7 +247,7 @@ pub struct Upstream {
     pub budget: RetryBudget,
     pub eject_backoff: Duration,
     /// Set when the endpoints come from Kubernetes rather than the static list.
-    pub discovery: Option<Arc<crate::discovery::Status>>,
+    pub discovery: Option<Arc<crate::upstream::discovery::Status>>,
 }
 
 impl Upstream {
@@ -267,7 +270,7 @@ impl Upstream {
         }
     }
 
-    pub fn with_discovery(mut self, status: Arc<crate::discovery::Status>) -> Self {
+    pub fn with_discovery(mut self, status: Arc<crate::upstream::discovery::Status>) -> Self {
         self.discovery = Some(status);
         self
     }

@@ -281,20 +281,25 @@ pub async fn follow<B>(
     }
 }
 
+/// What [`spawn`] needs of the gateway's shared state: its upstreams.
+pub trait Upstreams: Send + Sync + 'static {
+    fn upstreams(&self) -> &[Upstream];
+}
+
 /// Starts one watcher task per upstream that has a discovery status. The tasks run on the
 /// current runtime until `shared` is dropped with the runtime.
-pub fn spawn(
+pub fn spawn<S: Upstreams>(
     client: kube::Client,
     namespace: &str,
-    shared: &Arc<crate::Shared>,
+    shared: &Arc<S>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..shared.upstreams.len())
-        .filter(|&i| shared.upstreams[i].discovery.is_some())
+    (0..shared.upstreams().len())
+        .filter(|&i| shared.upstreams()[i].discovery.is_some())
         .map(|i| {
             let api = Api::<EndpointSlice>::namespaced(client.clone(), namespace);
             let shared = shared.clone();
             tokio::spawn(async move {
-                let upstream = &shared.upstreams[i];
+                let upstream = &shared.upstreams()[i];
                 let status = upstream.discovery.as_ref().expect("filtered above");
                 follow(api, upstream, status, DefaultBackoff::default).await;
             })

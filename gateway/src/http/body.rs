@@ -1,0 +1,65 @@
+//! The request body on its way upstream: the client's body, cut off at the body limit.
+//! Generic over the client body so that the upstream pool need not know the front end.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+/// The client's request body on its way upstream, cut off at the body limit.
+pub enum OutboundBody<B> {
+    Empty,
+    Limited { inner: B, remaining: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit")]
+pub struct BodyLimitExceeded;
+
+impl<B> Body for OutboundBody<B>
+where
+    B: Body<Data = Bytes, Error = io::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutboundBody::Empty => Poll::Ready(None),
+            OutboundBody::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let len = data.len() as u64;
+                        if len > *remaining {
+                            return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
+                        }
+                        *remaining -= len;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutboundBody::Empty => true,
+            OutboundBody::Limited { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutboundBody::Empty => SizeHint::with_exact(0),
+            OutboundBody::Limited { inner, .. } => inner.size_hint(),
+        }
+    }
+}
