@@ -20,9 +20,9 @@ use shop_platform::AppError;
 use shop_platform::openapi::{self, BEARER_SCHEME};
 
 use crate::Shared;
-use crate::access::Policy;
+use crate::policy::access::Policy;
+use crate::policy::routes::{Route, RouteTable};
 use crate::proxy::{ResponseBody, error, local};
-use crate::routes::{Route, RouteTable};
 
 pub const DOCUMENT: &str = "/api/openapi.json";
 pub const PAGE: &str = "/api/docs";
@@ -545,10 +545,10 @@ fn local_paths() -> Vec<(String, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::TableFile;
+    use crate::policy::routes::TableFile;
 
     fn table() -> (RouteTable, Vec<String>) {
-        let file: TableFile = serde_yaml::from_str(crate::routes::DEFAULT_TABLE).unwrap();
+        let file: TableFile = serde_yaml::from_str(crate::policy::routes::DEFAULT_TABLE).unwrap();
         let mut names: Vec<String> = file.upstreams.keys().cloned().collect();
         names.sort();
         (RouteTable::compile(&file.routes, &names).unwrap(), names)

@@ -8,9 +8,9 @@ use std::time::Duration;
 use shop_platform::config::{ConfigError, Env, ServerConfig, Var};
 use shop_platform::{AuthConfig, Binary, Runtime};
 
-use crate::access::Cors;
+use crate::policy::access::Cors;
 
-use crate::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
+use crate::policy::routes::{DEFAULT_TABLE, RouteSpec, RouteTable, TableFile};
 use crate::upstream::Endpoint;
 use crate::upstream::discovery::Target;
 

@@ -6,16 +6,13 @@
 //! `SO_REUSEPORT` listener and its own upstream connection pool, so a request never
 //! crosses threads. Shared state (routes, endpoint health, breakers, metrics) is atomics.
 
-pub mod access;
 pub mod apidocs;
-pub mod cache;
 pub mod config;
 pub mod front;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
-pub mod ratelimit;
-pub mod routes;
 pub mod server;
 pub mod upstream;
 
@@ -28,9 +25,9 @@ use shop_platform::{AppError, Metrics};
 pub use config::{BINARY, Config};
 pub use server::Gateway;
 
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::routes::RouteTable;
 use crate::proxy::{ResponseBody, error, local};
-use crate::ratelimit::RateLimiter;
-use crate::routes::RouteTable;
 use crate::upstream::{CircuitState, Upstream};
 
 pub const NAME: &str = "gateway";
@@ -59,8 +56,8 @@ pub struct Shared {
     pub options: Options,
     pub limiter: Option<RateLimiter>,
     pub authenticator: shop_platform::Authenticator,
-    pub cors: Option<access::Cors>,
-    pub cache: Option<cache::ResponseCache>,
+    pub cors: Option<policy::access::Cors>,
+    pub cache: Option<policy::cache::ResponseCache>,
     pub metrics: Metrics,
     pub metrics_gw: metrics::GatewayMetrics,
     pub readiness: Readiness,

@@ -20,12 +20,12 @@ use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
 use crate::Shared;
-use crate::access::{self, TokenCache};
-use crate::cache::{Entry, freshness, request_is_cacheable};
 use crate::front::RequestBody;
 use crate::http::body;
 use crate::http::deadline::Deadlines;
 use crate::http::h1::{RequestFraming, RequestHead};
+use crate::policy::access::{self, TokenCache};
+use crate::policy::cache::{Entry, freshness, request_is_cacheable};
 pub use crate::upstream::pool::{HandleMap, PackedKeyHasher};
 use crate::upstream::pool::{Pool, SendError, UpstreamBody};
 use crate::upstream::{Admission, InFlight, Upstream};
@@ -245,7 +245,7 @@ impl Worker {
         if let Some(response) = shared.admin(path, request.method()).await {
             return (crate::ADMIN_ROUTE, response);
         }
-        if !crate::routes::path_is_safe(path) {
+        if !crate::policy::routes::path_is_safe(path) {
             return (
                 crate::UNMATCHED_ROUTE,
                 error(AppError::bad_request(
@@ -269,7 +269,7 @@ impl Worker {
         if let Some(cors) = &shared.cors
             && let Some(preflight) = cors.preflight(request.method(), request.headers())
         {
-            return (crate::UNMATCHED_ROUTE, preflight);
+            return (crate::UNMATCHED_ROUTE, preflight.map(Either::Right));
         }
         let Some((route_id, route)) = shared.table.find(path) else {
             if let Some(response) = crate::apidocs::serve(shared, path, request.method()).await {
@@ -286,7 +286,7 @@ impl Worker {
             self.tokens
                 .authorize(&shared.authenticator, policy, request.headers_mut())
         {
-            return (route_id, refused.into_response());
+            return (route_id, refused.into_response().map(Either::Right));
         }
         if let Some(refused) = refuse_malformed(&request) {
             return (route_id, refused);
@@ -312,7 +312,7 @@ impl Worker {
         &self,
         request: Request<RequestBody>,
         upstream_id: usize,
-        target: crate::routes::Target,
+        target: crate::policy::routes::Target,
         client: &Client,
         hop: &Hop<'_>,
     ) -> Response<ResponseBody> {
@@ -580,31 +580,18 @@ fn too_large() -> AppError {
     )
 }
 
+/// A JSON error response (see [`body::error`]).
 pub fn error(err: AppError) -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(err.body_json()))));
-    *response.status_mut() = err.status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(secs) = err.retry_after_secs {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    response
+    body::error(err).map(Either::Right)
 }
 
+/// A response the gateway answers itself (see [`body::local`]).
 pub fn local(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(Full::new(body.into())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+    body::local(status, content_type, body).map(Either::Right)
 }
 
 /// A gateway that has just started can be sent a connection before its first

@@ -16,14 +16,14 @@ use shop_platform::{Metrics, Shutdown};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::ResponseCache;
 use crate::config::{Config, Discovery};
 use crate::front::{Connections, Front};
 use crate::http::deadline::Deadlines;
 use crate::metrics::GatewayMetrics;
+use crate::policy::cache::ResponseCache;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::routes::RouteTable;
 use crate::proxy::{Client, Worker};
-use crate::ratelimit::RateLimiter;
-use crate::routes::RouteTable;
 use crate::upstream::discovery;
 use crate::upstream::pool::Pool;
 use crate::upstream::{Breaker, Endpoint, RetryBudget, Upstream};

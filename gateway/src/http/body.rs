@@ -1,12 +1,18 @@
-//! The request body on its way upstream: the client's body, cut off at the body limit.
-//! Generic over the client body so that the upstream pool need not know the front end.
+//! Bodies shared by the layers: the request body on its way upstream (the client's body,
+//! cut off at the body limit; generic over the client body so that the upstream pool need
+//! not know the front end), and the responses the gateway answers itself (a complete body,
+//! which the proxy wraps into its own response body type).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use ::http::header::{self, HeaderValue};
+use ::http::{Response, StatusCode};
 use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::{Body, Frame, SizeHint};
+use shop_platform::AppError;
 
 /// The client's request body on its way upstream, cut off at the body limit.
 pub enum OutboundBody<B> {
@@ -62,4 +68,33 @@ where
             OutboundBody::Limited { inner, .. } => inner.size_hint(),
         }
     }
+}
+
+/// A JSON error response.
+pub fn error(err: AppError) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(err.body_json())));
+    *response.status_mut() = err.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = err.retry_after_secs {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A response the gateway answers itself.
+pub fn local(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }

@@ -7,14 +7,16 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
+use http_body_util::Full;
 use serde::Deserialize;
 use shop_platform::AppError;
 use shop_platform::auth::{Role, TokenError, bearer, now_secs};
 use shop_platform::identity::{USER_ID, USER_ROLE, forbidden};
 
-use crate::proxy::{ResponseBody, error};
+use crate::http::body::{error, local};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,7 +63,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// 401 with the RFC 6750 challenge, or 403; never cached.
-    pub fn into_response(self) -> Response<ResponseBody> {
+    pub fn into_response(self) -> Response<Full<Bytes>> {
         match self {
             Refusal::Unauthenticated(err) => {
                 let mut response = refused(err.into_app_error());
@@ -159,7 +161,7 @@ impl TokenCache {
     }
 }
 
-fn refused(err: AppError) -> Response<ResponseBody> {
+fn refused(err: AppError) -> Response<Full<Bytes>> {
     let mut response = error(err);
     no_store(response.headers_mut());
     response
@@ -214,11 +216,7 @@ impl Cors {
     }
 
     /// Answers a preflight (`OPTIONS` with `Access-Control-Request-Method`) itself.
-    pub fn preflight(
-        &self,
-        method: &Method,
-        headers: &HeaderMap,
-    ) -> Option<Response<ResponseBody>> {
+    pub fn preflight(&self, method: &Method, headers: &HeaderMap) -> Option<Response<Full<Bytes>>> {
         if *method != Method::OPTIONS
             || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
         {
@@ -228,7 +226,7 @@ impl Cors {
         if !self.allows(origin) {
             return Some(error(forbidden("this origin may not call the API")));
         }
-        let mut response = crate::proxy::local(StatusCode::NO_CONTENT, "text/plain", "");
+        let mut response = local(StatusCode::NO_CONTENT, "text/plain", "");
         let h = response.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS);

@@ -4,9 +4,9 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::access::{Policy, RouteAccess};
+use crate::policy::access::{Policy, RouteAccess};
 
-pub const DEFAULT_TABLE: &str = include_str!("../routes.yaml");
+pub const DEFAULT_TABLE: &str = include_str!("../../routes.yaml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
