@@ -8,7 +8,6 @@
 
 pub mod apidocs;
 pub mod config;
-pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod policy;

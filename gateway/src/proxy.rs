@@ -20,9 +20,9 @@ use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
 use crate::Shared;
-use crate::front::RequestBody;
 use crate::http::body;
 use crate::http::deadline::Deadlines;
+use crate::http::front::RequestBody;
 use crate::http::h1::{RequestFraming, RequestHead};
 use crate::policy::access::{self, TokenCache};
 use crate::policy::cache::{Entry, freshness, request_is_cacheable};
@@ -66,6 +66,23 @@ struct Hop<'a> {
     request_id: &'a HeaderValue,
     traceparent: [u8; 55],
     new_trace: bool,
+}
+
+impl crate::http::front::Handler for Worker {
+    type Client = Client;
+    type Body = ResponseBody;
+
+    fn deadlines(&self) -> &Rc<Deadlines> {
+        Worker::deadlines(self)
+    }
+
+    fn handle(
+        &self,
+        request: Request<RequestBody>,
+        client: &Client,
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>> {
+        Worker::handle(self, request, client)
+    }
 }
 
 /// Per-worker state: the upstream connection pool and metric handles resolved once.

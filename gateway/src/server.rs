@@ -17,8 +17,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Discovery};
-use crate::front::{Connections, Front};
 use crate::http::deadline::Deadlines;
+use crate::http::front::{Connections, Front};
 use crate::metrics::GatewayMetrics;
 use crate::policy::cache::ResponseCache;
 use crate::policy::ratelimit::RateLimiter;

@@ -10,6 +10,8 @@
 //! asked for it, and `Connection: close` once the worker drains.
 
 use std::cell::{Cell, RefCell};
+use std::convert::Infallible;
+use std::future::Future;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -27,13 +29,12 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::http::deadline::Timer;
+use crate::http::deadline::{Deadlines, Timer};
 use crate::http::h1::{self, ChunkedDecoder, Decoded, ProtocolError};
-use crate::proxy::{Client, ResponseBody, Worker};
 use shop_platform::probes::Readiness;
 
 /// Request header lines accepted; more is a 431 (the handler refuses more than
-/// [`crate::proxy::MAX_HEADERS`] with a JSON 431 of its own).
+/// the proxy's `MAX_HEADERS` with a JSON 431 of its own).
 const MAX_REQUEST_HEADERS: usize = 100;
 /// Largest request head accepted.
 const MAX_REQUEST_HEAD: usize = 96 * 1024;
@@ -117,8 +118,26 @@ impl Drop for LiveGuard {
     }
 }
 
-pub struct Front {
-    pub worker: Rc<Worker>,
+/// What a connection asks of the handler behind it (the proxy's worker): the connection
+/// knows nothing of what the handler does with a request.
+pub trait Handler {
+    /// The peer, as the handler wants it for each request.
+    type Client;
+    /// The response body the handler answers with.
+    type Body: Body<Data = Bytes> + Unpin;
+
+    /// The worker's timers; the connection's header read timeout is one of them.
+    fn deadlines(&self) -> &Rc<Deadlines>;
+
+    fn handle(
+        &self,
+        request: Request<RequestBody>,
+        client: &Self::Client,
+    ) -> impl Future<Output = Result<Response<Self::Body>, Infallible>>;
+}
+
+pub struct Front<H> {
+    pub worker: Rc<H>,
     pub header_read_timeout: Duration,
     pub connections: Rc<Connections>,
     /// Shutting down (ready already 503, SHUTDOWN_DELAY running): each keep-alive
@@ -156,8 +175,8 @@ struct Parsed {
     expect_continue: bool,
 }
 
-impl Front {
-    pub async fn serve(self: Rc<Self>, stream: TcpStream, client: Client) {
+impl<H: Handler> Front<H> {
+    pub async fn serve(self: Rc<Self>, stream: TcpStream, client: H::Client) {
         self.connections.live.set(self.connections.live.get() + 1);
         let _live = LiveGuard(self.connections.clone());
         let wire = Rc::new(RefCell::new(Wire {
@@ -574,9 +593,9 @@ enum Out {
 
 /// Writes the response; false when the connection cannot go on (the body broke off, or
 /// the client went away).
-async fn write_response(
+async fn write_response<B: Body<Data = Bytes> + Unpin>(
     wire: &Rc<RefCell<Wire>>,
-    response: Response<ResponseBody>,
+    response: Response<B>,
     head_request: bool,
     http10: bool,
     close: bool,
