@@ -6,8 +6,8 @@
 //! `SO_REUSEPORT` listener and its own upstream connection pool, so a request never
 //! crosses threads. Shared state (routes, endpoint health, breakers, metrics) is atomics.
 
-pub mod apidocs;
 pub mod config;
+pub mod docs;
 pub mod http;
 pub mod metrics;
 pub mod policy;
@@ -64,7 +64,7 @@ pub struct Shared {
     pub sampler: shop_platform::telemetry::Sampler,
     /// Where sampled requests' spans go; `None` when no OTLP endpoint is configured.
     pub spans: Option<&'static shop_platform::telemetry::SpanSink>,
-    pub docs: apidocs::ApiDocs,
+    pub docs: docs::ApiDocs,
 }
 
 impl upstream::discovery::Upstreams for Shared {

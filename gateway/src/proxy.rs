@@ -289,8 +289,8 @@ impl Worker {
             return (crate::UNMATCHED_ROUTE, preflight.map(Either::Right));
         }
         let Some((route_id, route)) = shared.table.find(path) else {
-            if let Some(response) = crate::apidocs::serve(shared, path, request.method()).await {
-                return (crate::DOCS_ROUTE, response);
+            if let Some(response) = crate::docs::serve(shared, path, request.method()).await {
+                return (crate::DOCS_ROUTE, response.map(Either::Right));
             }
             return (
                 crate::UNMATCHED_ROUTE,
