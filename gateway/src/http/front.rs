@@ -1,3 +1,6 @@
+//! (Over 500 lines: the connection loop, the request body it lends and the response
+//! writer share the private `Wire`; a split by concern is issue 17's next step.)
+//!
 //! The gateway's HTTP/1.1 server side: one connection, driven inline in its own task.
 //! The request head is parsed with `httparse` over the connection's read buffer (header
 //! values are slices of it), the request body ([`RequestBody`]) reads its framing from the

@@ -1,3 +1,6 @@
+//! (Over 500 lines, with its tests: the head writer, head parser and chunked framing share
+//! the buffer helpers here; a split by concern is issue 17's next step.)
+//!
 //! The gateway's HTTP/1.1 client codec for upstream exchanges: the request head written
 //! into one buffer straight from the incoming request's parts, the response head parsed
 //! with `httparse` over the connection's read buffer (header values are slices of it, not

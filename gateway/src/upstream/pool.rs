@@ -1,3 +1,6 @@
+//! (Over 500 lines: the pool and the exchange on its connections share the private
+//! `Conn`; a split of the exchange into its own file is issue 17's next step.)
+//!
 //! A worker's upstream connections and the HTTP/1.1 exchange on them, driven inline in the
 //! request's own task (no connection task, no channel): the pool lends a TCP stream per
 //! endpoint, the request head goes out in one write, the response head is parsed from the
