@@ -5,6 +5,9 @@
 //!
 //! The endpoint list sits behind an `ArcSwap` so a discovery source (the static list, or
 //! Kubernetes EndpointSlices: `discovery`) can replace it without stopping traffic.
+//!
+//! The upstream layer: these, each worker's connection `pool`, and `discovery`. It uses the
+//! HTTP codec below it and knows nothing of routes, policy or the proxy.
 
 pub mod discovery;
 pub mod pool;

@@ -14,11 +14,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-/// Response head lines accepted from an upstream; more is a malformed answer.
 mod chunked;
 
 pub use chunked::{ChunkedDecoder, Decoded};
 
+/// Response head lines accepted from an upstream; more is a malformed answer.
 pub const MAX_RESPONSE_HEADERS: usize = 100;
 /// Largest response head accepted from an upstream.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
