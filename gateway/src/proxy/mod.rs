@@ -8,17 +8,15 @@
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::Body;
 use prometheus::{Histogram, IntCounter};
 use shop_platform::AppError;
 
@@ -28,15 +26,17 @@ use crate::http::deadline::Deadlines;
 use crate::http::front::RequestBody;
 use crate::http::h1::{RequestFraming, RequestHead};
 use crate::policy::access::{self, TokenCache};
-use crate::policy::cache::{Entry, freshness, request_is_cacheable};
+use crate::policy::cache::{freshness, request_is_cacheable};
 pub use crate::upstream::pool::{HandleMap, PackedKeyHasher};
-use crate::upstream::pool::{Pool, SendError, UpstreamBody};
-use crate::upstream::{Admission, InFlight, Upstream};
+use crate::upstream::pool::{Pool, SendError};
+use crate::upstream::{Admission, InFlight};
 
 mod response;
 
-use response::*;
 pub use response::{MAX_HEADERS, Streamed, error, local};
+use response::{
+    first_list, from_cache, is_idempotent, refuse_malformed, strip_hop_by_hop, too_large,
+};
 
 pub type ResponseBody = Either<Streamed, Full<Bytes>>;
 

@@ -1,7 +1,23 @@
 //! What the proxy answers with: the streamed upstream body and the answers it makes itself
 //! (cache hits, refusals, errors), and the hop-by-hop headers it strips on the way.
 
-use super::*;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus::IntCounter;
+use shop_platform::AppError;
+
+use super::ResponseBody;
+use crate::http::body;
+use crate::http::front::RequestBody;
+use crate::policy::cache::Entry;
+use crate::upstream::pool::UpstreamBody;
+use crate::upstream::{InFlight, Upstream};
 
 /// A cached entry as a response: the stored one, or a bodiless 304 when the client
 /// already has this version.

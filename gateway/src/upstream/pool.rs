@@ -12,7 +12,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,14 +20,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Response};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::http::body::{BodyLimitExceeded, OutboundBody};
-use crate::http::h1::{
-    self, ChunkedDecoder, Decoded, LAST_CHUNK, RequestFraming, RequestHead, ResponseFraming,
-};
+use crate::http::h1::{self, LAST_CHUNK, RequestFraming, RequestHead};
 use crate::upstream::Endpoint;
 
 /// The client's body as the pool reads it (the front end's request body).

@@ -1,7 +1,9 @@
 //! Chunked transfer coding (RFC 9112 section 7.1): the incremental decoder over a read
 //! buffer, with its limits on chunk lines and trailers.
 
-use super::*;
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::{MAX_CHUNK_LINE, MAX_TRAILERS, ProtocolError};
 
 /// What the chunked decoder found in the buffer.
 #[derive(Debug, PartialEq, Eq)]

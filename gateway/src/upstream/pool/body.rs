@@ -1,7 +1,16 @@
 //! The upstream's response body: read from the pooled connection as the client's side
 //! asks for it, the connection going back to the pool when the body ends cleanly.
 
-use super::*;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::{BODY_CHUNK, Conn, Pool};
+use crate::http::h1::{ChunkedDecoder, Decoded, ResponseFraming};
 
 /// The upstream's response body, read from the connection as the client's side asks for
 /// it. The connection goes back to the pool only when the body ended cleanly and the
