@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -296,15 +297,15 @@ def selectors(node, key=None):
             yield from selectors(v, key)
 
 
+def secrets_of(docs: list[dict]) -> dict[str, dict[str, str]]:
+    """Every Secret's keys, decoded."""
+    return {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+            | (d.get("stringData") or {}) for d in docs if d["kind"] == "Secret"}
+
+
 def database_wiring(docs: list[dict], where: str) -> None:
     """Each service's DATABASE_URL names its own PostgreSQL: host, role, database, password."""
-    import base64
-    from urllib.parse import urlsplit
-    secrets = {}
-    for d in docs:
-        if d["kind"] == "Secret":
-            data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
-            secrets[d["metadata"]["name"]] = data | (d.get("stringData") or {})
+    secrets = secrets_of(docs)
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     for sts in (d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-postgresql")):
         c = sts["spec"]["template"]["spec"]["containers"][0]
@@ -323,10 +324,7 @@ def database_wiring(docs: list[dict], where: str) -> None:
 def broker_wiring(docs: list[dict], where: str) -> None:
     """The services' AMQP_URL names the bundled RabbitMQ with the account it creates; the
     gateway has none."""
-    import base64
-    from urllib.parse import urlsplit
-    secrets = {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
-               | (d.get("stringData") or {}) for d in docs if d["kind"] == "Secret"}
+    secrets = secrets_of(docs)
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     sts = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "shop-rabbitmq"]
     if not check(len(sts) == 1, f"{where}: one RabbitMQ StatefulSet expected"):

@@ -203,3 +203,19 @@ seccompProfile:
 {{ $name }}: {{ index $env $name | quote }}
 {{- end }}
 {{- end }}
+
+{{/* The node's configuration: the ConfigMap's content, and the pod template's checksum of it. */}}
+{{- define "shop.rabbitmqConfig" -}}
+listeners.tcp.default = 5672
+prometheus.tcp.port = 15692
+log.file = false
+log.console = true
+log.console.level = {{ ternary "debug" "info" (hasPrefix "debug" .Values.logging.level) }}
+{{- if eq .Values.logging.format "json" }}
+log.console.formatter = json
+{{- end }}
+# Publishers are blocked (flow control) above this, well before the container's
+# memory limit: the node cannot see that limit itself.
+vm_memory_high_watermark.absolute = {{ .Values.rabbitmq.memoryHighWatermark }}
+disk_free_limit.absolute = {{ .Values.rabbitmq.diskFreeLimit }}
+{{- end }}
