@@ -136,6 +136,9 @@ def schema_rejects_bad_values() -> None:
         "SLO threshold not a bucket": (["--set-string", "monitoring.prometheusRule.slos.order.latency.thresholdSeconds=0.3"],
                                        "thresholdSeconds"),
         "SLO target of 100%": (["--set", "monitoring.prometheusRule.slos.user.availability=100"], "availability"),
+        "broker URL over TLS (not supported)": (["--set", "rabbitmq.enabled=false", "--set", "externalBroker.url=amqps://u:p@mq:5671"],
+                                                "url"),
+        "broker memory watermark not an amount": (["--set", "rabbitmq.memoryHighWatermark=lots"], "memoryHighWatermark"),
     }
     for what, (args, needle) in bad.items():
         out = helm_template("default", KUBE_VERSIONS[0], *args)
@@ -143,7 +146,11 @@ def schema_rejects_bad_values() -> None:
               f"schema did not reject {what}: rc={out.returncode} {out.stderr[-300:]}")
         lint = run([HELM, "lint", "--strict", str(CHART), "--kube-version", KUBE_VERSIONS[0], *args])
         check(lint.returncode != 0, f"helm lint accepted {what}")
-    print(f"  ok   1 valid override accepted, {len(bad)} invalid ones rejected by template and lint")
+    # No bundled broker and none named: the services could not hear each other's events.
+    out = helm_template("default", KUBE_VERSIONS[0], "--set", "rabbitmq.enabled=false")
+    check(out.returncode != 0 and "externalBroker.url (or .existingSecret) is required" in out.stderr,
+          f"rabbitmq.enabled=false without an external broker was not refused: rc={out.returncode} {out.stderr[-300:]}")
+    print(f"  ok   1 valid override accepted, {len(bad)} invalid ones rejected by template and lint; no broker at all refused")
 
 
 def chart_rules(rendered: dict[tuple[str, str], list[dict]]) -> None:
