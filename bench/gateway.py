@@ -12,7 +12,10 @@ seed's Go product service (in memory, cheap, the service the seed's gateway was 
 for); `--upstream shop` uses our product service instead (SQLite on every request).
 
 Modes: `shared` (everything on both cores) and `pinned` (proxy on CPU 0, load generator on
-CPU 1, upstream unpinned). For each proxy: requests/s, p50, p99, peak RSS of the proxy's
+CPU 1, upstream unpinned). The proxies of one mode run side by side in front of one upstream,
+and their repetitions alternate (ours, nginx, seed, ours, nginx, seed, ...), so a slow
+minute on this noisy machine lands on each of them, not on whichever ran last; each ratio
+is also given as the median of the per-repetition ratios. For each proxy: requests/s, p50, p99, peak RSS of the proxy's
 processes, and CPU time per request (user+system of the proxy's processes / requests).
 Loopback only; every run is bounded by `--duration`.
 
@@ -216,18 +219,14 @@ def start_upstream(svc, args, work, cpu):
     return port
 
 
-def scenario(name, mode, args, work):
-    """Starts what `name` needs; returns (url, pid of the measured process, Services)."""
-    svc = Services()
+def start_proxy(svc, name, mode, args, work, product_port):
+    """Starts proxy `name` in front of `product_port`; returns (url, pid of the measured process)."""
     proxy_cpu = 0 if mode == "pinned" else None
     workers = "1" if mode == "pinned" else "2"
-    product_port = start_upstream(svc, args, work, proxy_cpu if name == "direct" else None)
-    if name == "direct":
-        return f"http://127.0.0.1:{product_port}/products", svc.procs[-1].pid, svc
     if name == "seed":
         proxy = svc.start([os.path.join(work, "seed-gateway")], cpu=proxy_cpu)
         wait_port(8080)
-        return "http://127.0.0.1:8080/api/products", proxy.pid, svc
+        return "http://127.0.0.1:8080/api/products", proxy.pid
     port = free_port()
     if name == "ours":
         # Authentication on, as deployed: /api/products is a public route, so no token is
@@ -250,7 +249,7 @@ def scenario(name, mode, args, work):
                                       location="= /api/products", target="products"))
         proxy = svc.start(["nginx", "-c", conf, "-g", "daemon off;"], cpu=proxy_cpu)
         wait_port(port)
-    return f"http://127.0.0.1:{port}/api/products", proxy.pid, svc
+    return f"http://127.0.0.1:{port}/api/products", proxy.pid
 
 
 def wait_port(port, timeout=15):
@@ -313,21 +312,39 @@ def main():
     results = {}
     try:
         for mode in args.modes.split(","):
-            for name in scenarios:
-                url, pid, svc = scenario(name, mode, args, work)
+            wrk_cpu = 1 if mode == "pinned" else None
+            groups = [["direct"]] if "direct" in scenarios else []
+            proxies = [name for name in scenarios if name != "direct"]
+            if proxies:
+                groups.append(proxies)
+            for group in groups:
+                svc = Services()
                 try:
-                    # Warm-up: fill connection pools and caches.
-                    subprocess.run(["wrk", "-t2", f"-c{args.connections}", "-d2s", url], capture_output=True)
-                    runs = [run_wrk(url, args, 1 if mode == "pinned" else None, pid if name != "direct" else pid)
-                            for _ in range(args.reps)]
+                    # The upstream is pinned with the proxy only when it is what is measured.
+                    upstream_cpu = 0 if mode == "pinned" and group == ["direct"] else None
+                    product_port = start_upstream(svc, args, work, upstream_cpu)
+                    targets = {}
+                    for name in group:
+                        if name == "direct":
+                            targets[name] = (f"http://127.0.0.1:{product_port}/products", svc.procs[-1].pid)
+                        else:
+                            targets[name] = start_proxy(svc, name, mode, args, work, product_port)
+                    for url, _ in targets.values():
+                        # Warm-up: fill connection pools and caches.
+                        subprocess.run(["wrk", "-t2", f"-c{args.connections}", "-d2s", url], capture_output=True)
+                    runs = {name: [] for name in group}
+                    for _ in range(args.reps):
+                        for name, (url, pid) in targets.items():
+                            runs[name].append(run_wrk(url, args, wrk_cpu, pid))
                 finally:
                     svc.stop()
-                results[(mode, name)] = runs
-                med = lambda k: statistics.median(r[k] for r in runs)
-                errors = sum(r["non2xx"] for r in runs)
-                print(f"[{mode:6}] {name:6} rps {med('rps'):9.0f}  p50 {med('p50'):6.2f} ms  p99 {med('p99'):6.2f} ms"
-                      f"  cpu {med('cpu_us'):5.1f} us/req  rss {med('rss_mib'):5.1f} MiB"
-                      f"  non-2xx {errors}  {runs[0]['socket_errors']}", flush=True)
+                for name in group:
+                    results[(mode, name)] = runs[name]
+                    med = lambda k: statistics.median(r[k] for r in runs[name])
+                    errors = sum(r["non2xx"] for r in runs[name])
+                    print(f"[{mode:6}] {name:6} rps {med('rps'):9.0f}  p50 {med('p50'):6.2f} ms  p99 {med('p99'):6.2f} ms"
+                          f"  cpu {med('cpu_us'):5.1f} us/req  rss {med('rss_mib'):5.1f} MiB"
+                          f"  non-2xx {errors}  {runs[name][0]['socket_errors']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -348,6 +365,13 @@ def main():
                 print(f"  {mode:7} vs {other:6}: throughput {med(ours, 'rps') / med(o, 'rps'):.2f}x, "
                       f"p99 {med(ours, 'p99') / med(o, 'p99'):.2f}x"
                       + (f", CPU/req {med(ours, 'cpu_us') / med(o, 'cpu_us'):.2f}x" if other != "direct" else ""))
+                if other != "direct":
+                    # Repetition i of each proxy ran back to back: their ratio is the least
+                    # disturbed by the machine's drift.
+                    paired = lambda k: [a[k] / b[k] for a, b in zip(ours, o)]
+                    spread = lambda k: f"{statistics.median(paired(k)):.2f}x ({min(paired(k)):.2f}-{max(paired(k)):.2f})"
+                    print(f"  {'':7}    {'':6}  paired: throughput {spread('rps')}, p99 {spread('p99')}, "
+                          f"CPU/req {spread('cpu_us')}")
 
 
 if __name__ == "__main__":
