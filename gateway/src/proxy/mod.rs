@@ -32,6 +32,7 @@ use crate::upstream::pool::{Pool, SendError};
 use crate::upstream::{Admission, InFlight};
 
 mod response;
+mod span;
 
 pub use response::{MAX_HEADERS, Streamed, error, local};
 use response::{
@@ -193,10 +194,7 @@ impl Worker {
                 if trace.sampled
                     && !matches!(request.uri().path(), "/health" | "/ready" | "/metrics") =>
             {
-                Some((
-                    sink,
-                    crate::http::trace::SpanStart::capture(&request, started),
-                ))
+                Some((sink, span::SpanStart::capture(&request, started)))
             }
             _ => None,
         };
@@ -215,7 +213,7 @@ impl Worker {
                     .name
                     .as_str()
             });
-            crate::http::trace::export(
+            span::export(
                 sink,
                 &trace,
                 start,
