@@ -40,16 +40,22 @@ def status(port, path, method="GET", body=None):
         conn.close()
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def text_mib(binary):
+    """Size of the executable's code (`.text`), what its resident file pages come from."""
+    out = subprocess.run(["size", "-A", binary], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[1]) for line in out.splitlines() if line.startswith(".text ")) / 2**20
 
 
 def measure(binary, runs, peers):
-    ready_ms, idle_rss, busy_rss = [], [], []
+    ready_ms, idle_rss, idle_anon, busy_rss = [], [], [], []
     for _ in range(runs):
         port = free_port()
         with tempfile.TemporaryDirectory() as data:
@@ -67,14 +73,16 @@ def measure(binary, runs, peers):
                 ready_ms.append((time.perf_counter() - started) * 1000)
                 time.sleep(1.0)
                 idle_rss.append(rss_kib(proc.pid))
-                path = {"product": "/products", "user": "/users/1", "order": "/orders"}[binary]
+                idle_anon.append(rss_kib(proc.pid, "RssAnon"))
+                path = {"product": "/products", "user": "/users/1", "order": "/orders",
+                        "gateway": "/api/products"}[binary]
                 for _ in range(500):
                     status(port, path)
                 busy_rss.append(rss_kib(proc.pid))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
-    return ready_ms, idle_rss, busy_rss
+    return ready_ms, idle_rss, idle_anon, busy_rss
 
 
 def main():
@@ -82,15 +90,17 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    # The order service's readiness includes its peers: give it live ones.
+    # Readiness includes peers: every service needs the user service's signing keys, the
+    # order service also the product service. Give them live ones.
     with tempfile.TemporaryDirectory() as data:
         pp, up = free_port(), free_port()
+        keys = {"JWT_JWKS_URL": f"http://127.0.0.1:{up}/.well-known/jwks.json"}
         peers = []
-        for binary, port in (("product", pp), ("user", up)):
+        for binary, port in (("user", up), ("product", pp)):
             peers.append(subprocess.Popen(
                 [os.path.join(BIN, binary)],
                 env={"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": data, "RUST_LOG": "warn",
-                     "SHUTDOWN_DELAY": "0s"},
+                     "SHUTDOWN_DELAY": "0s", **keys},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         try:
             for port in (pp, up):
@@ -99,13 +109,18 @@ def main():
                     if time.time() > deadline:
                         raise RuntimeError("peers did not start")
                     time.sleep(0.01)
-            order_peers = {"PRODUCT_URL": f"http://127.0.0.1:{pp}", "USER_URL": f"http://127.0.0.1:{up}"}
-            print(f"{'binary':8} {'size MiB':>9} {'ready ms (median)':>18} {'idle RSS MiB':>13} {'RSS after 500 req':>18}   runs={args.runs}")
-            for binary in ("product", "order", "user"):
-                ready, idle, busy = measure(binary, args.runs, order_peers if binary == "order" else {})
-                size = os.path.getsize(os.path.join(BIN, binary)) / 2**20
-                print(f"{binary:8} {size:9.1f} {statistics.median(ready):18.1f} "
-                      f"{statistics.median(idle) / 1024:13.1f} {statistics.median(busy) / 1024:18.1f}"
+            order_peers = {"PRODUCT_URL": f"http://127.0.0.1:{pp}", "USER_URL": f"http://127.0.0.1:{up}", **keys}
+            gateway_peers = {"PRODUCT_URL": f"http://127.0.0.1:{pp}", "USER_URL": f"http://127.0.0.1:{up}",
+                             "ORDER_URL": f"http://127.0.0.1:{up}", **keys}
+            print(f"{'binary':8} {'text MiB':>9} {'ready ms (median)':>18} {'idle RSS MiB':>13} {'of it anon':>11}"
+                  f" {'RSS after 500 req':>18}   runs={args.runs}")
+            for binary in ("product", "order", "user", "gateway"):
+                peers_env = {"order": order_peers, "gateway": gateway_peers}.get(
+                    binary, keys)
+                ready, idle, anon, busy = measure(binary, args.runs, peers_env)
+                print(f"{binary:8} {text_mib(os.path.join(BIN, binary)):9.1f} {statistics.median(ready):18.1f} "
+                      f"{statistics.median(idle) / 1024:13.1f} {statistics.median(anon) / 1024:11.1f}"
+                      f" {statistics.median(busy) / 1024:18.1f}"
                       f"   (ready min {min(ready):.1f}, max {max(ready):.1f})")
         finally:
             for proc in peers:
