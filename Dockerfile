@@ -45,6 +45,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
       --bin gateway --bin product --bin order --bin user \
  && mkdir -p /out/data \
  && cp target/release/gateway target/release/product target/release/order target/release/user /out/ \
+ && strip --strip-all /out/gateway /out/product /out/order /out/user \
  && rm -rf target/release/build target/release/deps target/release/.fingerprint
 
 ARG SERVICE=gateway
