@@ -5,7 +5,8 @@ Starts every binary several times on a fresh data directory, measures the time f
 exec until GET /ready answers 200, then the resident memory after a short idle period
 (and after a burst of requests), and prints medians. Loopback only; bounded in time.
 
-    cargo build --release --bins && python3 bench/footprint.py [--runs 5]
+    cargo build --release --locked --workspace --bin gateway --bin product --bin order --bin user
+    python3 bench/footprint.py [--runs 5]
 """
 
 import argparse

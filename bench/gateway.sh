@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source=bench/tools.sh
 source bench/tools.sh
 
-cargo build --release --locked -p shop-product -p shop-gateway
+# The Dockerfile's build command: the same packages and features.
+cargo build --release --locked --workspace --bin gateway --bin product --bin order --bin user
 exec python3 bench/gateway.py "$@"

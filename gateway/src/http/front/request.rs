@@ -5,7 +5,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
 use super::BodyState;
@@ -92,7 +92,7 @@ pub(super) fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusa
     let mut expect_continue = false;
     let mut hosts = 0;
     for &(ns, ne, vs, ve) in &indices[..count] {
-        let name = request_header_name(&head[ns as usize..ne as usize])
+        let name = h1::header_name(&head[ns as usize..ne as usize])
             .ok_or(Refusal::Status(StatusCode::BAD_REQUEST))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Refusal::Status(StatusCode::BAD_REQUEST))?;
@@ -181,19 +181,4 @@ pub(super) fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusa
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
     }))
-}
-
-/// Common request header names matched without the general parser.
-fn request_header_name(bytes: &[u8]) -> Option<HeaderName> {
-    let common = match bytes.len() {
-        4 if bytes.eq_ignore_ascii_case(b"host") => Some(header::HOST),
-        6 if bytes.eq_ignore_ascii_case(b"accept") => Some(header::ACCEPT),
-        10 if bytes.eq_ignore_ascii_case(b"user-agent") => Some(header::USER_AGENT),
-        10 if bytes.eq_ignore_ascii_case(b"connection") => Some(header::CONNECTION),
-        12 if bytes.eq_ignore_ascii_case(b"content-type") => Some(header::CONTENT_TYPE),
-        13 if bytes.eq_ignore_ascii_case(b"authorization") => Some(header::AUTHORIZATION),
-        14 if bytes.eq_ignore_ascii_case(b"content-length") => Some(header::CONTENT_LENGTH),
-        _ => None,
-    };
-    common.or_else(|| HeaderName::from_bytes(bytes).ok())
 }

@@ -334,13 +334,19 @@ pub fn recycle_map(mut map: HeaderMap) {
     });
 }
 
-/// The names upstreams send on nearly every response, matched without the general
-/// parser (which lowercases and looks up every name).
-fn header_name(bytes: &[u8]) -> Option<HeaderName> {
+/// A header name, the ones clients send on nearly every request and upstreams on nearly
+/// every response matched without the general parser (which lowercases and looks up
+/// every name).
+pub fn header_name(bytes: &[u8]) -> Option<HeaderName> {
     let common = match bytes.len() {
+        4 if bytes.eq_ignore_ascii_case(b"host") => Some(header::HOST),
         4 if bytes.eq_ignore_ascii_case(b"date") => Some(header::DATE),
         4 if bytes.eq_ignore_ascii_case(b"etag") => Some(header::ETAG),
+        6 if bytes.eq_ignore_ascii_case(b"accept") => Some(header::ACCEPT),
+        10 if bytes.eq_ignore_ascii_case(b"user-agent") => Some(header::USER_AGENT),
+        10 if bytes.eq_ignore_ascii_case(b"connection") => Some(header::CONNECTION),
         12 if bytes.eq_ignore_ascii_case(b"content-type") => Some(header::CONTENT_TYPE),
+        13 if bytes.eq_ignore_ascii_case(b"authorization") => Some(header::AUTHORIZATION),
         13 if bytes.eq_ignore_ascii_case(b"cache-control") => Some(header::CACHE_CONTROL),
         14 if bytes.eq_ignore_ascii_case(b"content-length") => Some(header::CONTENT_LENGTH),
         _ => None,
