@@ -206,13 +206,7 @@ fn gateway_errors(op: &mut Value, method: &str) {
         &["payload_too_large"],
         "the body (or its `Content-Length`) is over the gateway's limit",
     );
-    openapi::add_error(
-        op,
-        429,
-        &["rate_limited"],
-        "too many requests from this address; wait `Retry-After` seconds",
-    );
-    openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
+    document_rate_limit(op);
     openapi::add_error(
         op,
         502,
@@ -235,6 +229,17 @@ fn gateway_errors(op: &mut Value, method: &str) {
 }
 
 /// A created resource links to where it can be read: `POST /x` 201 -> `GET /x/{id}`.
+/// The per-address rate limit's answer, on every operation it applies to.
+fn document_rate_limit(op: &mut Value) {
+    openapi::add_error(
+        op,
+        429,
+        &["rate_limited"],
+        "too many requests from this address; wait `Retry-After` seconds",
+    );
+    openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
+}
+
 fn add_links(paths: &mut Map<String, Value>) {
     let targets: Vec<(String, String)> = paths
         .iter()
@@ -370,13 +375,7 @@ fn local_paths() -> Vec<(String, Value)> {
     for (path, op) in ops.iter_mut() {
         // The probes are answered before rate limiting; the documentation after it.
         if is_local(path) {
-            openapi::add_error(
-                op,
-                429,
-                &["rate_limited"],
-                "too many requests from this address; wait `Retry-After` seconds",
-            );
-            openapi::set_header(op, 429, "Retry-After", "seconds to wait before retrying");
+            document_rate_limit(op);
         }
     }
     ops.into_iter()

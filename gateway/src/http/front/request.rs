@@ -105,11 +105,7 @@ pub(super) fn parse_request(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusa
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
-            chunked = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = h1::ends_chunked(value.as_bytes());
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();

@@ -251,12 +251,7 @@ pub fn parse_response(
                 length = Some(n);
             } else if name == header::TRANSFER_ENCODING {
                 transfer_encoding = true;
-                // Only a final `chunked` coding delimits the body.
-                chunked = value
-                    .as_bytes()
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                chunked = ends_chunked(value.as_bytes());
             } else if name == header::CONNECTION {
                 for token in value.as_bytes().split(|&b| b == b',') {
                     if token.trim_ascii().eq_ignore_ascii_case(b"close") {
@@ -332,6 +327,15 @@ pub fn recycle_map(mut map: HeaderMap) {
             maps.push(map);
         }
     });
+}
+
+/// Whether a `Transfer-Encoding` value's final coding is `chunked`: only then does the
+/// coding delimit the body (RFC 9112 section 6.3).
+pub fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// A header name, the ones clients send on nearly every request and upstreams on nearly
