@@ -15,6 +15,7 @@ use tracing::field::Empty;
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
+use crate::probes::Readiness;
 use crate::telemetry;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -38,6 +39,8 @@ pub fn current_request_id() -> Option<HeaderValue> {
 pub(crate) struct Observer {
     pub metrics: Metrics,
     pub request_timeout: Duration,
+    /// Set for a served application: see `server::stack_draining`.
+    pub draining: Option<Readiness>,
 }
 
 struct InFlight<'a>(&'a prometheus::IntGauge);
@@ -58,6 +61,7 @@ pub(crate) async fn observe(
     let _in_flight = InFlight(&observer.metrics.in_flight);
 
     let method = req.method().clone();
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
     // A clone of the router's own `Arc<str>`: no allocation per request.
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched
@@ -111,6 +115,16 @@ pub(crate) async fn observe(
         response = json_error_body(response);
     }
     response.headers_mut().insert(REQUEST_ID, request_id);
+    if http1
+        && observer
+            .draining
+            .as_ref()
+            .is_some_and(Readiness::is_shutting_down)
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 
     let elapsed = started.elapsed();
     observer.metrics.observe_request(

@@ -117,15 +117,12 @@ impl ServiceParts {
             ),
             None => routes,
         };
-        let router = stack(
+        let router = stack_draining(
             routes.merge(probes::router(self.readiness.clone(), self.metrics.clone())),
             &self.config,
             self.metrics.clone(),
-        )
-        .layer(axum::middleware::from_fn_with_state(
-            self.readiness.clone(),
-            close_when_draining,
-        ));
+            Some(self.readiness.clone()),
+        );
         Ok(Application {
             name: self.name,
             config: self.config,
@@ -138,32 +135,29 @@ impl ServiceParts {
     }
 }
 
-/// While draining (`shutdown_delay`), each HTTP/1 keep-alive connection is closed after its
-/// next response (`Connection: close`): clients balanced per connection (kube-proxy, a
-/// gateway with static discovery) reconnect to a pod that stays, instead of racing the close
-/// of their idle connection when the listener stops.
-async fn close_when_draining(
-    axum::extract::State(readiness): axum::extract::State<Readiness>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let http1 = request.version() <= http::Version::HTTP_11;
-    let mut response = next.run(request).await;
-    if http1 && readiness.is_shutting_down() {
-        response.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-    }
-    response
-}
-
 /// Applies the platform middleware to a router. Public so tests can `oneshot` a service's
 /// router with exactly the production stack.
 pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router {
+    stack_draining(routes, config, metrics, None)
+}
+
+/// [`stack`], and while `draining` says the process is shutting down (`shutdown_delay`),
+/// each HTTP/1 keep-alive connection is closed after its next response (`Connection:
+/// close`): clients balanced per connection (kube-proxy, a gateway with static discovery)
+/// reconnect to a pod that stays, instead of racing the close of their idle connection
+/// when the listener stops. Done by the observing middleware rather than a layer of its
+/// own: each `from_fn` layer costs a boxed future of about a kilobyte per request, which
+/// glibc serves from its slower large-chunk path.
+fn stack_draining(
+    routes: Router,
+    config: &ServerConfig,
+    metrics: Metrics,
+    draining: Option<Readiness>,
+) -> Router {
     let observer = Arc::new(Observer {
         metrics,
         request_timeout: config.request_timeout,
+        draining,
     });
     routes
         .layer(CatchPanicLayer::custom(middleware::panic_response))
