@@ -39,6 +39,7 @@ pub fn current_request_id() -> Option<HeaderValue> {
 pub(crate) struct Observer {
     pub metrics: Metrics,
     pub request_timeout: Duration,
+    pub body_limit: usize,
     /// Set for a served application: see `server::stack_draining`.
     pub draining: Option<Readiness>,
 }
@@ -103,7 +104,10 @@ pub(crate) async fn observe(
 
     let handler = CURRENT_REQUEST_ID.scope(
         request_id.clone(),
-        tokio::time::timeout(observer.request_timeout, next.run(req)),
+        tokio::time::timeout(
+            observer.request_timeout,
+            read_body(observer.body_limit, req, next),
+        ),
     );
     let mut response = match handler.instrument(span.clone()).await {
         Ok(response) => response,
@@ -150,14 +154,15 @@ pub(crate) async fn observe(
     response
 }
 
-/// An inbound `x-request-id` worth keeping: short, printable ASCII (it lands in logs and
-/// headers verbatim). Anything else is replaced with a fresh id.
 /// Reads a request's whole body before routing (bounded by the body limit). Handlers
 /// buffer JSON bodies anyway; this also covers the answers given without looking at the
 /// body (404, 405, 401, 403): a server that replies and closes with unread bytes in its
 /// socket makes the kernel reset the connection, and the caller (the gateway, mid-upload)
 /// loses the reply and sees a broken connection instead.
-pub(crate) async fn read_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
+///
+/// Called by [`observe`] (inside the request's timeout and span), not a `from_fn` layer of
+/// its own: each layer costs a boxed future of about a kilobyte per request.
+async fn read_body(limit: usize, req: Request, next: Next) -> Response {
     use axum::body::{Body, HttpBody};
     use http_body_util::BodyExt;
     if req.body().is_end_stream() {
@@ -180,6 +185,8 @@ pub(crate) async fn read_body(State(limit): State<usize>, req: Request, next: Ne
     }
 }
 
+/// An inbound `x-request-id` worth keeping: short, printable ASCII (it lands in logs and
+/// headers verbatim). Anything else is replaced with a fresh id.
 pub fn is_acceptable_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())

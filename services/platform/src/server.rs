@@ -157,14 +157,11 @@ fn stack_draining(
     let observer = Arc::new(Observer {
         metrics,
         request_timeout: config.request_timeout,
+        body_limit: config.body_limit,
         draining,
     });
     routes
         .layer(CatchPanicLayer::custom(middleware::panic_response))
-        .layer(axum::middleware::from_fn_with_state(
-            config.body_limit,
-            middleware::read_body,
-        ))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(
             observer,
