@@ -8,6 +8,5 @@ cd "$(dirname "$0")/.."
 # shellcheck source=bench/tools.sh
 source bench/tools.sh
 
-# The Dockerfile's build command: the same packages and features.
-cargo build --release --locked --workspace --bin gateway --bin product --bin order --bin user
+build_release_binaries
 exec python3 bench/services.py "$@"

@@ -16,3 +16,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 systemctl stop nginx 2>/dev/null || true
+
+# The Dockerfile's build command: the same packages and features, so the benchmarks measure
+# the binaries the images ship.
+build_release_binaries() {
+  cargo build --release --locked --workspace --bin gateway --bin product --bin order --bin user
+}

@@ -154,7 +154,7 @@ pub(crate) async fn observe(
     response
 }
 
-/// Reads a request's whole body before routing (bounded by the body limit). Handlers
+/// Reads a request's whole body before its handler runs (bounded by the body limit). Handlers
 /// buffer JSON bodies anyway; this also covers the answers given without looking at the
 /// body (404, 405, 401, 403): a server that replies and closes with unread bytes in its
 /// socket makes the kernel reset the connection, and the caller (the gateway, mid-upload)
