@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod identity;
+mod mathlib;
 pub mod memory;
 pub mod metrics;
 pub mod middleware;

@@ -29,3 +29,22 @@ pub fn release_large_blocks() {
         }
     }
 }
+
+/// Gives the heap's free pages back to the kernel.
+///
+/// glibc returns memory only from the top of each arena; what start-up frees below a
+/// live block (configuration, migrations, the catalogue's first load, parsed key sets)
+/// stays resident until reused. Measured on an idle product service: 2.5 -> 1.9 MiB of
+/// anonymous memory. Called once, when the service first reports ready.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim takes each arena's lock in turn; it is safe from any thread.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}

@@ -41,6 +41,8 @@ pub struct Readiness {
 struct ReadinessInner {
     started: AtomicBool,
     shutting_down: AtomicBool,
+    /// Start-up's garbage is freed once the service is first ready.
+    trimmed: AtomicBool,
     checks: std::sync::RwLock<Vec<(String, CheckFn)>>,
 }
 
@@ -112,6 +114,9 @@ impl Readiness {
             report.insert(name, entry);
         }
         let ready = failing.is_empty();
+        if ready && !self.inner.trimmed.swap(true, Ordering::Relaxed) {
+            crate::memory::return_free_memory();
+        }
         let body = if ready {
             json!({"status": "ready", "checks": report})
         } else {
