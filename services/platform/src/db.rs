@@ -258,9 +258,12 @@ impl Session {
                 Backend::Sqlite => {
                     // busy_timeout first: switching to WAL takes the database's write
                     // lock, and a replica starting at the same moment holds it briefly.
+                    // cache_size: each connection keeps its own page cache, 2 MB by
+                    // default, on top of the kernel's cache of the same file.
                     sqlx::raw_sql(
                         "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;
-                         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+                         PRAGMA cache_size = -512;",
                     )
                     .execute(&mut *conn)
                     .await?;
@@ -604,6 +607,38 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every pooled SQLite connection gets the session settings, the small page cache
+    /// included (each connection caches apart, 2 MB by default).
+    #[tokio::test]
+    async fn pooled_sqlite_connections_get_the_session_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = Migrations {
+            sqlite: Migrator::DEFAULT,
+            postgres: Migrator::DEFAULT,
+        };
+        let db = StorageConfig::in_dir(dir.path())
+            .open("t", &none)
+            .await
+            .unwrap();
+        for pool in [db.pool(), &db.writer] {
+            let mut conn = pool.acquire().await.unwrap();
+            for (pragma, expected) in [
+                ("cache_size", "-512"),
+                ("journal_mode", "wal"),
+                ("synchronous", "1"),
+                ("foreign_keys", "1"),
+            ] {
+                let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT CAST({pragma} AS TEXT) FROM pragma_{pragma}"
+                )))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+                assert_eq!(value, expected, "PRAGMA {pragma}");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn a_unique_violation_names_its_table() {
