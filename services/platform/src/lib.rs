@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod identity;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod mathlib;
 pub mod memory;
 pub mod metrics;

@@ -8,21 +8,22 @@
 //! the program the linker drops the library (`--as-needed`).
 //!
 //! If a dependency starts calling another libm function, libm.so.6 comes back, which
-//! costs memory, never correctness: `readelf -d` on a release binary shows it (NEEDED).
+//! costs memory, never correctness: `readelf -d` on a release binary shows it (NEEDED), and
+//! scripts/check-image fails when the running image maps it.
+//!
+//! glibc on Linux only (declared so in lib.rs): elsewhere the platform's libm is left alone.
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[unsafe(no_mangle)]
 pub extern "C" fn pow(x: f64, y: f64) -> f64 {
     libm::pow(x, y)
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[unsafe(no_mangle)]
 pub extern "C" fn log(x: f64) -> f64 {
     libm::log(x)
 }
 
-#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+#[cfg(test)]
 mod tests {
     use std::f64::consts::{E, LN_2, LN_10};
 

@@ -32,22 +32,53 @@ fn freed_large_blocks_leave_no_resident_memory() {
     );
 }
 
-/// What start-up leaves: many small blocks freed below one that stays. glibc keeps their
-/// pages until they are reused; returning free memory gives them back.
-#[test]
+/// What start-up leaves: 8 MiB of small blocks freed below one that stays, which it
+/// returns.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn free_memory_below_a_live_block_is_returned() {
-    let _measuring = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+fn free_8_mib_below_a_live_block() -> Vec<u8> {
     let blocks: Vec<Vec<u8>> = (0..512u32).map(|i| vec![i as u8 | 1; 16 << 10]).collect();
     let pinned = vec![1u8; 16 << 10];
     std::hint::black_box(&pinned);
     drop(blocks);
+    pinned
+}
+
+/// glibc keeps the freed blocks' pages until they are reused; returning free memory gives
+/// them back.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn free_memory_below_a_live_block_is_returned() {
+    let _measuring = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let pinned = free_8_mib_below_a_live_block();
     let freed = resident_kib();
     shop_platform::memory::return_free_memory();
     let returned = resident_kib();
     assert!(
         returned + 4 * 1024 < freed,
         "8 MiB freed below a live block: resident {freed} KiB before returning it, {returned} KiB after"
+    );
+    drop(pinned);
+}
+
+/// The service's first ready answer returns start-up's freed memory (`probes.rs`).
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_first_ready_answer_returns_free_memory() {
+    let _measuring = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let readiness = shop_platform::probes::Readiness::default();
+    readiness.set_started();
+    let pinned = free_8_mib_below_a_live_block();
+    let freed = resident_kib();
+    let (ready, _) = runtime.block_on(readiness.evaluate());
+    let returned = resident_kib();
+    assert!(ready);
+    assert!(
+        returned + 4 * 1024 < freed,
+        "8 MiB freed below a live block: resident {freed} KiB before the first ready answer, {returned} KiB after"
     );
     drop(pinned);
 }
