@@ -12,11 +12,12 @@ use common::Peers;
 use serde_json::json;
 use shop_order::storage::MIGRATIONS;
 use shop_order::{AppState, SqlOrderStore, app};
+use shop_platform::auth::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyPair, Role, TokenSigner};
 use shop_platform::server::stack;
 use shop_platform::testing::{
     Backend, TestBody, TestDatabase, TestResponse, call, closed_port_url,
 };
-use shop_platform::{Metrics, ServerConfig, ServiceClient};
+use shop_platform::{AuthConfig, Authenticator, Metrics, ServerConfig, ServiceClient};
 
 struct Harness {
     router: Router,
@@ -25,6 +26,15 @@ struct Harness {
 }
 
 async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> Router {
+    order_router_with(dir, product_url, user_url, Authenticator::demo()).await
+}
+
+async fn order_router_with(
+    dir: &TestDatabase,
+    product_url: &str,
+    user_url: &str,
+    authenticator: Authenticator,
+) -> Router {
     let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
     let metrics = Metrics::new("order");
     let timeout = Duration::from_secs(2);
@@ -40,7 +50,7 @@ async fn order_router(dir: &TestDatabase, product_url: &str, user_url: &str) -> 
         &metrics,
     );
     stack(
-        app(state).layer(axum::Extension(shop_platform::Authenticator::demo())),
+        app(state).layer(axum::Extension(authenticator)),
         &ServerConfig::ephemeral(),
         metrics,
     )
@@ -72,28 +82,40 @@ impl Harness {
 
     /// POST /orders with an `Idempotency-Key`, through the same stack.
     async fn post_with_key(&self, key: &str, body: &serde_json::Value) -> TestResponse {
-        let request = axum::http::Request::post("/orders")
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", key)
-            .body(axum::body::Body::from(body.to_string()))
-            .unwrap();
-        let response = tower::ServiceExt::oneshot(self.router.clone(), request)
-            .await
-            .unwrap();
-        let (parts, body) = response.into_parts();
-        let bytes = http_body_util::BodyExt::collect(body)
-            .await
-            .unwrap()
-            .to_bytes();
-        TestResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body: serde_json::from_slice(&bytes).unwrap(),
-        }
+        post_order(&self.router, &[("idempotency-key", key)], body).await
     }
 
     async fn stocks(&self) -> (i64, i64) {
         (self.peers.stock("1").await, self.peers.stock("2").await)
+    }
+}
+
+/// POST /orders with extra headers, through the router's stack.
+async fn post_order(
+    router: &Router,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> TestResponse {
+    let mut request =
+        axum::http::Request::post("/orders").header(header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(router.clone(), request)
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    TestResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body: serde_json::from_slice(&bytes).unwrap(),
     }
 }
 
@@ -380,6 +402,67 @@ async fn a_dependency_down_is_a_quick_503_not_a_hang(backend: Backend) {
     );
 }
 
+/// A customer ordering for themself is vouched for by their token (the user service signs
+/// tokens only for accounts it holds, and never deletes one): the order is placed with the
+/// user service down. An admin naming someone else is not, and the user service is asked.
+async fn a_token_vouches_for_its_own_account_and_no_other(backend: Backend) {
+    let peers = Peers::start(backend).await;
+    let dir = peers.order_db().await;
+    let pair = KeyPair::generate().unwrap();
+    let authenticator = Authenticator::new(&AuthConfig::with_pair(&pair)).unwrap();
+    let router =
+        order_router_with(&dir, &peers.product.url, &closed_port_url(), authenticator).await;
+    let signer = TokenSigner::new(
+        &pair,
+        DEFAULT_ISSUER,
+        DEFAULT_AUDIENCE,
+        Duration::from_secs(60),
+    );
+    let as_caller = async |id: &str, role: Role, body: serde_json::Value| {
+        let bearer = format!("Bearer {}", signer.issue(id, role).access_token);
+        let headers = [
+            (header::AUTHORIZATION.as_str(), bearer.as_str()),
+            ("x-user-id", id),
+            ("x-user-role", role.as_str()),
+        ];
+        post_order(&router, &headers, &body).await
+    };
+
+    let own = as_caller("alice", Role::Customer, json!({"products": ["1"]})).await;
+    assert_eq!(own.status, StatusCode::CREATED, "{:?}", own.body);
+    assert_eq!(own.body["user_id"], json!("alice"));
+    let named = as_caller(
+        "alice",
+        Role::Customer,
+        json!({"user_id": "alice", "products": ["1"]}),
+    )
+    .await;
+    assert_eq!(named.status, StatusCode::CREATED, "{:?}", named.body);
+    assert_eq!(peers.stock("1").await, 8);
+
+    let for_bob = as_caller(
+        "root",
+        Role::Admin,
+        json!({"user_id": "bob", "products": ["1"]}),
+    )
+    .await;
+    assert_eq!(
+        (for_bob.status, for_bob.error_code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
+        "{:?}",
+        for_bob.body
+    );
+    assert!(
+        for_bob.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("user"),
+        "{:?}",
+        for_bob.body
+    );
+    assert_eq!(peers.stock("1").await, 8, "nothing reserved for bob");
+}
+
 async fn a_peer_that_hangs_is_cut_off_by_the_upstream_timeout(backend: Backend) {
     // Accepts connections but never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -524,6 +607,7 @@ shop_platform::backend_tests!(
     bad_order_input_is_refused_and_writes_nothing,
     lists_page_by_cursor_and_filter_by_user,
     a_dependency_down_is_a_quick_503_not_a_hang,
+    a_token_vouches_for_its_own_account_and_no_other,
     a_peer_that_hangs_is_cut_off_by_the_upstream_timeout,
 );
 
