@@ -145,3 +145,55 @@ async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
     .unwrap();
     assert_eq!((left + held, held, applied), (100, 0, RESERVATIONS as i64));
 }
+
+/// Events travel in 8 KiB frames (`events::amqp`): an order of many lines, its event
+/// several frames long, arrives whole and is applied.
+#[tokio::test]
+async fn an_event_larger_than_a_frame_arrives_whole() {
+    let Some(rabbit) = RabbitMq::start("an_event_larger_than_a_frame") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let product = start_product(dir.path(), &rabbit.url);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/reservations", product.url()))
+        .json(&json!({"id": "big", "items": [{"product_id": "2", "quantity": 3}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(stock(&http, &product.url()).await, 97);
+
+    let lines: Vec<Value> = (0..1000)
+        .map(|n| json!({"product_id": format!("p-{n:04}"), "quantity": 1, "unit_price_cents": 100}))
+        .collect();
+    let event = shop_platform::events::NewEvent::new(
+        "order.cancelled",
+        &json!({"order_id": "order-big", "user_id": "1", "status": "cancelled",
+                "items": lines, "total_cents": 100_000, "reservation_id": "big"}),
+    );
+    assert!(
+        event.body.len() > 5 * 8 * 1024,
+        "{} bytes",
+        event.body.len()
+    );
+    AmqpPublisher::new(&rabbit.url, "test")
+        .publish(&[message(&event.body, &event.id)])
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stock(&http, &product.url()).await < 100 {
+        assert!(Instant::now() < deadline, "the large event was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let queue = Queue::named("product.order-cancelled").unwrap();
+    assert_eq!(
+        queue_depth(&rabbit.url, &dead_letter_queue(queue))
+            .await
+            .unwrap(),
+        0,
+        "nothing dead-lettered"
+    );
+}

@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn connections_ask_for_small_frames_unless_the_url_says_otherwise() {
         let uri = super::super::amqp::endpoint("amqp://rabbitmq/%2f").unwrap();
-        assert_eq!(uri.query.frame_max, Some(16 * 1024));
+        assert_eq!(uri.query.frame_max, Some(8 * 1024));
         let uri = super::super::amqp::endpoint("amqp://rabbitmq/%2f?frame_max=65536").unwrap();
         assert_eq!(uri.query.frame_max, Some(65536));
     }
