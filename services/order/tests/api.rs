@@ -15,7 +15,7 @@ use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::auth::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyPair, Role, TokenSigner};
 use shop_platform::server::stack;
 use shop_platform::testing::{
-    Backend, TestBody, TestDatabase, TestResponse, call, closed_port_url,
+    Backend, TestBody, TestDatabase, TestResponse, call, call_with_headers, closed_port_url,
 };
 use shop_platform::{AuthConfig, Authenticator, Metrics, ServerConfig, ServiceClient};
 
@@ -82,40 +82,18 @@ impl Harness {
 
     /// POST /orders with an `Idempotency-Key`, through the same stack.
     async fn post_with_key(&self, key: &str, body: &serde_json::Value) -> TestResponse {
-        post_order(&self.router, &[("idempotency-key", key)], body).await
+        call_with_headers(
+            &self.router,
+            Method::POST,
+            "/orders",
+            &[("idempotency-key", key)],
+            body.clone(),
+        )
+        .await
     }
 
     async fn stocks(&self) -> (i64, i64) {
         (self.peers.stock("1").await, self.peers.stock("2").await)
-    }
-}
-
-/// POST /orders with extra headers, through the router's stack.
-async fn post_order(
-    router: &Router,
-    headers: &[(&str, &str)],
-    body: &serde_json::Value,
-) -> TestResponse {
-    let mut request =
-        axum::http::Request::post("/orders").header(header::CONTENT_TYPE, "application/json");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(axum::body::Body::from(body.to_string()))
-        .unwrap();
-    let response = tower::ServiceExt::oneshot(router.clone(), request)
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let bytes = http_body_util::BodyExt::collect(body)
-        .await
-        .unwrap()
-        .to_bytes();
-    TestResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body: serde_json::from_slice(&bytes).unwrap(),
     }
 }
 
@@ -425,7 +403,7 @@ async fn a_token_vouches_for_its_own_account_and_no_other(backend: Backend) {
             ("x-user-id", id),
             ("x-user-role", role.as_str()),
         ];
-        post_order(&router, &headers, &body).await
+        call_with_headers(&router, Method::POST, "/orders", &headers, body).await
     };
 
     let own = as_caller("alice", Role::Customer, json!({"products": ["1"]})).await;

@@ -75,7 +75,21 @@ pub async fn call(
     uri: &str,
     body: impl Into<TestBody>,
 ) -> TestResponse {
+    call_with_headers(router, method, uri, &[], body).await
+}
+
+/// [`call`] with extra request headers (credentials, `Idempotency-Key`, ...).
+pub async fn call_with_headers(
+    router: &Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<TestBody>,
+) -> TestResponse {
     let mut request = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     let body = match body.into() {
         TestBody::Empty => Body::empty(),
         TestBody::Json(value) => {
