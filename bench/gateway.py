@@ -6,6 +6,8 @@ Scenarios, each at fixed concurrency with wrk, `--reps` repetitions, medians rep
   ours    wrk -> our gateway -> upstream              GET /api/products
   nginx   wrk -> nginx (same job) -> upstream         GET /api/products
   seed    wrk -> seed Go gateway -> upstream          GET /api/products
+  base    wrk -> `--base-gateway` -> upstream         GET /api/products (an A/B of a change:
+          the same job as ours, another build of it)
 
 Every proxy fronts the same upstream, so the differences are the proxies': by default the
 seed's Go product service (in memory, cheap, the service the seed's gateway was written
@@ -228,14 +230,14 @@ def start_proxy(svc, name, mode, args, work, product_port):
         wait_port(8080)
         return "http://127.0.0.1:8080/api/products", proxy.pid
     port = free_port()
-    if name == "ours":
+    if name in ("ours", "base"):
         # Authentication on, as deployed: /api/products is a public route, so no token is
         # checked, but the access step runs; the verifier needs a key to be ready.
         key = subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519"], check=True,
                              capture_output=True).stdout
         public = subprocess.run(["openssl", "pkey", "-pubout"], input=key, check=True,
                                 capture_output=True).stdout.decode()
-        proxy = svc.start([args.gateway], env={
+        proxy = svc.start([args.gateway if name == "ours" else args.base_gateway], env={
             "PORT": str(port), "HOST": "127.0.0.1", "PRODUCT_URL": f"http://127.0.0.1:{product_port}",
             "GATEWAY_WORKERS": workers, "ACCESS_LOG": "false", "RUST_LOG": "warn", "SHUTDOWN_DELAY": "0s",
             "JWT_PUBLIC_KEY": public,
@@ -294,10 +296,13 @@ def main():
     parser.add_argument("--modes", default="shared,pinned")
     parser.add_argument("--scenarios", default="direct,ours,nginx,seed")
     parser.add_argument("--upstream", choices=["seed", "shop"], default="seed")
+    parser.add_argument("--base-gateway", help="another gateway binary, run as scenario `base` (an A/B of a change)")
     parser.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")))
     args = parser.parse_args()
     args.product = os.path.join(args.target_dir, "release", "product")
     args.gateway = os.path.join(args.target_dir, "release", "gateway")
+    if "base" in args.scenarios.split(",") and not args.base_gateway:
+        sys.exit("scenario base needs --base-gateway")
     for tool in ("wrk", "nginx", "go", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (bench/gateway.sh installs it)")
@@ -359,7 +364,7 @@ def main():
         if not ours:
             continue
         med = lambda runs, k: statistics.median(r[k] for r in runs)
-        for other in ("nginx", "seed", "direct"):
+        for other in ("nginx", "seed", "direct", "base"):
             if (mode, other) in results:
                 o = results[(mode, other)]
                 print(f"  {mode:7} vs {other:6}: throughput {med(ours, 'rps') / med(o, 'rps'):.2f}x, "
