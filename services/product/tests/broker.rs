@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth};
+use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth, queue_status};
 use shop_platform::events::{Publisher, Queue};
 use shop_platform::testing::{RabbitMq, ServiceProcess, metric_sum};
 use sqlx::Connection;
@@ -195,5 +195,71 @@ async fn an_event_larger_than_a_frame_arrives_whole() {
             .unwrap(),
         0,
         "nothing dead-lettered"
+    );
+}
+
+/// Acks go out in batches while deliveries keep coming (`events::amqp`), and at once when
+/// none is waiting: a consumer that has gone idle holds nothing unacknowledged, so killing
+/// it then sends nothing back to the queue.
+#[tokio::test]
+async fn an_idle_consumer_has_acknowledged_everything_it_applied() {
+    let Some(rabbit) = RabbitMq::start("an_idle_consumer_has_acknowledged") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut product = start_product(dir.path(), &rabbit.url);
+    let http = reqwest::Client::new();
+    const BURST: usize = 45;
+    for n in 0..BURST {
+        let r = http
+            .post(format!("{}/reservations", product.url()))
+            .json(&json!({"id": format!("r{n}"), "items": [{"product_id": "2", "quantity": 1}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // One burst, longer than a batch of acks, with poison inside it: the acks before a
+    // dead-lettered delivery are settled before it is.
+    let mut burst: Vec<_> = (0..BURST).map(|n| cancelled(&format!("r{n}"))).collect();
+    burst.insert(20, message("not an event", "poison"));
+    AmqpPublisher::new(&rabbit.url, "test")
+        .publish(&burst)
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stock(&http, &product.url()).await < 100 {
+        assert!(Instant::now() < deadline, "the burst was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Applied is not yet acknowledged: the last ack leaves once the consumer finds nothing
+    // more waiting, a moment after the last commit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    product.child.kill().unwrap(); // SIGKILL: nothing is flushed on the way out
+    product.child.wait().unwrap();
+
+    // The broker requeues a dead consumer's unacknowledged deliveries as it drops the
+    // consumer, so once it counts none, what is in the queue is what was never acked.
+    let queue = Queue::named("product.order-cancelled").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = queue_status(&rabbit.url, queue.name).await.unwrap();
+        if status.consumers == 0 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker kept the dead consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.messages, 0, "deliveries left unacknowledged");
+    assert_eq!(
+        queue_depth(&rabbit.url, &dead_letter_queue(queue))
+            .await
+            .unwrap(),
+        1,
+        "the poison, dead-lettered"
     );
 }

@@ -12,11 +12,14 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use shop_platform::auth::TokenSigner;
 use shop_platform::config::Env;
+use shop_platform::events::Handled;
 use shop_platform::server::stack;
 use shop_platform::testing::{Backend, RunningApp, TestBody, TestDatabase, TestResponse, call};
 use shop_platform::{Authenticator, Database, Metrics, ServerConfig};
+use shop_user::consumers::OrderCountsConsumer;
+use shop_user::domain::OrderCounts;
 use shop_user::storage::MIGRATIONS;
-use shop_user::{AppState, Config, SqlUserStore, app};
+use shop_user::{AppState, Config, SqlUserStore, UserStore, app};
 use tower::ServiceExt;
 
 /// The seed's walkthrough body, byte for byte.
@@ -1064,7 +1067,54 @@ async fn health_and_readiness_on_the_running_app(backend: Backend) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Order counts, from the order service's events
+// ---------------------------------------------------------------------------------------
+
+async fn an_order_event_is_counted_once_however_often_it_arrives(backend: Backend) {
+    let h = Harness::new(backend).await;
+    assert_eq!(
+        h.post("/users", SEED_BODY).await.status,
+        StatusCode::CREATED
+    );
+    let db = h.db().await;
+    let store = SqlUserStore::new(&db);
+    let queue = OrderCountsConsumer::queue().name;
+    let placed = OrderCounts {
+        placed: 1,
+        cancelled: 0,
+    };
+    let cancelled = OrderCounts {
+        placed: 0,
+        cancelled: 1,
+    };
+    let count = |event: &'static str, user: &'static str, counts| {
+        let store = &store;
+        async move { store.count_order(queue, event, user, counts).await.unwrap() }
+    };
+    assert_eq!(count("e-1", "1", placed).await, Handled::Applied);
+    assert_eq!(count("e-1", "1", placed).await, Handled::Duplicate);
+    assert_eq!(count("e-2", "1", cancelled).await, Handled::Applied);
+    assert_eq!(count("e-2", "1", cancelled).await, Handled::Duplicate);
+    // An account this service does not hold: the event is consumed and changes nothing.
+    assert_eq!(count("e-3", "nobody", placed).await, Handled::Applied);
+    // A redelivery after another event still finds the first one recorded.
+    assert_eq!(count("e-1", "1", placed).await, Handled::Duplicate);
+
+    let user = h.get("/users/1").await;
+    assert_eq!(user.status, StatusCode::OK);
+    assert_eq!(user.body["orders"], json!({"placed": 1, "cancelled": 1}));
+    let inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE queue = $1")
+        .bind(queue)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(inbox, 3, "one inbox row per distinct event");
+    db.close().await;
+}
+
 shop_platform::backend_tests!(
+    an_order_event_is_counted_once_however_often_it_arrives,
     registers_a_user_and_never_returns_the_password,
     generates_an_id_when_none_is_given,
     seed_walkthrough_post_user_then_get_by_query,

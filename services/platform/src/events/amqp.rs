@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -14,7 +14,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio::sync::Mutex;
 
@@ -290,7 +290,18 @@ async fn consume(
     tracing::info!(queue, "consuming events");
     *backoff = Duration::from_millis(100);
     let mut retry_pause = Duration::from_millis(100);
-    while let Some(delivery) = deliveries.next().await {
+    let mut unacked = Unacked::default();
+    loop {
+        // While more deliveries are already here their acks wait, then go as one: under
+        // load one ack frame per batch instead of one per event; idle, at once.
+        let next = match deliveries.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                unacked.ack().await?;
+                deliveries.next().await
+            }
+        };
+        let Some(delivery) = next else { break };
         let delivery = delivery?;
         let traceparent = delivery
             .properties
@@ -313,9 +324,11 @@ async fn consume(
         match outcome {
             Outcome::Done(_) => {
                 retry_pause = Duration::from_millis(100);
-                delivery.ack(BasicAckOptions::default()).await?;
+                unacked.push(delivery.acker).await?;
             }
             Outcome::DeadLetter(_) => {
+                // A `multiple` ack must not reach past this delivery: settle the earlier ones.
+                unacked.ack().await?;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: false,
@@ -324,6 +337,7 @@ async fn consume(
                     .await?;
             }
             Outcome::Retry(_) => {
+                unacked.ack().await?;
                 // Back to the queue after a pause, so a database outage is not a spin.
                 tokio::time::sleep(retry_pause).await;
                 retry_pause = (retry_pause * 2).min(MAX_BACKOFF);
@@ -336,11 +350,56 @@ async fn consume(
             }
         }
     }
+    unacked.ack().await?;
     Ok(())
+}
+
+/// Deliveries handled but not yet acknowledged, settled with one `multiple` ack of the
+/// newest. Were the connection lost first, the broker would deliver them again and the
+/// inbox would skip them: events are at least once either way.
+#[derive(Default)]
+struct Unacked {
+    newest: Option<Acker>,
+    count: u16,
+}
+
+impl Unacked {
+    /// Half the prefetch window at most, so the broker never stalls waiting for acks.
+    const MAX: u16 = PREFETCH / 2;
+
+    async fn push(&mut self, acker: Acker) -> Result<(), lapin::Error> {
+        self.newest = Some(acker);
+        self.count += 1;
+        if self.count >= Self::MAX {
+            self.ack().await?;
+        }
+        Ok(())
+    }
+
+    async fn ack(&mut self) -> Result<(), lapin::Error> {
+        self.count = 0;
+        if let Some(newest) = self.newest.take() {
+            newest.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Messages waiting in `queue` (which must exist): for operators and tests.
 pub async fn queue_depth(url: &str, queue: &str) -> Result<u32, lapin::Error> {
+    Ok(queue_status(url, queue).await?.messages)
+}
+
+/// What the broker says of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Ready for delivery (not counting those delivered and not yet acknowledged).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// Messages waiting in `queue` (which must exist) and consumers subscribed to it.
+pub async fn queue_status(url: &str, queue: &str) -> Result<QueueStatus, lapin::Error> {
     let uri = endpoint(url).expect("a valid amqp:// URL");
     let connection = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -355,5 +414,8 @@ pub async fn queue_depth(url: &str, queue: &str) -> Result<u32, lapin::Error> {
         )
         .await?;
     let _ = connection.close(200, "done".into()).await;
-    Ok(declared.message_count())
+    Ok(QueueStatus {
+        messages: declared.message_count(),
+        consumers: declared.consumer_count(),
+    })
 }
