@@ -1,9 +1,10 @@
 //! The order service's storage interface and its SQL implementation, one for both
 //! backends (SQLite and PostgreSQL through `sqlx::Any`). Storing an order is one round
-//! trip to PostgreSQL and three hand-offs to SQLite's connection thread, whatever the
+//! trip to PostgreSQL and one hand-off to SQLite's connection thread, whatever the
 //! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
+use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::any::AnyRow;
@@ -190,28 +191,36 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
     )
 }
 
-/// SQLite: the same writes as statements run by one call inside a transaction, so
-/// one hand-off to the connection's thread for all of them (plus `BEGIN` and `COMMIT`).
-/// SQLite has no data-modifying CTEs; the claim's `RETURNING` row says whether the
-/// checkout was still ours, and the caller rolls back if it was not.
+/// SQLite: the same writes as statements of one batch that carries its own transaction
+/// ([`sqlite_committed_batch`]), so one hand-off to the connection's thread for all of
+/// them. SQLite has no data-modifying CTEs and the batch commits whatever it did, so the
+/// claim comes first and every write after it does nothing unless the claim took the
+/// checkout: the idempotency record and the order through `changes() = 1` (the statement
+/// before stored its one row), the lines and the event through the order row itself. The
+/// claim's `RETURNING` row says whether the order was stored.
 fn store_order_sqlite(lines: usize, keyed: bool) -> String {
     let keyed = if keyed {
         format!(
-            "INSERT INTO idempotency_keys {RECORD_COLUMNS} VALUES ({}, $2, $6);",
+            "INSERT INTO idempotency_keys {RECORD_COLUMNS}
+            SELECT {}, $2, $6 WHERE changes() = 1;",
             record_values(lines)
         )
     } else {
         String::new()
     };
+    let stored = "EXISTS (SELECT 1 FROM orders WHERE id = $2 AND reservation_id = $1)";
     format!(
-        "{keyed}
-        INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
-        VALUES ($2, $3, $4, $5, $1, $6);
-        INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
-        SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values});
-        INSERT INTO outbox {OUTBOX_COLUMNS} VALUES ($7, $8, $9, $10, $11);
+        "BEGIN IMMEDIATE;
         DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
-        RETURNING reservation_id;",
+        RETURNING reservation_id;
+        {keyed}
+        INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+        SELECT $2, $3, $4, $5, $1, $6 WHERE changes() = 1;
+        INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
+        SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values})
+        WHERE {stored};
+        INSERT INTO outbox {OUTBOX_COLUMNS} SELECT $7, $8, $9, $10, $11 WHERE {stored};
+        COMMIT;",
         values = line_values(lines, false),
     )
 }
@@ -354,15 +363,10 @@ impl OrderStore for SqlOrderStore {
                 .await
                 .map_err(named)?
                 .is_some(),
-            Backend::Sqlite => {
-                let mut tx = self.writer.begin().await?;
-                // Dropping `tx` on any early return rolls every statement back.
-                let claimed = !query.fetch_all(&mut *tx).await.map_err(named)?.is_empty();
-                if claimed {
-                    tx.commit().await?;
-                }
-                claimed
-            }
+            Backend::Sqlite => !sqlite_committed_batch(&self.writer, query)
+                .await
+                .map_err(named)?
+                .is_empty(),
         };
         if claimed {
             self.outbox.wake();

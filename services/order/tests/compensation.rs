@@ -22,7 +22,7 @@ use shop_order::{AppState, SqlOrderStore, app};
 use shop_platform::events::{Handled, NewEvent, Outbox};
 use shop_platform::pagination::PageRequest;
 use shop_platform::server::stack;
-use shop_platform::testing::{Backend, TestDatabase, call};
+use shop_platform::testing::{Backend, TestDatabase, call, call_with_headers};
 use shop_platform::{Metrics, ServerConfig, ServiceClient};
 
 /// How a wrapped store misbehaves when the order is stored.
@@ -160,10 +160,11 @@ async fn a_checkout_overtaken_by_recovery_stores_nothing(backend: Backend) {
     let state = state(store, &peers.product.url, &peers.user.url);
     let router = router(state.clone());
 
-    let r = call(
+    let r = call_with_headers(
         &router,
         Method::POST,
         "/orders",
+        &[("Idempotency-Key", "slow-key")],
         json!({"id": "slow-1", "user_id": "1", "items": [{"product_id": "1", "quantity": 3}]}),
     )
     .await;
@@ -174,6 +175,17 @@ async fn a_checkout_overtaken_by_recovery_stores_nothing(backend: Backend) {
         r.body
     );
     assert!(!inner.exists("slow-1").await.unwrap(), "no order stored");
+    // Nor anything stored with it: its lines, its event, its idempotency record.
+    let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
+    for table in ["order_items", "outbox", "idempotency_keys"] {
+        let rows: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(rows, 0, "{table}");
+    }
+    db.close().await;
     assert_eq!(peers.stock("1").await, 7, "held until recovery releases it");
     assert_eq!(recover_abandoned(&state, Duration::ZERO).await.unwrap(), 1);
     assert_eq!(peers.stock("1").await, 10);

@@ -559,6 +559,39 @@ fn backend_of(url: &str) -> Option<Backend> {
     }
 }
 
+/// Runs a SQLite batch that carries its own transaction (`BEGIN IMMEDIATE; ...; COMMIT;`)
+/// on the writer pool, and returns the rows its statements gave. sqlx's own transaction
+/// costs a hand-off to the connection's thread for `BEGIN`, one for the batch and one for
+/// `COMMIT`; this is one, and each hand-off is two thread wake-ups. The batch commits
+/// whatever its statements did, so each must be guarded to change nothing when an
+/// earlier one did not apply (`WHERE changes() = 1`, the same condition repeated).
+///
+/// If a statement fails, the rest do not run and the transaction is rolled back before
+/// the connection goes back to the pool; if the rollback fails too, the connection is
+/// closed instead of returned, so no later caller inherits an open transaction.
+pub async fn sqlite_committed_batch<'q>(
+    writer: &AnyPool,
+    batch: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let mut connection = writer.acquire().await?;
+    match batch.fetch_all(&mut *connection).await {
+        Ok(rows) => Ok(rows),
+        Err(err) => {
+            // After a failed BEGIN there is nothing to roll back, and ROLLBACK says so:
+            // the connection is closed then too, which costs a reconnect on an error
+            // path only.
+            if sqlx::query("ROLLBACK")
+                .execute(&mut *connection)
+                .await
+                .is_err()
+            {
+                connection.close_on_drop();
+            }
+            Err(err)
+        }
+    }
+}
+
 /// The table whose unique constraint (or primary key) `err` broke, if that is what it
 /// is, so a store can name the rule: PostgreSQL reports the table; SQLite only in its
 /// message ("UNIQUE constraint failed: table.column").
@@ -661,6 +694,61 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(unique_violation(&other), None);
+    }
+
+    /// A batch that fails part-way leaves nothing behind: neither its earlier statements'
+    /// writes nor an open transaction on the one writer connection, which the next batch
+    /// and an ordinary transaction then use.
+    #[tokio::test]
+    async fn a_failed_committed_batch_is_rolled_back_and_the_writer_stays_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = Migrations {
+            sqlite: Migrator::DEFAULT,
+            postgres: Migrator::DEFAULT,
+        };
+        let db = StorageConfig::in_dir(dir.path())
+            .open("t", &none)
+            .await
+            .unwrap();
+        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let batch = "BEGIN IMMEDIATE;
+            INSERT INTO keys (key) VALUES ($1) RETURNING key;
+            INSERT INTO keys (key) VALUES ($2) RETURNING key;
+            COMMIT;";
+        let run = |a: &'static str, b: &'static str| {
+            sqlite_committed_batch(db.writer(), sqlx::query(batch).bind(a).bind(b))
+        };
+        let count =
+            || sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM keys").fetch_one(db.pool());
+
+        assert_eq!(
+            run("a", "b").await.unwrap().len(),
+            2,
+            "a row from each statement"
+        );
+        // The second insert breaks the key after the first one wrote.
+        let Err(err) = run("c", "a").await else {
+            panic!("a duplicate key was stored");
+        };
+        assert_eq!(unique_violation(&err).as_deref(), Some("keys"));
+        assert_eq!(
+            count().await.unwrap(),
+            2,
+            "the first insert was rolled back"
+        );
+        // A failure on the first statement, with the transaction begun and nothing written.
+        assert!(run("a", "d").await.is_err());
+        assert_eq!(run("c", "d").await.unwrap().len(), 2);
+        let mut tx = db.writer().begin().await.unwrap();
+        sqlx::query("INSERT INTO keys (key) VALUES ('e')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(count().await.unwrap(), 5);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
+use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::any::AnyRow;
@@ -152,10 +153,11 @@ impl SqlProductStore {
     /// and that hold is what bounds the orders per second one product can take:
     /// - PostgreSQL: one statement, its own implicit transaction, with no round trip to
     ///   this process in between;
-    /// - SQLite (no data-modifying CTEs): the three writes as statements of one call
-    ///   between `BEGIN` and `COMMIT`, three hand-offs to the connection's thread instead
-    ///   of five. The line is recorded before the decrement, under the same condition;
-    ///   if the decrement took nothing, the transaction is rolled back.
+    /// - SQLite (no data-modifying CTEs): the three writes as statements of one batch that
+    ///   carries its own transaction ([`sqlite_committed_batch`]), one hand-off to the
+    ///   connection's thread instead of five. Each write is under the same condition
+    ///   (enough units), which nothing else can change inside the transaction, so when
+    ///   the decrement takes nothing the batch has written nothing either.
     ///
     /// Nothing is kept unless the stock was taken.
     async fn reserve_one(
@@ -181,12 +183,16 @@ impl SqlProductStore {
                 " FROM taken"
             ),
             Backend::Sqlite => concat!(
-                "INSERT INTO reservations (id, order_id, status, created_at)
-                 VALUES ($4, $5, 'held', $3);
+                "BEGIN IMMEDIATE;
+                 INSERT INTO reservations (id, order_id, status, created_at)
+                 SELECT $4, $5, 'held', $3
+                 WHERE EXISTS (SELECT 1 FROM products WHERE id = $2 AND quantity >= $1);
                  INSERT INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
                  SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
-                take_units!()
+                take_units!(),
+                ";
+                 COMMIT;"
             ),
         };
         let query = sqlx::query(sql)
@@ -197,20 +203,10 @@ impl SqlProductStore {
             .bind(order_id);
         let taken = match self.backend {
             Backend::Postgres => query.fetch_optional(&self.writer).await,
-            Backend::Sqlite => {
-                async {
-                    let mut tx = self.writer.begin().await?;
-                    // `fetch_all`: sqlx's `fetch_optional` stops at the first statement's
-                    // result, before the decrement has run.
-                    let row = query.fetch_all(&mut *tx).await?.into_iter().next();
-                    // Dropping `tx` without a row rolls the reservation and its line back.
-                    if row.is_some() {
-                        tx.commit().await?;
-                    }
-                    Ok(row)
-                }
+            // Every statement's rows: only the decrement returns one.
+            Backend::Sqlite => sqlite_committed_batch(&self.writer, query)
                 .await
-            }
+                .map(|rows| rows.into_iter().next()),
         };
         let row = match taken {
             Ok(Some(row)) => product_from_row(&row)?,

@@ -2,6 +2,7 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
+use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::{AnyPool, Row};
@@ -84,14 +85,15 @@ impl SqlUserStore {
 }
 
 /// The inbox row (see `shop_platform::events::inbox`) and the count, the count only if
-/// the row is new. SQLite has no data-modifying CTEs, so two statements sent as one, the
-/// second guarded by `changes()` (rows the insert added); the insert's `RETURNING` row
-/// says the event was new.
-const COUNT_ORDER_SQLITE: &str =
-    "INSERT INTO inbox (queue, event_id, processed_at_ms) VALUES ($1, $2, $3)
+/// the row is new. SQLite has no data-modifying CTEs, so two statements in one batch
+/// with its transaction, the second guarded by `changes()` (rows the insert added); the
+/// insert's `RETURNING` row says the event was new.
+const COUNT_ORDER_SQLITE: &str = "BEGIN IMMEDIATE;
+    INSERT INTO inbox (queue, event_id, processed_at_ms) VALUES ($1, $2, $3)
         ON CONFLICT (queue, event_id) DO NOTHING RETURNING 1;
     UPDATE users SET orders_placed = orders_placed + $4,
-        orders_cancelled = orders_cancelled + $5 WHERE id = $6 AND changes() = 1;";
+        orders_cancelled = orders_cancelled + $5 WHERE id = $6 AND changes() = 1;
+    COMMIT;";
 
 /// The same in one PostgreSQL statement, atomic without a transaction of its own.
 const COUNT_ORDER_POSTGRES: &str =
@@ -180,9 +182,8 @@ impl UserStore for SqlUserStore {
         user_id: &str,
         counts: OrderCounts,
     ) -> Result<Handled, StoreError> {
-        // Runs for every order placed and cancelled: three hand-offs to SQLite's connection
-        // thread (begin, both statements, commit) where it was four, and one round trip
-        // to PostgreSQL where it was four.
+        // Runs for every order placed and cancelled: one hand-off to SQLite's connection
+        // thread where it was four, one round trip to PostgreSQL where it was four.
         let sql = match self.backend {
             Backend::Sqlite => COUNT_ORDER_SQLITE,
             Backend::Postgres => COUNT_ORDER_POSTGRES,
@@ -195,12 +196,9 @@ impl UserStore for SqlUserStore {
             .bind(counts.cancelled)
             .bind(user_id);
         let first = match self.backend {
-            Backend::Sqlite => {
-                let mut tx = self.writer.begin().await?;
-                let rows = query.fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                !rows.is_empty()
-            }
+            Backend::Sqlite => !sqlite_committed_batch(&self.writer, query)
+                .await?
+                .is_empty(),
             Backend::Postgres => query.fetch_one(&self.writer).await?.try_get::<bool, _>(0)?,
         };
         Ok(if first {
