@@ -641,19 +641,21 @@ pub(crate) fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A SQLite database in `dir` with no migrations, opened as a service opens its own.
+    async fn open_sqlite(dir: &std::path::Path) -> Database {
+        let none = Migrations {
+            sqlite: Migrator::DEFAULT,
+            postgres: Migrator::DEFAULT,
+        };
+        StorageConfig::in_dir(dir).open("t", &none).await.unwrap()
+    }
+
     /// Every pooled SQLite connection gets the session settings, the small page cache
     /// included (each connection caches apart, 2 MB by default).
     #[tokio::test]
     async fn pooled_sqlite_connections_get_the_session_settings() {
         let dir = tempfile::tempdir().unwrap();
-        let none = Migrations {
-            sqlite: Migrator::DEFAULT,
-            postgres: Migrator::DEFAULT,
-        };
-        let db = StorageConfig::in_dir(dir.path())
-            .open("t", &none)
-            .await
-            .unwrap();
+        let db = open_sqlite(dir.path()).await;
         for pool in [db.pool(), &db.writer] {
             let mut conn = pool.acquire().await.unwrap();
             for (pragma, expected) in [
@@ -702,14 +704,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_committed_batch_is_rolled_back_and_the_writer_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
-        let none = Migrations {
-            sqlite: Migrator::DEFAULT,
-            postgres: Migrator::DEFAULT,
-        };
-        let db = StorageConfig::in_dir(dir.path())
-            .open("t", &none)
-            .await
-            .unwrap();
+        let db = open_sqlite(dir.path()).await;
         sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
             .execute(db.writer())
             .await

@@ -42,6 +42,19 @@ async fn stock(http: &reqwest::Client, url: &str) -> i64 {
     product["quantity"].as_i64().unwrap()
 }
 
+/// Reservations `r0`, `r1`, ... of one unit of product 2 each.
+async fn hold_one_unit_each(http: &reqwest::Client, url: &str, count: usize) {
+    for n in 0..count {
+        let r = http
+            .post(format!("{url}/reservations"))
+            .json(&json!({"id": format!("r{n}"), "items": [{"product_id": "2", "quantity": 1}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+}
+
 #[tokio::test]
 async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
     let Some(rabbit) = RabbitMq::start("killed_mid_stream_and_fed_duplicates") else {
@@ -51,15 +64,7 @@ async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
     let mut product = start_product(dir.path(), &rabbit.url);
     let http = reqwest::Client::new();
     // Product 2 starts with 100 units: one reservation takes each.
-    for n in 0..RESERVATIONS {
-        let r = http
-            .post(format!("{}/reservations", product.url()))
-            .json(&json!({"id": format!("r{n}"), "items": [{"product_id": "2", "quantity": 1}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
+    hold_one_unit_each(&http, &product.url(), RESERVATIONS).await;
     assert_eq!(stock(&http, &product.url()).await, 0);
 
     // Each cancellation published twice, as a relay that crashed between the broker's
@@ -210,15 +215,7 @@ async fn an_idle_consumer_has_acknowledged_everything_it_applied() {
     let mut product = start_product(dir.path(), &rabbit.url);
     let http = reqwest::Client::new();
     const BURST: usize = 45;
-    for n in 0..BURST {
-        let r = http
-            .post(format!("{}/reservations", product.url()))
-            .json(&json!({"id": format!("r{n}"), "items": [{"product_id": "2", "quantity": 1}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
+    hold_one_unit_each(&http, &product.url(), BURST).await;
     // One burst, longer than a batch of acks, with poison inside it: the acks before a
     // dead-lettered delivery are settled before it is.
     let mut burst: Vec<_> = (0..BURST).map(|n| cancelled(&format!("r{n}"))).collect();
