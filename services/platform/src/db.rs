@@ -566,30 +566,40 @@ fn backend_of(url: &str) -> Option<Backend> {
 /// whatever its statements did, so each must be guarded to change nothing when an
 /// earlier one did not apply (`WHERE changes() = 1`, the same condition repeated).
 ///
-/// If a statement fails, the rest do not run and the transaction is rolled back before
-/// the connection goes back to the pool; if the rollback fails too, the connection is
-/// closed instead of returned, so no later caller inherits an open transaction.
-pub async fn sqlite_committed_batch<'q>(
+/// The batch runs to its end in a task of its own, whatever happens to the caller. sqlx's
+/// connection thread stops a batch whose caller went away (a request cancelled when its
+/// client disconnected) at the statement it was on: without the task, that would leave
+/// the transaction open on the pooled connection, and every later statement on it
+/// uncommitted. If a statement fails, the rest do not run and the transaction is rolled
+/// back before the connection goes back to the pool; if the rollback fails too, the
+/// connection is closed instead of returned, so no later caller inherits an open
+/// transaction.
+pub async fn sqlite_committed_batch(
     writer: &AnyPool,
-    batch: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    batch: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
 ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let mut connection = writer.acquire().await?;
-    match batch.fetch_all(&mut *connection).await {
-        Ok(rows) => Ok(rows),
-        Err(err) => {
-            // After a failed BEGIN there is nothing to roll back, and ROLLBACK says so:
-            // the connection is closed then too, which costs a reconnect on an error
-            // path only.
-            if sqlx::query("ROLLBACK")
-                .execute(&mut *connection)
-                .await
-                .is_err()
-            {
-                connection.close_on_drop();
+    let writer = writer.clone();
+    let run = tokio::spawn(async move {
+        let mut connection = writer.acquire().await?;
+        match batch.fetch_all(&mut *connection).await {
+            Ok(rows) => Ok(rows),
+            Err(err) => {
+                // After a failed BEGIN there is nothing to roll back, and ROLLBACK says
+                // so: the connection is closed then too, which costs a reconnect on an
+                // error path only.
+                if sqlx::query("ROLLBACK")
+                    .execute(&mut *connection)
+                    .await
+                    .is_err()
+                {
+                    connection.close_on_drop();
+                }
+                Err(err)
             }
-            Err(err)
         }
-    }
+    });
+    run.await
+        .unwrap_or_else(|join| Err(sqlx::Error::Protocol(format!("batch task: {join}"))))
 }
 
 /// The table whose unique constraint (or primary key) `err` broke, if that is what it
@@ -744,6 +754,39 @@ mod tests {
             .unwrap();
         tx.commit().await.unwrap();
         assert_eq!(count().await.unwrap(), 5);
+    }
+
+    /// A caller that goes away mid-batch (a request cancelled because its client hung up)
+    /// does not leave the batch half-run with its transaction open on the one writer
+    /// connection: the batch commits, and so does the next write.
+    #[tokio::test]
+    async fn a_committed_batch_whose_caller_went_away_still_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_sqlite(dir.path()).await;
+        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let slow = "BEGIN IMMEDIATE;
+            WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000)
+            INSERT INTO keys SELECT 'k' || x FROM n;
+            INSERT INTO keys (key) VALUES ($1);
+            COMMIT;";
+        // Polled once, then dropped.
+        let batch = sqlite_committed_batch(db.writer(), sqlx::query(slow).bind("last"));
+        assert!(
+            tokio::time::timeout(Duration::ZERO, batch).await.is_err(),
+            "the batch was still running when its caller went away"
+        );
+        sqlx::query("INSERT INTO keys (key) VALUES ('after')")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let committed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(committed, 100_002, "seen from another connection");
     }
 
     #[test]
