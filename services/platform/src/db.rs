@@ -660,6 +660,16 @@ mod tests {
         StorageConfig::in_dir(dir).open("t", &none).await.unwrap()
     }
 
+    /// [`open_sqlite`] with one table, `keys (key TEXT PRIMARY KEY)`.
+    async fn open_sqlite_with_keys(dir: &std::path::Path) -> Database {
+        let db = open_sqlite(dir).await;
+        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        db
+    }
+
     /// Every pooled SQLite connection gets the session settings, the small page cache
     /// included (each connection caches apart, 2 MB by default).
     #[tokio::test]
@@ -714,11 +724,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_committed_batch_is_rolled_back_and_the_writer_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
-        let db = open_sqlite(dir.path()).await;
-        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
-            .execute(db.writer())
-            .await
-            .unwrap();
+        let db = open_sqlite_with_keys(dir.path()).await;
         let batch = "BEGIN IMMEDIATE;
             INSERT INTO keys (key) VALUES ($1) RETURNING key;
             INSERT INTO keys (key) VALUES ($2) RETURNING key;
@@ -762,11 +768,7 @@ mod tests {
     #[tokio::test]
     async fn a_committed_batch_whose_caller_went_away_still_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let db = open_sqlite(dir.path()).await;
-        sqlx::raw_sql("CREATE TABLE keys (key TEXT PRIMARY KEY)")
-            .execute(db.writer())
-            .await
-            .unwrap();
+        let db = open_sqlite_with_keys(dir.path()).await;
         let slow = "BEGIN IMMEDIATE;
             WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000)
             INSERT INTO keys SELECT 'k' || x FROM n;
