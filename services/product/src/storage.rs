@@ -155,7 +155,7 @@ impl SqlProductStore {
     ///   this process in between;
     /// - SQLite (no data-modifying CTEs): the three writes as statements of one batch that
     ///   carries its own transaction ([`sqlite_committed_batch`]), one hand-off to the
-    ///   connection's thread instead of five. Each write is under the same condition
+    ///   connection's thread instead of three. Each write is under the same condition
     ///   (enough units), which nothing else can change inside the transaction, so when
     ///   the decrement takes nothing the batch has written nothing either.
     ///

@@ -327,7 +327,7 @@ async fn consume(
                 unacked.push(delivery.acker).await?;
             }
             Outcome::DeadLetter(_) => {
-                // A `multiple` ack must not reach past this delivery: settle the earlier ones.
+                // The handled ones first: nothing waits unacknowledged behind a nack.
                 unacked.ack().await?;
                 delivery
                     .nack(BasicNackOptions {
