@@ -4,7 +4,6 @@
 //! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
-use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::any::AnyRow;
@@ -113,6 +112,8 @@ pub struct SqlOrderStore {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    /// SQLite's committed batches.
+    db: Database,
     outbox: Outbox,
 }
 
@@ -191,9 +192,8 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
     )
 }
 
-/// SQLite: the same writes as statements of one batch that carries its own transaction
-/// ([`sqlite_committed_batch`]), so one hand-off to the connection's thread for all of
-/// them. SQLite has no data-modifying CTEs and the batch commits whatever it did, so the
+/// SQLite: the same writes as statements of one committed batch
+/// (`Database::committed_batch`), so one hand-off to the batch thread for all of them. SQLite has no data-modifying CTEs and the batch commits whatever it did, so the
 /// claim comes first and every write after it does nothing unless the claim took the
 /// checkout: the idempotency record and the order through `changes() = 1` (the statement
 /// before stored its one row), the lines and the event through the order row itself. The
@@ -210,8 +210,7 @@ fn store_order_sqlite(lines: usize, keyed: bool) -> String {
     };
     let stored = "EXISTS (SELECT 1 FROM orders WHERE id = $2 AND reservation_id = $1)";
     format!(
-        "BEGIN IMMEDIATE;
-        DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
+        "DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
         RETURNING reservation_id;
         {keyed}
         INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
@@ -219,8 +218,7 @@ fn store_order_sqlite(lines: usize, keyed: bool) -> String {
         INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
         SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values})
         WHERE {stored};
-        INSERT INTO outbox {OUTBOX_COLUMNS} SELECT $7, $8, $9, $10, $11 WHERE {stored};
-        COMMIT;",
+        INSERT INTO outbox {OUTBOX_COLUMNS} SELECT $7, $8, $9, $10, $11 WHERE {stored};",
         values = line_values(lines, false),
     )
 }
@@ -232,6 +230,7 @@ impl SqlOrderStore {
     /// `outbox` is woken after each commit that wrote an event.
     pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
+            db: db.clone(),
             pool: db.pool().clone(),
             writer: db.writer().clone(),
             backend: db.backend(),
@@ -294,19 +293,22 @@ impl OrderStore for SqlOrderStore {
     ) -> Result<CheckoutStart, StoreError> {
         // Both look-ups ride on the insert: one round trip for the common case, a new
         // order; the caller tells a replay from a duplicate only when this refuses.
-        let started = sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
              SELECT $1, $2, 'reserving', $3
              WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
-               AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)",
+               AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)
+             RETURNING 1",
         )
-        .bind(&checkout.reservation_id)
-        .bind(&checkout.order_id)
+        .bind(checkout.reservation_id.clone())
+        .bind(checkout.order_id.clone())
         .bind(checkout.started_at_ms)
-        .bind(idempotency_key)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
+        .bind(idempotency_key.map(str::to_owned));
+        let started = match self.backend {
+            Backend::Postgres => insert.fetch_all(&self.writer).await?.len(),
+            // Committed with the other writes waiting, on the batch thread.
+            Backend::Sqlite => self.db.committed_batch(insert).await?.len(),
+        };
         Ok(if started == 1 {
             CheckoutStart::Started
         } else {
@@ -363,7 +365,9 @@ impl OrderStore for SqlOrderStore {
                 .await
                 .map_err(named)?
                 .is_some(),
-            Backend::Sqlite => !sqlite_committed_batch(&self.writer, query)
+            Backend::Sqlite => !self
+                .db
+                .committed_batch(query)
                 .await
                 .map_err(named)?
                 .is_empty(),

@@ -21,6 +21,10 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
+mod batches;
+
+pub use batches::SqliteBatches;
+
 use crate::config::{ConfigError, Env, Var};
 use crate::probes::CheckResult;
 
@@ -205,13 +209,18 @@ impl StorageConfig {
         // taken polls for it with growing sleeps (busy_timeout): under concurrent writes
         // that, not the work, sets the latency. One writing connection per process turns
         // the contention into the pool's first-come queue.
-        let writer = match backend {
-            Backend::Sqlite => pool_of(1),
-            Backend::Postgres => pool.clone(),
+        let (writer, batches) = match backend {
+            Backend::Sqlite => {
+                let writer = pool_of(1);
+                let batches = SqliteBatches::start(writer.clone())?;
+                (writer, Some(batches))
+            }
+            Backend::Postgres => (pool.clone(), None),
         };
         Ok(Database {
             pool,
             writer,
+            batches,
             backend,
             connect: Arc::new(Connect { url, options }),
         })
@@ -334,6 +343,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
 pub struct Database {
     pool: AnyPool,
     writer: AnyPool,
+    batches: Option<SqliteBatches>,
     backend: Backend,
     connect: Arc<Connect>,
 }
@@ -365,6 +375,24 @@ impl Database {
     /// PostgreSQL the same pool as [`Database::pool`].
     pub fn writer(&self) -> &AnyPool {
         &self.writer
+    }
+
+    /// SQLite: runs a batch of write statements atomically on the writer, committed
+    /// with whatever other batches are waiting ([`SqliteBatches::commit`]). Each
+    /// statement runs only if the ones before it did not fail, but the batch commits
+    /// whatever they did, so each must be guarded to change nothing when an earlier one
+    /// did not apply (`WHERE changes() = 1`, the same condition repeated). PostgreSQL
+    /// has data-modifying CTEs for the same job, and no batches.
+    pub async fn committed_batch(
+        &self,
+        body: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+        match &self.batches {
+            Some(batches) => batches.commit(body).await,
+            None => Err(sqlx::Error::Configuration(
+                "committed batches are for SQLite; on PostgreSQL use one statement".into(),
+            )),
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -559,49 +587,6 @@ fn backend_of(url: &str) -> Option<Backend> {
     }
 }
 
-/// Runs a SQLite batch that carries its own transaction (`BEGIN IMMEDIATE; ...; COMMIT;`)
-/// on the writer pool, and returns the rows its statements gave. sqlx's own transaction
-/// costs a hand-off to the connection's thread for `BEGIN`, one for the batch and one for
-/// `COMMIT`; this is one, and each hand-off is two thread wake-ups. The batch commits
-/// whatever its statements did, so each must be guarded to change nothing when an
-/// earlier one did not apply (`WHERE changes() = 1`, the same condition repeated).
-///
-/// The batch runs to its end in a task of its own, whatever happens to the caller. sqlx's
-/// connection thread stops a batch whose caller went away (a request cancelled when its
-/// client disconnected) at the statement it was on: without the task, that would leave
-/// the transaction open on the pooled connection, and every later statement on it
-/// uncommitted. If a statement fails, the rest do not run and the transaction is rolled
-/// back before the connection goes back to the pool; if the rollback fails too, the
-/// connection is closed instead of returned, so no later caller inherits an open
-/// transaction.
-pub async fn sqlite_committed_batch(
-    writer: &AnyPool,
-    batch: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
-) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let writer = writer.clone();
-    let run = tokio::spawn(async move {
-        let mut connection = writer.acquire().await?;
-        match batch.fetch_all(&mut *connection).await {
-            Ok(rows) => Ok(rows),
-            Err(err) => {
-                // After a failed BEGIN there is nothing to roll back, and ROLLBACK says
-                // so: the connection is closed then too, which costs a reconnect on an
-                // error path only.
-                if sqlx::query("ROLLBACK")
-                    .execute(&mut *connection)
-                    .await
-                    .is_err()
-                {
-                    connection.close_on_drop();
-                }
-                Err(err)
-            }
-        }
-    });
-    run.await
-        .unwrap_or_else(|join| Err(sqlx::Error::Protocol(format!("batch task: {join}"))))
-}
-
 /// The table whose unique constraint (or primary key) `err` broke, if that is what it
 /// is, so a store can name the rule: PostgreSQL reports the table; SQLite only in its
 /// message ("UNIQUE constraint failed: table.column").
@@ -725,12 +710,10 @@ mod tests {
     async fn a_failed_committed_batch_is_rolled_back_and_the_writer_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_sqlite_with_keys(dir.path()).await;
-        let batch = "BEGIN IMMEDIATE;
-            INSERT INTO keys (key) VALUES ($1) RETURNING key;
-            INSERT INTO keys (key) VALUES ($2) RETURNING key;
-            COMMIT;";
+        let batch = "INSERT INTO keys (key) VALUES ($1) RETURNING key;
+            INSERT INTO keys (key) VALUES ($2) RETURNING key;";
         let run = |a: &'static str, b: &'static str| {
-            sqlite_committed_batch(db.writer(), sqlx::query(batch).bind(a).bind(b))
+            db.committed_batch(sqlx::query(batch).bind(a).bind(b))
         };
         let count =
             || sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM keys").fetch_one(db.pool());
@@ -769,13 +752,12 @@ mod tests {
     async fn a_committed_batch_whose_caller_went_away_still_commits() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_sqlite_with_keys(dir.path()).await;
-        let slow = "BEGIN IMMEDIATE;
+        let slow = "
             WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000)
             INSERT INTO keys SELECT 'k' || x FROM n;
-            INSERT INTO keys (key) VALUES ($1);
-            COMMIT;";
+            INSERT INTO keys (key) VALUES ($1);";
         // Polled once, then dropped.
-        let batch = sqlite_committed_batch(db.writer(), sqlx::query(slow).bind("last"));
+        let batch = db.committed_batch(sqlx::query(slow).bind("last"));
         assert!(
             tokio::time::timeout(Duration::ZERO, batch).await.is_err(),
             "the batch was still running when its caller went away"
@@ -789,6 +771,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(committed, 100_002, "seen from another connection");
+    }
+
+    /// Batches waiting together share a transaction, but each is atomic on its own: one
+    /// that fails leaves its own writes out and every other batch of its group in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_batch_takes_nothing_from_the_others_committed_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_sqlite_with_keys(dir.path()).await;
+        sqlx::query("INSERT INTO keys (key) VALUES ('taken')")
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let batch = "INSERT INTO keys (key) VALUES ($1) RETURNING key;
+            INSERT INTO keys (key) VALUES ($2) RETURNING key;";
+        // Sent at once, so most wait while the first group commits and then go as one.
+        let runs = (0..60).map(|i| {
+            let second = if i % 7 == 3 {
+                "taken".to_owned()
+            } else {
+                format!("{i}b")
+            };
+            db.committed_batch(sqlx::query(batch).bind(format!("{i}a")).bind(second))
+        });
+        let outcomes = futures_util::future::join_all(runs).await;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                Ok(rows) => assert!(i % 7 != 3 && rows.len() == 2, "batch {i}"),
+                Err(err) => {
+                    assert_eq!(i % 7, 3, "batch {i}: {err}");
+                    assert_eq!(unique_violation(err).as_deref(), Some("keys"));
+                }
+            }
+        }
+        let stored: Vec<String> = sqlx::query_scalar("SELECT key FROM keys ORDER BY key")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        let mut expected: Vec<String> = (0..60)
+            .filter(|i| i % 7 != 3)
+            .flat_map(|i| [format!("{i}a"), format!("{i}b")])
+            .chain(["taken".to_owned()])
+            .collect();
+        expected.sort();
+        assert_eq!(stored, expected);
     }
 
     #[test]

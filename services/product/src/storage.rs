@@ -5,7 +5,6 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::any::AnyRow;
@@ -134,6 +133,8 @@ pub struct SqlProductStore {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    /// SQLite's committed batches.
+    db: Database,
     outbox: Outbox,
 }
 
@@ -141,6 +142,7 @@ impl SqlProductStore {
     /// `outbox` is woken after each commit that wrote an event.
     pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
+            db: db.clone(),
             pool: db.pool().clone(),
             writer: db.writer().clone(),
             backend: db.backend(),
@@ -154,8 +156,8 @@ impl SqlProductStore {
     /// - PostgreSQL: one statement, its own implicit transaction, with no round trip to
     ///   this process in between;
     /// - SQLite (no data-modifying CTEs): the three writes as statements of one batch that
-    ///   carries its own transaction ([`sqlite_committed_batch`]), one hand-off to the
-    ///   connection's thread instead of three. Each write is under the same condition
+    ///   is committed as one (`Database::committed_batch`), one hand-off to the batch
+    ///   thread instead of three to the connection's. Each write is under the same condition
     ///   (enough units), which nothing else can change inside the transaction, so when
     ///   the decrement takes nothing the batch has written nothing either.
     ///
@@ -183,16 +185,13 @@ impl SqlProductStore {
                 " FROM taken"
             ),
             Backend::Sqlite => concat!(
-                "BEGIN IMMEDIATE;
-                 INSERT INTO reservations (id, order_id, status, created_at)
+                "INSERT INTO reservations (id, order_id, status, created_at)
                  SELECT $4, $5, 'held', $3
                  WHERE EXISTS (SELECT 1 FROM products WHERE id = $2 AND quantity >= $1);
                  INSERT INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
                  SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
-                take_units!(),
-                ";
-                 COMMIT;"
+                take_units!()
             ),
         };
         let query = sqlx::query(sql)
@@ -204,7 +203,9 @@ impl SqlProductStore {
         let taken = match self.backend {
             Backend::Postgres => query.fetch_optional(&self.writer).await,
             // Every statement's rows: only the decrement returns one.
-            Backend::Sqlite => sqlite_committed_batch(&self.writer, query)
+            Backend::Sqlite => self
+                .db
+                .committed_batch(query)
                 .await
                 .map(|rows| rows.into_iter().next()),
         };

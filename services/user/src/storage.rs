@@ -2,7 +2,6 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
-use shop_platform::db::sqlite_committed_batch;
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::{AnyPool, Row};
@@ -72,11 +71,13 @@ pub struct SqlUserStore {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    db: Database,
 }
 
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
         Self {
+            db: db.clone(),
             pool: db.pool().clone(),
             writer: db.writer().clone(),
             backend: db.backend(),
@@ -85,15 +86,14 @@ impl SqlUserStore {
 }
 
 /// The inbox row (see `shop_platform::events::inbox`) and the count, the count only if
-/// the row is new. SQLite has no data-modifying CTEs, so two statements in one batch
-/// with its transaction, the second guarded by `changes()` (rows the insert added); the
+/// the row is new. SQLite has no data-modifying CTEs, so two statements in one committed
+/// batch (`Database::committed_batch`), the second guarded by `changes()` (rows the insert added); the
 /// insert's `RETURNING` row says the event was new.
-const COUNT_ORDER_SQLITE: &str = "BEGIN IMMEDIATE;
+const COUNT_ORDER_SQLITE: &str = "
     INSERT INTO inbox (queue, event_id, processed_at_ms) VALUES ($1, $2, $3)
         ON CONFLICT (queue, event_id) DO NOTHING RETURNING 1;
     UPDATE users SET orders_placed = orders_placed + $4,
-        orders_cancelled = orders_cancelled + $5 WHERE id = $6 AND changes() = 1;
-    COMMIT;";
+        orders_cancelled = orders_cancelled + $5 WHERE id = $6 AND changes() = 1;";
 
 /// The same in one PostgreSQL statement, atomic without a transaction of its own.
 const COUNT_ORDER_POSTGRES: &str =
@@ -196,9 +196,7 @@ impl UserStore for SqlUserStore {
             .bind(counts.cancelled)
             .bind(user_id);
         let first = match self.backend {
-            Backend::Sqlite => !sqlite_committed_batch(&self.writer, query)
-                .await?
-                .is_empty(),
+            Backend::Sqlite => !self.db.committed_batch(query).await?.is_empty(),
             Backend::Postgres => query.fetch_one(&self.writer).await?.try_get::<bool, _>(0)?,
         };
         Ok(if first {
