@@ -82,6 +82,7 @@ pub fn spawn_relay(
     let relay = Relay {
         pool: db.pool().clone(),
         writer: db.writer().clone(),
+        db: db.clone(),
         backend: db.backend(),
         publisher,
         metrics,
@@ -131,6 +132,8 @@ pub fn spawn_relay(
 struct Relay {
     pool: AnyPool,
     writer: AnyPool,
+    /// SQLite's committed batches.
+    db: Database,
     backend: Backend,
     publisher: Arc<dyn Publisher>,
     metrics: EventMetrics,
@@ -176,8 +179,9 @@ impl Relay {
         let messages = unsent(&mut conn).await.map_err(db)?;
         drop(conn);
         let result = self.publish(&messages).await;
-        let mut conn = self.writer.acquire().await.map_err(db)?;
-        mark(&mut conn, &messages, &result).await.map_err(db)?;
+        if let Some(marks) = sqlite_marks(&messages, &result) {
+            self.db.committed_batch(marks).await.map_err(db)?;
+        }
         self.count(&messages, &result);
         result.map(|()| messages.len()).map_err(|u| u.reason)
     }
@@ -307,9 +311,103 @@ async fn mark(
     Ok(())
 }
 
+/// [`mark`]'s writes as one SQLite batch, committed with the other writes waiting, where
+/// the writer connection would be held from a task for two round trips.
+fn sqlite_marks(
+    messages: &[Message],
+    result: &Result<(), Unconfirmed>,
+) -> Option<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>> {
+    let done = confirmed(messages, result);
+    let stuck = messages.get(done).filter(|_| result.is_err());
+    let mut sql = String::new();
+    if done > 0 {
+        let placeholders = (2..done + 2)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql = format!("UPDATE outbox SET sent_at_ms = $1 WHERE event_id IN ({placeholders});");
+    }
+    if stuck.is_some() {
+        // Numbered after the sent ones', or `$1` alone: no parameter is left unused.
+        let n = if done > 0 { done + 2 } else { 1 };
+        sql.push_str(&format!(
+            "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ${n};"
+        ));
+    }
+    if sql.is_empty() {
+        return None;
+    }
+    // Built from a count only; every value is a parameter.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    if done > 0 {
+        query = query.bind(chrono::Utc::now().timestamp_millis());
+    }
+    for message in messages[..done].iter().chain(stuck) {
+        query = query.bind(message.event_id.clone());
+    }
+    Some(query)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a relay writes after a publication the broker confirmed only in part: the
+    /// confirmed events sent, the first unconfirmed one's attempt counted, the rest as
+    /// they were; and the attempt alone when nothing was confirmed.
+    #[tokio::test]
+    async fn sqlite_marks_record_what_the_broker_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = crate::Migrations {
+            sqlite: sqlx::migrate::Migrator::DEFAULT,
+            postgres: sqlx::migrate::Migrator::DEFAULT,
+        };
+        let db = crate::db::StorageConfig::in_dir(dir.path())
+            .open("t", &none)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE outbox (event_id TEXT PRIMARY KEY, sent_at_ms BIGINT,
+                 attempts BIGINT NOT NULL DEFAULT 0);
+             INSERT INTO outbox (event_id) VALUES ('a'), ('b'), ('c'), ('d');",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+        let message = |id: &str| Message {
+            event_id: id.into(),
+            kind: "k".into(),
+            body: "{}".into(),
+            traceparent: None,
+            attempt: 0,
+        };
+        let unconfirmed = |confirmed| {
+            Err(Unconfirmed {
+                confirmed,
+                reason: "nack".into(),
+            })
+        };
+        let abc = [message("a"), message("b"), message("c")];
+        let marks = sqlite_marks(&abc, &unconfirmed(1)).unwrap();
+        db.committed_batch(marks).await.unwrap();
+        let d = [message("d")];
+        let marks = sqlite_marks(&d, &unconfirmed(0)).unwrap();
+        db.committed_batch(marks).await.unwrap();
+        assert!(sqlite_marks(&[], &Ok(())).is_none());
+
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT event_id, sent_at_ms IS NOT NULL, attempts FROM outbox ORDER BY event_id",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        let expected = [("a", 1, 0), ("b", 0, 1), ("c", 0, 0), ("d", 0, 1)];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|&(id, sent, attempts)| (id.to_owned(), sent, attempts))
+            .collect();
+        assert_eq!(rows, expected);
+    }
 
     #[tokio::test]
     async fn only_rows_sent_longer_ago_than_the_retention_are_deleted() {
