@@ -193,7 +193,8 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
 }
 
 /// SQLite: the same writes as statements of one committed batch
-/// (`Database::committed_batch`), so one hand-off to the batch thread for all of them. SQLite has no data-modifying CTEs and the batch commits whatever it did, so the
+/// (`Database::committed_batch`), so one hand-off to the batch thread for all of them.
+/// SQLite has no data-modifying CTEs and the batch commits whatever it did, so the
 /// claim comes first and every write after it does nothing unless the claim took the
 /// checkout: the idempotency record and the order through `changes() = 1` (the statement
 /// before stored its one row), the lines and the event through the order row itself. The

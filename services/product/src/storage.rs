@@ -157,9 +157,9 @@ impl SqlProductStore {
     ///   this process in between;
     /// - SQLite (no data-modifying CTEs): the three writes as statements of one batch that
     ///   is committed as one (`Database::committed_batch`), one hand-off to the batch
-    ///   thread instead of three to the connection's. Each write is under the same condition
-    ///   (enough units), which nothing else can change inside the transaction, so when
-    ///   the decrement takes nothing the batch has written nothing either.
+    ///   thread instead of three to the connection's. Each write is under the same
+    ///   condition (enough units), which nothing else can change inside the transaction,
+    ///   so when the decrement takes nothing the batch has written nothing either.
     ///
     /// Nothing is kept unless the stock was taken.
     async fn reserve_one(

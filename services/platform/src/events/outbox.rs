@@ -166,7 +166,9 @@ impl Relay {
         }
         let messages = unsent(&mut tx).await.map_err(db)?;
         let result = self.publish(&messages).await;
-        mark(&mut tx, &messages, &result).await.map_err(db)?;
+        for query in marks(&messages, &result) {
+            query.execute(&mut *tx).await.map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         self.count(&messages, &result);
         result.map(|()| messages.len()).map_err(|u| u.reason)
@@ -179,8 +181,10 @@ impl Relay {
         let messages = unsent(&mut conn).await.map_err(db)?;
         drop(conn);
         let result = self.publish(&messages).await;
-        if let Some(marks) = sqlite_marks(&messages, &result) {
-            self.db.committed_batch(marks).await.map_err(db)?;
+        // On the batch thread, with the other writes waiting, where the writer would be
+        // held from this task for each statement.
+        for query in marks(&messages, &result) {
+            self.db.committed_batch(query).await.map_err(db)?;
         }
         self.count(&messages, &result);
         result.map(|()| messages.len()).map_err(|u| u.reason)
@@ -279,13 +283,15 @@ async fn unsent(conn: &mut sqlx::AnyConnection) -> Result<Vec<Message>, sqlx::Er
         .collect()
 }
 
-/// Marks the confirmed prefix sent, and counts an attempt on the first unconfirmed row.
-async fn mark(
-    conn: &mut sqlx::AnyConnection,
+/// What a relay writes once the broker answered: the confirmed events marked sent, and
+/// the first unconfirmed one's attempt counted. At most two statements, each numbered
+/// from `$1`, so either backend runs them as they are.
+fn marks(
     messages: &[Message],
     result: &Result<(), Unconfirmed>,
-) -> Result<(), sqlx::Error> {
+) -> Vec<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>> {
     let done = confirmed(messages, result);
+    let mut queries = Vec::with_capacity(2);
     if done > 0 {
         let placeholders = (2..done + 2)
             .map(|n| format!("${n}"))
@@ -296,56 +302,19 @@ async fn mark(
         let mut query =
             sqlx::query(sqlx::AssertSqlSafe(sql)).bind(chrono::Utc::now().timestamp_millis());
         for message in &messages[..done] {
-            query = query.bind(&message.event_id);
+            query = query.bind(message.event_id.clone());
         }
-        query.execute(&mut *conn).await?;
+        queries.push(query);
     }
     if let Some(stuck) = messages.get(done)
         && result.is_err()
     {
-        sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE event_id = $1")
-            .bind(&stuck.event_id)
-            .execute(&mut *conn)
-            .await?;
+        queries.push(
+            sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE event_id = $1")
+                .bind(stuck.event_id.clone()),
+        );
     }
-    Ok(())
-}
-
-/// [`mark`]'s writes as one SQLite batch, committed with the other writes waiting, where
-/// the writer connection would be held from a task for two round trips.
-fn sqlite_marks(
-    messages: &[Message],
-    result: &Result<(), Unconfirmed>,
-) -> Option<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>> {
-    let done = confirmed(messages, result);
-    let stuck = messages.get(done).filter(|_| result.is_err());
-    let mut sql = String::new();
-    if done > 0 {
-        let placeholders = (2..done + 2)
-            .map(|n| format!("${n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        sql = format!("UPDATE outbox SET sent_at_ms = $1 WHERE event_id IN ({placeholders});");
-    }
-    if stuck.is_some() {
-        // Numbered after the sent ones', or `$1` alone: no parameter is left unused.
-        let n = if done > 0 { done + 2 } else { 1 };
-        sql.push_str(&format!(
-            "UPDATE outbox SET attempts = attempts + 1 WHERE event_id = ${n};"
-        ));
-    }
-    if sql.is_empty() {
-        return None;
-    }
-    // Built from a count only; every value is a parameter.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    if done > 0 {
-        query = query.bind(chrono::Utc::now().timestamp_millis());
-    }
-    for message in messages[..done].iter().chain(stuck) {
-        query = query.bind(message.event_id.clone());
-    }
-    Some(query)
+    queries
 }
 
 #[cfg(test)]
@@ -356,7 +325,7 @@ mod tests {
     /// confirmed events sent, the first unconfirmed one's attempt counted, the rest as
     /// they were; and the attempt alone when nothing was confirmed.
     #[tokio::test]
-    async fn sqlite_marks_record_what_the_broker_confirmed() {
+    async fn marks_record_what_the_broker_confirmed() {
         let dir = tempfile::tempdir().unwrap();
         let none = crate::Migrations {
             sqlite: sqlx::migrate::Migrator::DEFAULT,
@@ -388,12 +357,14 @@ mod tests {
             })
         };
         let abc = [message("a"), message("b"), message("c")];
-        let marks = sqlite_marks(&abc, &unconfirmed(1)).unwrap();
-        db.committed_batch(marks).await.unwrap();
         let d = [message("d")];
-        let marks = sqlite_marks(&d, &unconfirmed(0)).unwrap();
-        db.committed_batch(marks).await.unwrap();
-        assert!(sqlite_marks(&[], &Ok(())).is_none());
+        for query in marks(&abc, &unconfirmed(1))
+            .into_iter()
+            .chain(marks(&d, &unconfirmed(0)))
+        {
+            db.committed_batch(query).await.unwrap();
+        }
+        assert!(marks(&[], &Ok(())).is_empty());
 
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT event_id, sent_at_ms IS NOT NULL, attempts FROM outbox ORDER BY event_id",
