@@ -192,10 +192,19 @@ impl StorageConfig {
             statement_timeout: self.statement_timeout,
         };
 
+        // SQLite has no advisory locks: an exclusive lock on a file beside the database
+        // serialises replicas sharing it, from before the first connection, because
+        // switching to WAL needs the database's exclusive lock too, and two connections
+        // upgrading at once get SQLITE_BUSY at once, without waiting for busy_timeout.
+        let starting = match lock_file {
+            Some(path) => Some(lock_exclusively(path).await?),
+            None => None,
+        };
         let mut conn = self.connect_at_startup(service, &options).await?;
         session.prepare(&mut conn, false).await?;
-        migrate(&mut conn, backend, migrations, lock_file).await?;
+        migrate(&mut conn, backend, migrations).await?;
         conn.close().await?;
+        drop(starting);
 
         let pool_of = |size: u32| {
             AnyPoolOptions::new()
@@ -265,8 +274,9 @@ impl Session {
         Box::pin(async move {
             match self.backend {
                 Backend::Sqlite => {
-                    // busy_timeout first: switching to WAL takes the database's write
-                    // lock, and a replica starting at the same moment holds it briefly.
+                    // busy_timeout first, so what follows waits for a lock held briefly
+                    // elsewhere. WAL is switched on once, at startup under the file lock;
+                    // later connections find it set.
                     // cache_size: each connection keeps its own page cache, 2 MB by
                     // default, on top of the kernel's cache of the same file.
                     sqlx::raw_sql(
@@ -293,14 +303,29 @@ impl Session {
     }
 }
 
-/// Applies the migrations on a dedicated connection while holding the backend's lock.
-/// The connection is closed afterwards, so a failed run cannot leave a session lock
-/// behind in a pooled connection.
+/// Blocks until this process holds an exclusive lock on `path`, released when the
+/// returned file is dropped (or the process dies).
+async fn lock_exclusively(path: PathBuf) -> anyhow::Result<std::fs::File> {
+    let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await??;
+    Ok(file)
+}
+
+/// Applies the migrations on a dedicated connection, SQLite's under the caller's file
+/// lock. The connection is closed afterwards, so a failed run cannot leave a session
+/// lock behind in a pooled connection.
 async fn migrate(
     conn: &mut AnyConnection,
     backend: Backend,
     migrations: &Migrations,
-    lock_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     match backend {
         Backend::Postgres => {
@@ -311,26 +336,7 @@ async fn migrate(
                 .await?;
             migrations.postgres.run(&mut *conn).await?;
         }
-        Backend::Sqlite => {
-            // SQLite has no advisory locks; an exclusive lock on a file beside the
-            // database serialises replicas sharing it.
-            let _guard = match lock_file {
-                Some(path) => Some(
-                    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-                        let file = std::fs::OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&path)?;
-                        file.lock()?;
-                        Ok(file)
-                    })
-                    .await??,
-                ),
-                None => None,
-            };
-            migrations.sqlite.run(&mut *conn).await?;
-        }
+        Backend::Sqlite => migrations.sqlite.run(&mut *conn).await?,
     }
     Ok(())
 }
@@ -676,6 +682,21 @@ mod tests {
                 .await
                 .unwrap();
                 assert_eq!(value, expected, "PRAGMA {pragma}");
+            }
+        }
+    }
+
+    /// Replicas sharing a new SQLite file all start: the first switches it to WAL, a
+    /// change SQLite refuses at once (no busy_timeout) to a second connection upgrading
+    /// its lock at the same moment, as CI once saw.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_opening_one_new_sqlite_file_at_once_all_start() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            // Each SQLite connection runs on a thread of its own, so joined futures race.
+            let opening = (0..8).map(|_| open_sqlite(dir.path()));
+            for db in futures_util::future::join_all(opening).await {
+                db.close().await;
             }
         }
     }
