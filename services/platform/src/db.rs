@@ -23,7 +23,8 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
 mod batches;
 
-pub use batches::SqliteBatches;
+use batches::SqliteFile;
+pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
 
 use crate::config::{ConfigError, Env, Var};
 use crate::probes::CheckResult;
@@ -157,8 +158,8 @@ impl StorageConfig {
     pub async fn open(&self, service: &str, migrations: &Migrations) -> anyhow::Result<Database> {
         sqlx::any::install_default_drivers();
         let backend = self.backend();
-        let (url, lock_file) = match (&self.database_url, backend) {
-            (Some(url), Backend::Postgres) => (url.clone(), None),
+        let (url, lock_file, sqlite_file) = match (&self.database_url, backend) {
+            (Some(url), Backend::Postgres) => (url.clone(), None, None),
             (url, Backend::Sqlite) => {
                 let options = match url {
                     Some(url) => SqliteConnectOptions::from_str(url)?,
@@ -175,14 +176,21 @@ impl StorageConfig {
                 }
                 .create_if_missing(true);
                 let file = options.get_filename();
-                let lock_file = (!file.as_os_str().is_empty()
-                    && !file.to_string_lossy().starts_with("file:sqlx-in-memory"))
-                .then(|| {
+                let in_memory = file.to_string_lossy().starts_with("file:sqlx-in-memory");
+                let lock_file = (!file.as_os_str().is_empty() && !in_memory).then(|| {
                     let mut name = file.as_os_str().to_owned();
                     name.push(".migrate-lock");
                     PathBuf::from(name)
                 });
-                (options.to_url_lossy().to_string(), lock_file)
+                let sqlite_file = SqliteFile {
+                    path: file.to_owned(),
+                    in_memory,
+                };
+                (
+                    options.to_url_lossy().to_string(),
+                    lock_file,
+                    Some(sqlite_file),
+                )
             }
             (None, Backend::Postgres) => unreachable!("postgres is chosen by URL"),
         };
@@ -206,25 +214,30 @@ impl StorageConfig {
         conn.close().await?;
         drop(starting);
 
-        let pool_of = |size: u32| {
+        let pool_options = || {
             AnyPoolOptions::new()
-                .max_connections(size)
                 .acquire_timeout(self.acquire_timeout)
                 .after_connect(move |conn, _| session.prepare(conn, true))
-                .connect_lazy_with(options.clone())
         };
-        let pool = pool_of(self.max_connections);
+        let pool = pool_options()
+            .max_connections(self.max_connections)
+            .connect_lazy_with(options.clone());
         // SQLite lets one connection write at a time, and a writer that finds the lock
         // taken polls for it with growing sleeps (busy_timeout): under concurrent writes
         // that, not the work, sets the latency. One writing connection per process turns
         // the contention into the pool's first-come queue.
-        let (writer, batches) = match backend {
-            Backend::Sqlite => {
-                let writer = pool_of(1);
-                let batches = SqliteBatches::start(writer.clone())?;
+        // The batch thread holds it as its turn to write (batches.rs), once per group, so
+        // it is not pinged on each acquire: a local file's connection does not drop.
+        let (writer, batches) = match sqlite_file {
+            Some(file) => {
+                let writer = pool_options()
+                    .max_connections(1)
+                    .test_before_acquire(false)
+                    .connect_lazy_with(options.clone());
+                let batches = SqliteBatches::start(file, writer.clone())?;
                 (writer, Some(batches))
             }
-            Backend::Postgres => (pool.clone(), None),
+            None => (pool.clone(), None),
         };
         Ok(Database {
             pool,
@@ -392,7 +405,7 @@ impl Database {
     pub async fn committed_batch(
         &self,
         body: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
-    ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    ) -> Result<Vec<BatchRow>, sqlx::Error> {
         match &self.batches {
             Some(batches) => batches.commit(body).await,
             None => Err(sqlx::Error::Configuration(

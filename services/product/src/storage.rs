@@ -5,9 +5,9 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
+use shop_platform::db::RowColumns;
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
-use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::domain::{Product, ProductPatch, Reservation, ReservationLine, ReservedLine};
@@ -201,16 +201,19 @@ impl SqlProductStore {
             .bind(id)
             .bind(order_id);
         let taken = match self.backend {
-            Backend::Postgres => query.fetch_optional(&self.writer).await,
+            Backend::Postgres => query
+                .fetch_optional(&self.writer)
+                .await
+                .and_then(|row| row.as_ref().map(product_from_row).transpose()),
             // Every statement's rows: only the decrement returns one.
             Backend::Sqlite => self
                 .db
                 .committed_batch(query)
                 .await
-                .map(|rows| rows.into_iter().next()),
+                .and_then(|rows| rows.first().map(product_from_row).transpose()),
         };
         let row = match taken {
-            Ok(Some(row)) => product_from_row(&row)?,
+            Ok(Some(row)) => row,
             // Nothing taken: a retry of a reservation held already (taking nothing
             // again), or say why (unknown product, or too few units).
             Ok(None) => {
@@ -313,15 +316,15 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn product_from_row(row: &AnyRow) -> Result<ProductRow, sqlx::Error> {
+fn product_from_row(row: &impl RowColumns) -> Result<ProductRow, sqlx::Error> {
     Ok(ProductRow {
-        seq: row.try_get("seq")?,
-        rev: row.try_get("rev")?,
+        seq: row.column("seq")?,
+        rev: row.column("rev")?,
         product: Product {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            price: Money::from_cents(row.try_get("price_cents")?),
-            quantity: row.try_get("quantity")?,
+            id: row.column("id")?,
+            name: row.column("name")?,
+            price: Money::from_cents(row.column("price_cents")?),
+            quantity: row.column("quantity")?,
         },
     })
 }

@@ -1,29 +1,119 @@
 //! SQLite's write batches, committed in groups by a thread of their own.
 //!
 //! SQLite lets one connection write at a time, so every write of a process queues for
-//! the one writer connection. Measured under the order load, the queue, not the SQL, set
-//! the pace: the writer was held about twice as long as its statements ran, because each
-//! holder was a task that had to be scheduled again (behind every other ready task on a
-//! busy runtime) to see its reply and hand the connection on. Here a thread with a
-//! single-task runtime owns the writer's turn: it takes every batch waiting, runs them
-//! back to back in one transaction, each inside a savepoint of its own, commits once, and
-//! only then answers their callers. Nothing else runs on that thread, so no batch waits
-//! behind unrelated work, and one commit (one WAL append of the pages they share) serves
-//! the whole group.
+//! the one writer. Measured under the order load, the queue, not the SQL, set the pace:
+//! the writer was held about twice as long as its statements ran, because each holder
+//! was a task that had to be scheduled again (behind every other ready task on a busy
+//! runtime) to see its reply and hand the connection on. Here a thread owns the writer's
+//! turn: it takes every batch waiting, runs them back to back in one transaction, each
+//! inside a savepoint of its own, commits once, and only then answers their callers.
+//!
+//! The thread runs SQLite itself, on a connection of its own (rusqlite), where sqlx
+//! would hand each statement to a connection thread and wait for the answer: two
+//! thread wake-ups per statement, which profiles of the order load put at a third of
+//! the services' CPU. While it writes it holds the sqlx writer pool's one connection,
+//! so the writes that still go through sqlx (interactive transactions) take turns with
+//! the batches instead of polling for SQLite's lock.
 
-use sqlx::any::{AnyArguments, AnyRow};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rusqlite::types::{FromSql, Value, ValueRef};
+use rusqlite::{Connection, OpenFlags};
+use sqlx::any::AnyArguments;
 use sqlx::{Any, AnyPool, Execute};
 use tokio::sync::{mpsc, oneshot};
 
 /// At most this many batches share a commit, so a caller waits for a bounded group.
 const MAX_GROUP: usize = 64;
 
-type Reply = oneshot::Sender<Result<Vec<AnyRow>, sqlx::Error>>;
+/// Distinct statements kept prepared (a batch's text varies with its line count).
+const PREPARED_STATEMENTS: usize = 128;
+
+type Reply = oneshot::Sender<Result<Vec<BatchRow>, sqlx::Error>>;
 
 struct Job {
     body: sqlx::SqlStr,
-    arguments: Option<AnyArguments>,
+    values: Vec<Value>,
     reply: Reply,
+}
+
+/// One row a batch's statements returned, its values by column name.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    columns: Arc<[String]>,
+    values: Vec<Value>,
+}
+
+impl BatchRow {
+    /// The value of `column`, converted as rusqlite converts (an `INTEGER` to `i64`,
+    /// `TEXT` to `String`, `NULL` to `None`).
+    pub fn get<T: FromSql>(&self, column: &str) -> Result<T, sqlx::Error> {
+        let index = self
+            .columns
+            .iter()
+            .position(|name| name == column)
+            .ok_or_else(|| sqlx::Error::ColumnNotFound(column.to_owned()))?;
+        T::column_result(ValueRef::from(&self.values[index])).map_err(|err| {
+            sqlx::Error::ColumnDecode {
+                index: column.to_owned(),
+                source: Box::new(err),
+            }
+        })
+    }
+}
+
+/// A row of either path, sqlx's query or a committed batch, for a store that reads the
+/// same columns from both.
+pub trait RowColumns {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error>;
+}
+
+/// A Rust type both paths decode (`i64`, `String`, `Option` of them, ...).
+pub trait ColumnValue: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> + FromSql {}
+
+impl<T> ColumnValue for T where T: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> + FromSql {}
+
+impl RowColumns for sqlx::any::AnyRow {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, name)
+    }
+}
+
+impl RowColumns for BatchRow {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error> {
+        self.get(name)
+    }
+}
+
+/// Where the batch thread opens its connection: the file the pool uses.
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteFile {
+    pub(crate) path: PathBuf,
+    pub(crate) in_memory: bool,
+}
+
+impl SqliteFile {
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if self.in_memory {
+            // sqlx names its shared in-memory databases as URIs.
+            flags |= OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_MEMORY
+                | OpenFlags::SQLITE_OPEN_SHARED_CACHE;
+        }
+        let connection = Connection::open_with_flags(&self.path, flags)?;
+        // The pool's session settings (db.rs); WAL is on the file already.
+        connection.execute_batch(
+            "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;
+             PRAGMA foreign_keys = ON; PRAGMA cache_size = -512;",
+        )?;
+        connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
+        Ok(connection)
+    }
 }
 
 /// A handle on the batch thread of one SQLite database; clones share it. The thread
@@ -34,16 +124,23 @@ pub struct SqliteBatches {
 }
 
 impl SqliteBatches {
-    /// Starts the batch thread over `writer`, the one-connection pool that every write of
-    /// this process uses; writes outside batches still take their turn on it.
-    pub(crate) fn start(writer: AnyPool) -> std::io::Result<Self> {
+    /// Opens the batch thread's connection to `file` and starts the thread. `writer` is
+    /// the one-connection pool every other write of this process uses: a group is
+    /// written while holding it.
+    pub(crate) fn start(file: SqliteFile, writer: AnyPool) -> anyhow::Result<Self> {
+        let connection = file.open()?;
         let (jobs, queue) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
+        let thread = BatchThread {
+            file,
+            connection,
+            statements: HashMap::new(),
+        };
         std::thread::Builder::new()
             .name("sqlite-batches".into())
-            .spawn(move || runtime.block_on(run(writer, queue)))?;
+            .spawn(move || runtime.block_on(thread.run(writer, queue)))?;
         Ok(Self { jobs })
     }
 
@@ -59,13 +156,16 @@ impl SqliteBatches {
     pub async fn commit(
         &self,
         mut body: sqlx::query::Query<'static, Any, AnyArguments>,
-    ) -> Result<Vec<AnyRow>, sqlx::Error> {
-        let arguments = body.take_arguments().map_err(sqlx::Error::Encode)?;
+    ) -> Result<Vec<BatchRow>, sqlx::Error> {
+        let values = match body.take_arguments().map_err(sqlx::Error::Encode)? {
+            Some(arguments) => values_of(arguments)?,
+            None => Vec::new(),
+        };
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
                 body: body.sql(),
-                arguments,
+                values,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -73,99 +173,333 @@ impl SqliteBatches {
     }
 }
 
+/// The values bound to a query, as SQLite stores them. sqlx keeps them in a field it
+/// exempts from semver (its own drivers read it the same way); `Cargo.lock` pins the
+/// version, and the test below covers every kind the stores bind.
+fn values_of(arguments: AnyArguments) -> Result<Vec<Value>, sqlx::Error> {
+    use sqlx_core::any::AnyValueKind as Kind;
+    arguments
+        .values
+        .0
+        .into_iter()
+        .map(|value| {
+            Ok(match value {
+                Kind::Null(_) => Value::Null,
+                Kind::Bool(b) => Value::Integer(b.into()),
+                Kind::SmallInt(n) => Value::Integer(n.into()),
+                Kind::Integer(n) => Value::Integer(n.into()),
+                Kind::BigInt(n) => Value::Integer(n),
+                Kind::Real(x) => Value::Real(x.into()),
+                Kind::Double(x) => Value::Real(x),
+                Kind::Text(text) => Value::Text(Arc::unwrap_or_clone(text)),
+                Kind::TextSlice(text) => Value::Text(text.to_string()),
+                Kind::Blob(blob) => Value::Blob(Arc::unwrap_or_clone(blob)),
+                other => {
+                    return Err(sqlx::Error::Encode(
+                        format!("a batch cannot bind {other:?}").into(),
+                    ));
+                }
+            })
+        })
+        .collect()
+}
+
 fn gone() -> sqlx::Error {
     sqlx::Error::Protocol("the SQLite batch thread has stopped".into())
 }
 
-async fn run(writer: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
-        commit_group(&writer, std::mem::take(&mut group)).await;
-    }
+struct BatchThread {
+    file: SqliteFile,
+    connection: Connection,
+    /// Each batch body split into its statements, once per distinct text.
+    statements: HashMap<Box<str>, Arc<[String]>>,
 }
 
-/// One transaction for the whole group. A batch that fails is rolled back to its
-/// savepoint and answered with its error; the group's outcome is sent only after the
-/// commit, so no caller hears "stored" before it is.
-async fn commit_group(writer: &AnyPool, group: Vec<Job>) {
-    let mut connection = match writer.acquire().await {
-        Ok(connection) => connection,
-        Err(err) => return fail_all(group, &err),
-    };
-    if let Err(err) = sqlx::raw_sql("BEGIN IMMEDIATE")
-        .execute(&mut *connection)
-        .await
-    {
-        return fail_all(group, &err);
-    }
-    let mut outcomes = Vec::with_capacity(group.len());
-    let mut jobs = group.into_iter();
-    while let Some(job) = jobs.next() {
-        let body = job.body.as_str().trim_end().trim_end_matches(';');
-        // The same text for the same body, so sqlx's statement cache still serves it.
-        let sql = format!("SAVEPOINT batch; {body}; RELEASE batch;");
-        let query = match job.arguments {
-            Some(arguments) => sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments),
-            None => sqlx::query_with(sqlx::AssertSqlSafe(sql), AnyArguments::default()),
-        };
-        match query.fetch_all(&mut *connection).await {
-            Ok(rows) => outcomes.push((job.reply, Ok(rows))),
-            Err(err) => {
-                let undone = sqlx::raw_sql("ROLLBACK TO batch; RELEASE batch")
-                    .execute(&mut *connection)
-                    .await;
-                if let Err(undo) = undone {
-                    // The transaction itself is gone (SQLite rolls back on some I/O
-                    // errors): nothing of the group is stored.
-                    tracing::warn!(error = %err, undo = %undo, "a write batch's group was lost");
-                    abandon(&mut connection).await;
-                    let replies = outcomes.into_iter().map(|(reply, _)| reply);
-                    let replies = replies.chain([job.reply]).chain(jobs.map(|job| job.reply));
-                    return fail_replies(replies.collect(), &err);
-                }
-                outcomes.push((job.reply, Err(err)));
+impl BatchThread {
+    async fn run(mut self, writer: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+            let group = std::mem::take(&mut group);
+            // The writer's turn; its connection is not used, only held.
+            match writer.acquire().await {
+                Ok(_turn) => self.commit_group(group),
+                Err(err) => fail_replies(group.into_iter().map(|job| job.reply), &err),
             }
         }
     }
-    if let Err(err) = sqlx::raw_sql("COMMIT").execute(&mut *connection).await {
-        abandon(&mut connection).await;
-        let replies = outcomes.into_iter().map(|(reply, _)| reply).collect();
-        return fail_replies(replies, &err);
+
+    /// One transaction for the whole group. A batch that fails is rolled back to its
+    /// savepoint and answered with its error; the group's outcome is sent only after
+    /// the commit, so no caller hears "stored" before it is.
+    fn commit_group(&mut self, group: Vec<Job>) {
+        if let Err(err) = self.connection.execute_batch("BEGIN IMMEDIATE") {
+            return fail_replies(group.into_iter().map(|job| job.reply), &error(err));
+        }
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut jobs = group.into_iter();
+        while let Some(job) = jobs.next() {
+            let ran = self
+                .connection
+                .execute_batch("SAVEPOINT batch")
+                .and_then(|()| self.run_batch(&job))
+                .and_then(|rows| {
+                    self.connection.execute_batch("RELEASE batch")?;
+                    Ok(rows)
+                });
+            match ran {
+                Ok(rows) => outcomes.push((job.reply, Ok(rows))),
+                Err(err) => {
+                    if let Err(undo) = self
+                        .connection
+                        .execute_batch("ROLLBACK TO batch; RELEASE batch")
+                    {
+                        // The transaction itself is gone (SQLite rolls back on some I/O
+                        // errors): nothing of the group is stored.
+                        tracing::warn!(error = %err, undo = %undo, "a write batch's group was lost");
+                        self.abandon();
+                        let replies = outcomes.into_iter().map(|(reply, _)| reply);
+                        let replies = replies.chain([job.reply]).chain(jobs.map(|job| job.reply));
+                        return fail_replies(replies, &error(err));
+                    }
+                    outcomes.push((job.reply, Err(error(err))));
+                }
+            }
+        }
+        if let Err(err) = self.connection.execute_batch("COMMIT") {
+            self.abandon();
+            return fail_replies(outcomes.into_iter().map(|(reply, _)| reply), &error(err));
+        }
+        for (reply, outcome) in outcomes {
+            // A caller that went away no longer listens; its batch is stored all the same.
+            let _ = reply.send(outcome);
+        }
     }
-    drop(connection);
-    for (reply, outcome) in outcomes {
-        // A caller that went away no longer listens; its batch is stored all the same.
-        let _ = reply.send(outcome);
+
+    /// Runs each statement of `job` with the values its `$n` parameters name.
+    fn run_batch(&mut self, job: &Job) -> rusqlite::Result<Vec<BatchRow>> {
+        let statements = match self.statements.get(job.body.as_str()) {
+            Some(statements) => statements.clone(),
+            None => {
+                if self.statements.len() >= PREPARED_STATEMENTS {
+                    self.statements.clear();
+                }
+                let split: Arc<[String]> = split_statements(job.body.as_str()).into();
+                self.statements
+                    .insert(job.body.as_str().into(), split.clone());
+                split
+            }
+        };
+        let mut rows = Vec::new();
+        for sql in statements.iter() {
+            let mut statement = self.connection.prepare_cached(sql)?;
+            for index in 1..=statement.parameter_count() {
+                let value = statement
+                    .parameter_name(index)
+                    .and_then(|name| name.strip_prefix('$'))
+                    .and_then(|number| number.parse::<usize>().ok())
+                    .and_then(|number| job.values.get(number.checked_sub(1)?))
+                    .ok_or_else(|| {
+                        rusqlite::Error::InvalidParameterName(format!(
+                            "parameter {index} of {sql:?} names no bound value"
+                        ))
+                    })?;
+                statement.raw_bind_parameter(index, value)?;
+            }
+            let width = statement.column_count();
+            let columns: Arc<[String]> = if width == 0 {
+                Arc::from([])
+            } else {
+                statement
+                    .column_names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let mut results = statement.raw_query();
+            while let Some(row) = results.next()? {
+                let values = (0..width)
+                    .map(|i| row.get::<_, Value>(i))
+                    .collect::<rusqlite::Result<_>>()?;
+                rows.push(BatchRow {
+                    columns: columns.clone(),
+                    values,
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Rolls back what is left of the transaction; a connection that cannot is replaced
+    /// rather than left with a transaction open for the next group.
+    fn abandon(&mut self) {
+        let _ = self.connection.execute_batch("ROLLBACK");
+        if self.connection.is_autocommit() {
+            return;
+        }
+        match self.file.open() {
+            Ok(connection) => {
+                self.connection = connection;
+                self.statements.clear();
+            }
+            Err(err) => tracing::error!(error = %err, "cannot reopen the SQLite batch connection"),
+        }
     }
 }
 
-/// Rolls back what is left of the transaction; a connection that cannot is closed
-/// rather than handed to the next writer with a transaction open.
-async fn abandon(connection: &mut sqlx::pool::PoolConnection<Any>) {
-    if sqlx::raw_sql("ROLLBACK")
-        .execute(&mut **connection)
-        .await
-        .is_err()
-    {
-        connection.close_on_drop();
+/// Splits SQL text into its statements at the semicolons outside quotes and comments.
+fn split_statements(sql: &str) -> Vec<String> {
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut chars = sql.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            // A doubled quote inside is an escaped one: the scan just re-enters.
+            '\'' | '"' | '`' => _ = chars.by_ref().find(|(_, inner)| *inner == c),
+            '[' => _ = chars.by_ref().find(|(_, inner)| *inner == ']'),
+            '-' if chars.peek().is_some_and(|(_, next)| *next == '-') => {
+                _ = chars.by_ref().find(|(_, inner)| *inner == '\n')
+            }
+            '/' if chars.peek().is_some_and(|(_, next)| *next == '*') => {
+                chars.next();
+                let mut star = false;
+                for (_, inner) in chars.by_ref() {
+                    if star && inner == '/' {
+                        break;
+                    }
+                    star = inner == '*';
+                }
+            }
+            ';' => {
+                statements.push(sql[start..at].to_owned());
+                start = at + 1;
+            }
+            _ => {}
+        }
     }
+    statements.push(sql[start..].to_owned());
+    statements.retain(|statement| !statement.trim().is_empty());
+    statements
 }
 
-fn fail_all(group: Vec<Job>, err: &sqlx::Error) {
-    fail_replies(group.into_iter().map(|job| job.reply).collect(), err);
-}
-
-fn fail_replies(replies: Vec<Reply>, err: &sqlx::Error) {
+fn fail_replies(replies: impl IntoIterator<Item = Reply>, err: &(impl std::fmt::Display + ?Sized)) {
     for reply in replies {
-        let _ = reply.send(Err(shared(err)));
+        let _ = reply.send(Err(sqlx::Error::Protocol(format!(
+            "the batch's group was not committed: {err}"
+        ))));
     }
 }
 
-/// The group's one error, for each of its callers (`sqlx::Error` is not `Clone`).
-fn shared(err: &sqlx::Error) -> sqlx::Error {
+/// rusqlite's error as sqlx's, so stores read SQLite's refusals (a unique key taken)
+/// the same way whichever path wrote.
+fn error(err: rusqlite::Error) -> sqlx::Error {
     match err {
-        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
-        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
-        other => sqlx::Error::Protocol(format!("the batch's group was not committed: {other}")),
+        rusqlite::Error::SqliteFailure(failure, message) => {
+            sqlx::Error::Database(Box::new(SqliteFailure {
+                message: message.unwrap_or_else(|| failure.to_string()),
+                failure,
+            }))
+        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..) => sqlx::Error::Decode(Box::new(err)),
+        other => sqlx::Error::Protocol(format!("SQLite batch: {other}")),
+    }
+}
+
+#[derive(Debug)]
+struct SqliteFailure {
+    failure: rusqlite::ffi::Error,
+    message: String,
+}
+
+impl std::fmt::Display for SqliteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "(code: {}) {}", self.failure.extended_code, self.message)
+    }
+}
+
+impl std::error::Error for SqliteFailure {}
+
+impl sqlx::error::DatabaseError for SqliteFailure {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// SQLite's extended result code, as sqlx's SQLite driver gives it.
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(self.failure.extended_code.to_string().into())
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        use rusqlite::ffi;
+        use sqlx::error::ErrorKind;
+        match self.failure.extended_code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                ErrorKind::UniqueViolation
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKeyViolation,
+            ffi::SQLITE_CONSTRAINT_NOTNULL => ErrorKind::NotNullViolation,
+            ffi::SQLITE_CONSTRAINT_CHECK => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_at_semicolons_outside_quotes_and_comments() {
+        let sql = "INSERT INTO t VALUES ('a;b', \"c;\"\"d\"); -- one; two\n\
+                   SELECT [x;y] FROM t /* ; */ WHERE a = 'it''s;';\n  ;  ";
+        assert_eq!(
+            split_statements(sql),
+            [
+                "INSERT INTO t VALUES ('a;b', \"c;\"\"d\")",
+                " -- one; two\nSELECT [x;y] FROM t /* ; */ WHERE a = 'it''s;'",
+            ]
+        );
+    }
+
+    /// Every kind the stores bind reaches SQLite as the value it is.
+    #[test]
+    fn bound_values_reach_sqlite_as_they_are() {
+        let query = sqlx::query::<Any>("")
+            .bind(7_i64)
+            .bind(3_i32)
+            .bind(true)
+            .bind("text")
+            .bind(String::from("owned"))
+            .bind(None::<String>)
+            .bind(1.5_f64)
+            .bind(vec![1_u8, 2]);
+        let mut query = query;
+        let values = values_of(query.take_arguments().unwrap().unwrap()).unwrap();
+        assert_eq!(
+            values,
+            [
+                Value::Integer(7),
+                Value::Integer(3),
+                Value::Integer(1),
+                Value::Text("text".into()),
+                Value::Text("owned".into()),
+                Value::Null,
+                Value::Real(1.5),
+                Value::Blob(vec![1, 2]),
+            ]
+        );
     }
 }
