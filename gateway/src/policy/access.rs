@@ -77,9 +77,10 @@ impl Refusal {
     }
 }
 
-/// Verified identities by token, for one worker.
+/// Verified identities by token, for one worker, for the key set they were verified with.
 pub struct TokenCache {
     entries: RefCell<HashMap<Box<str>, Identity>>,
+    key_generation: std::cell::Cell<u64>,
 }
 
 #[derive(Clone)]
@@ -97,6 +98,7 @@ impl Default for TokenCache {
     fn default() -> Self {
         Self {
             entries: RefCell::new(HashMap::new()),
+            key_generation: std::cell::Cell::new(0),
         }
     }
 }
@@ -138,6 +140,12 @@ impl TokenCache {
     ) -> Result<Identity, TokenError> {
         let token = bearer(headers).ok_or(TokenError::Missing)?;
         let now = now_secs();
+        // A token signed by a key that was removed must not outlive it here.
+        let generation = authenticator.key_generation();
+        if generation != self.key_generation.get() {
+            self.entries.borrow_mut().clear();
+            self.key_generation.set(generation);
+        }
         if let Some(known) = self.entries.borrow().get(token)
             && now < known.expires_at
         {
@@ -273,6 +281,28 @@ mod tests {
             HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
         );
         headers
+    }
+
+    /// A new key set empties the cache: a token signed by a removed key is refused at
+    /// once, not when it expires; a token of the key now published passes.
+    #[test]
+    fn a_key_rotation_empties_the_cache() {
+        let old = KeyPair::generate().unwrap();
+        let new = KeyPair::generate().unwrap();
+        let authn = Authenticator::new(&AuthConfig::with_pair(&old)).unwrap();
+        let sign = |pair| TokenSigner::new(pair, "shop", "shop", Duration::from_secs(60));
+        let cache = TokenCache::default();
+        let old_token = sign(&old).issue("alice", Role::Customer).access_token;
+        let mut headers = with_token(&old_token);
+        cache.authorize(&authn, Policy::User, &mut headers).unwrap();
+
+        authn.install_keys_for_test(&[&new]);
+        let refused = cache.authorize(&authn, Policy::User, &mut with_token(&old_token));
+        assert!(matches!(refused, Err(Refusal::Unauthenticated(_))));
+        let new_token = sign(&new).issue("bob", Role::Customer).access_token;
+        let mut headers = with_token(&new_token);
+        cache.authorize(&authn, Policy::User, &mut headers).unwrap();
+        assert_eq!(headers[USER_ID], "bob");
     }
 
     #[test]

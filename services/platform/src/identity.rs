@@ -199,6 +199,8 @@ struct KeySet {
     /// Asks the refresh loop to fetch now (a token named a key we do not have).
     wanted: tokio::sync::Notify,
     last_fetch_ms: AtomicU64,
+    /// Counts the key sets installed, so a cache above `verify` can tell a change.
+    generation: AtomicU64,
     verified: std::sync::Mutex<Verified>,
 }
 
@@ -219,6 +221,11 @@ struct Verified {
 const VERIFIED_TOKENS: usize = 256;
 
 impl KeySet {
+    fn install(&self, keys: Vec<(String, DecodingKey)>) {
+        self.keys.store(Arc::new(keys));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The claims of `token` if this key set verified it before and it has not expired
     /// since (with the same leeway as the full check).
     fn remembered(
@@ -301,6 +308,7 @@ impl Authenticator {
                     loaded: AtomicBool::new(loaded),
                     wanted: tokio::sync::Notify::new(),
                     last_fetch_ms: AtomicU64::new(0),
+                    generation: AtomicU64::new(0),
                     verified: Default::default(),
                 },
             }),
@@ -345,7 +353,7 @@ impl Authenticator {
                     if first || fetched.len() != keys.keys.load().len() {
                         tracing::info!(url = %url, keys = fetched.len(), "token signing keys loaded");
                     }
-                    keys.keys.store(Arc::new(fetched));
+                    keys.install(fetched);
                     backoff = Duration::from_millis(250);
                     tokio::select! {
                         () = tokio::time::sleep(JWKS_REFRESH) => {}
@@ -421,6 +429,20 @@ impl Authenticator {
             }
         }
         outcome
+    }
+
+    /// Changes whenever a new key set is installed: what a cache of verified tokens kept
+    /// from before may have been signed by a key that is gone.
+    pub fn key_generation(&self) -> u64 {
+        self.inner.keys.generation.load(Ordering::SeqCst)
+    }
+
+    /// Installs the verification keys of `pairs`, as a JWK set refresh would: for tests
+    /// of key rotation.
+    #[cfg(feature = "testing")]
+    pub fn install_keys_for_test(&self, pairs: &[&KeyPair]) {
+        let keys = pairs.iter().map(|pair| pem_key(&pair.public_pem).unwrap());
+        self.inner.keys.install(keys.collect());
     }
 
     fn want_refetch(&self) {
@@ -670,9 +692,9 @@ mod tests {
 
         // New keys: what the old ones verified is checked again, and refused.
         assert_eq!(auth.verify(&other).unwrap().sub, "u2");
-        let rotated = KeyPair::generate().unwrap();
-        let new_keys = vec![pem_key(&rotated.public_pem).unwrap()];
-        auth.inner.keys.keys.store(Arc::new(new_keys));
+        let generation = auth.key_generation();
+        auth.install_keys_for_test(&[&KeyPair::generate().unwrap()]);
+        assert_ne!(auth.key_generation(), generation);
         assert_eq!(auth.verify(&other), Err(TokenError::Invalid));
         assert!(cached(&other).is_none());
     }
