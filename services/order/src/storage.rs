@@ -6,8 +6,8 @@
 use async_trait::async_trait;
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
 
 use crate::domain::{Order, OrderItem, units};
 
@@ -109,10 +109,6 @@ pub trait OrderStore: Send + Sync + 'static {
 }
 
 pub struct SqlOrderStore {
-    pool: AnyPool,
-    writer: AnyPool,
-    backend: Backend,
-    /// SQLite's committed batches.
     db: Database,
     outbox: Outbox,
 }
@@ -232,9 +228,6 @@ impl SqlOrderStore {
     pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
             db: db.clone(),
-            pool: db.pool().clone(),
-            writer: db.writer().clone(),
-            backend: db.backend(),
             outbox,
         }
     }
@@ -245,7 +238,7 @@ impl SqlOrderStore {
              WHERE order_id = $1 ORDER BY position",
         )
         .bind(order_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         rows.iter()
             .map(|row| {
@@ -305,8 +298,8 @@ impl OrderStore for SqlOrderStore {
         .bind(checkout.order_id.clone())
         .bind(checkout.started_at_ms)
         .bind(idempotency_key.map(str::to_owned));
-        let started = match self.backend {
-            Backend::Postgres => insert.fetch_all(&self.writer).await?.len(),
+        let started = match self.db.backend() {
+            Backend::Postgres => insert.fetch_all(self.db.writer()).await?.len(),
             // Committed with the other writes waiting, on the batch thread.
             Backend::Sqlite => self.db.committed_batch(insert).await?.len(),
         };
@@ -324,7 +317,7 @@ impl OrderStore for SqlOrderStore {
         placed: &NewEvent,
     ) -> Result<(), StoreError> {
         let keyed = idempotency.is_some();
-        let sql = match self.backend {
+        let sql = match self.db.backend() {
             Backend::Postgres => store_order_postgres(order.items.len(), keyed),
             Backend::Sqlite => store_order_sqlite(order.items.len(), keyed),
         };
@@ -360,9 +353,9 @@ impl OrderStore for SqlOrderStore {
             Some("orders") => StoreError::DuplicateId(order.id.clone()),
             _ => err.into(),
         };
-        let claimed = match self.backend {
+        let claimed = match self.db.backend() {
             Backend::Postgres => query
-                .fetch_optional(&self.writer)
+                .fetch_optional(self.db.writer())
                 .await
                 .map_err(named)?
                 .is_some(),
@@ -388,7 +381,7 @@ impl OrderStore for SqlOrderStore {
         at: &str,
         event: &NewEvent,
     ) -> Result<Option<Order>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.db.writer().begin().await?;
         let changed = sqlx::query(
             "UPDATE orders SET status = $1, version = version + 1,
                 confirmed_at = CASE WHEN $1 = 'confirmed' THEN $2 ELSE confirmed_at END,
@@ -426,7 +419,7 @@ impl OrderStore for SqlOrderStore {
         reservation_id: &str,
         at: &str,
     ) -> Result<Handled, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.db.writer().begin().await?;
         if !inbox::first_delivery(&mut tx, queue, event_id).await? {
             return Ok(Handled::Duplicate);
         }
@@ -447,7 +440,7 @@ impl OrderStore for SqlOrderStore {
     async fn end_checkout(&self, reservation_id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM checkouts WHERE reservation_id = $1")
             .bind(reservation_id)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         Ok(())
     }
@@ -458,7 +451,7 @@ impl OrderStore for SqlOrderStore {
              RETURNING reservation_id",
         )
         .bind(started_before_ms)
-        .fetch_all(&self.writer)
+        .fetch_all(self.db.writer())
         .await?)
     }
 
@@ -468,7 +461,7 @@ impl OrderStore for SqlOrderStore {
              WHERE key = $1",
         )
         .bind(key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         let Some(row) = row else {
             return Ok(None);
@@ -488,7 +481,7 @@ impl OrderStore for SqlOrderStore {
             "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         match row {
             Some(row) => Ok(Some(self.hydrate(&row).await?.1)),
@@ -499,7 +492,7 @@ impl OrderStore for SqlOrderStore {
     async fn exists(&self, id: &str) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar("SELECT seq FROM orders WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
         Ok(found.is_some())
     }
@@ -517,7 +510,7 @@ impl OrderStore for SqlOrderStore {
         .bind(page.after)
         .bind(user_id)
         .bind(page.fetch_limit())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         let mut orders = Vec::with_capacity(rows.len());
         for row in &rows {

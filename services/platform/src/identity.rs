@@ -212,15 +212,28 @@ struct KeySet {
 /// dropped whenever the key set changes, and expiry is still checked on every use.
 #[derive(Default)]
 struct Verified {
-    /// The key set the entries were verified with.
-    keys: Option<Arc<Vec<(String, DecodingKey)>>>,
+    /// The key set ([`KeySet::generation`]) the entries were verified with.
+    generation: u64,
     claims: std::collections::HashMap<Box<str>, Claims>,
+}
+
+impl Verified {
+    /// The entries verified with key set `generation`, none if the keys changed since.
+    fn of(&mut self, generation: u64) -> &mut std::collections::HashMap<Box<str>, Claims> {
+        if self.generation != generation {
+            self.claims.clear();
+            self.generation = generation;
+        }
+        &mut self.claims
+    }
 }
 
 /// Entries kept; when full the cache starts over (a miss costs one verification).
 const VERIFIED_TOKENS: usize = 256;
 
 impl KeySet {
+    /// Keys first, then the generation: whoever reads the new generation finds the new
+    /// keys.
     fn install(&self, keys: Vec<(String, DecodingKey)>) {
         self.keys.store(Arc::new(keys));
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -228,43 +241,25 @@ impl KeySet {
 
     /// The claims of `token` if this key set verified it before and it has not expired
     /// since (with the same leeway as the full check).
-    fn remembered(
-        &self,
-        token: &str,
-        current: &Arc<Vec<(String, DecodingKey)>>,
-    ) -> Option<Result<Claims, TokenError>> {
+    fn remembered(&self, token: &str, generation: u64) -> Option<Result<Claims, TokenError>> {
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if !verified
-            .keys
-            .as_ref()
-            .is_some_and(|keys| Arc::ptr_eq(keys, current))
-        {
-            verified.claims.clear();
-            return None;
-        }
-        let claims = verified.claims.get(token)?;
+        let claims = verified.of(generation);
+        let known = claims.get(token)?;
         let now = jsonwebtoken::get_current_timestamp();
-        if claims.exp.saturating_add(self.validation.leeway) < now {
-            verified.claims.remove(token);
+        if known.exp.saturating_add(self.validation.leeway) < now {
+            claims.remove(token);
             return Some(Err(TokenError::Expired));
         }
-        Some(Ok(claims.clone()))
+        Some(Ok(known.clone()))
     }
 
-    fn remember(&self, token: &str, claims: &Claims, keys: Arc<Vec<(String, DecodingKey)>>) {
+    fn remember(&self, token: &str, claims: &Claims, generation: u64) {
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if !verified
-            .keys
-            .as_ref()
-            .is_some_and(|known| Arc::ptr_eq(known, &keys))
-        {
-            verified.claims.clear();
-            verified.keys = Some(keys);
+        let remembered = verified.of(generation);
+        if remembered.len() >= VERIFIED_TOKENS {
+            remembered.clear();
         }
-        if verified.claims.len() >= VERIFIED_TOKENS {
-            verified.claims.clear();
-        }
-        verified.claims.insert(token.into(), claims.clone());
+        remembered.insert(token.into(), claims.clone());
     }
 }
 
@@ -389,13 +384,15 @@ impl Authenticator {
     /// before the signature is looked at), expiry, issuer and audience.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let keys = &self.inner.keys;
-        let current = keys.keys.load_full();
-        if let Some(claims) = keys.remembered(token, &current) {
+        // The generation before the keys (see `install`): at worst an entry is filed
+        // under the generation before the keys it was checked with, and dropped early.
+        let generation = self.key_generation();
+        if let Some(claims) = keys.remembered(token, generation) {
             return claims;
         }
-        let outcome = self.verify_signed(token, &current);
+        let outcome = self.verify_signed(token, &keys.keys.load());
         if let Ok(claims) = &outcome {
-            keys.remember(token, claims, current);
+            keys.remember(token, claims, generation);
         }
         outcome
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use shop_platform::db::RowColumns;
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, Row};
 
 use crate::domain::{Product, ProductPatch, Reservation, ReservationLine, ReservedLine};
 
@@ -130,10 +130,6 @@ pub struct ReleasedLine {
 }
 
 pub struct SqlProductStore {
-    pool: AnyPool,
-    writer: AnyPool,
-    backend: Backend,
-    /// SQLite's committed batches.
     db: Database,
     outbox: Outbox,
 }
@@ -143,9 +139,6 @@ impl SqlProductStore {
     pub fn new(db: &Database, outbox: Outbox) -> Self {
         Self {
             db: db.clone(),
-            pool: db.pool().clone(),
-            writer: db.writer().clone(),
-            backend: db.backend(),
             outbox,
         }
     }
@@ -168,7 +161,7 @@ impl SqlProductStore {
         order_id: Option<&str>,
         line: &ReservationLine,
     ) -> Result<Reserved, StoreError> {
-        let sql = match self.backend {
+        let sql = match self.db.backend() {
             Backend::Postgres => concat!(
                 "WITH taken AS (",
                 take_units!(),
@@ -200,9 +193,9 @@ impl SqlProductStore {
             .bind(now())
             .bind(id)
             .bind(order_id);
-        let taken = match self.backend {
+        let taken = match self.db.backend() {
             Backend::Postgres => query
-                .fetch_optional(&self.writer)
+                .fetch_optional(self.db.writer())
                 .await
                 .and_then(|row| row.as_ref().map(product_from_row).transpose()),
             // Every statement's rows: only the decrement returns one.
@@ -219,7 +212,7 @@ impl SqlProductStore {
             Ok(None) => {
                 return match self.existing(id, std::slice::from_ref(line)).await? {
                     Some(existing) => Ok(existing),
-                    None => Err(shortfall(&self.pool, line).await),
+                    None => Err(shortfall(self.db.pool(), line).await),
                 };
             }
             Err(err) if is_unique_violation(&err) => {
@@ -258,7 +251,7 @@ impl SqlProductStore {
     ) -> Result<Option<Reserved>, StoreError> {
         let row = sqlx::query("SELECT order_id, status FROM reservations WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
         let Some(row) = row else {
             return Ok(None);
@@ -273,7 +266,7 @@ impl SqlProductStore {
              WHERE i.reservation_id = $1",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?
         .iter()
         .map(|row| {
@@ -398,7 +391,7 @@ impl ProductStore for SqlProductStore {
             product_columns!(),
             " FROM products ORDER BY seq"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         Ok(rows
             .iter()
@@ -413,7 +406,7 @@ impl ProductStore for SqlProductStore {
             " FROM products WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         Ok(row.as_ref().map(product_from_row).transpose()?)
     }
@@ -431,7 +424,7 @@ impl ProductStore for SqlProductStore {
         .bind(product.price.cents())
         .bind(product.quantity)
         .bind(now)
-        .fetch_one(&self.writer)
+        .fetch_one(self.db.writer())
         .await
         .map_err(|err| {
             if is_unique_violation(&err) {
@@ -464,14 +457,14 @@ impl ProductStore for SqlProductStore {
         .bind(patch.price.map(Money::cents))
         .bind(patch.quantity)
         .bind(now())
-        .fetch_optional(&self.writer)
+        .fetch_optional(self.db.writer())
         .await?;
         Ok(row.as_ref().map(product_from_row).transpose()?)
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
         let any: Option<i64> = sqlx::query_scalar("SELECT seq FROM products LIMIT 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
         Ok(any.is_none())
     }
@@ -491,7 +484,7 @@ impl ProductStore for SqlProductStore {
         // sharing products cannot deadlock each other.
         let mut ordered: Vec<&ReservationLine> = lines.iter().collect();
         ordered.sort_by(|a, b| a.product_id.cmp(&b.product_id));
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.db.writer().begin().await?;
         // The reservation first: a concurrent call under the same id stops here before
         // taking any stock, and product rows are locked only for the statements after.
         let inserted = sqlx::query(
@@ -542,7 +535,7 @@ impl ProductStore for SqlProductStore {
         event: Option<(&str, &str)>,
     ) -> Result<Release, StoreError> {
         loop {
-            let mut tx = self.writer.begin().await?;
+            let mut tx = self.db.writer().begin().await?;
             if let Some((queue, event_id)) = event
                 && !inbox::first_delivery(&mut tx, queue, event_id).await?
             {

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 
 use crate::domain::{OrderCounts, Role, User};
 
@@ -68,20 +68,12 @@ pub struct LoginRecord {
 }
 
 pub struct SqlUserStore {
-    pool: AnyPool,
-    writer: AnyPool,
-    backend: Backend,
     db: Database,
 }
 
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
-        Self {
-            db: db.clone(),
-            pool: db.pool().clone(),
-            writer: db.writer().clone(),
-            backend: db.backend(),
-        }
+        Self { db: db.clone() }
     }
 }
 
@@ -116,7 +108,7 @@ impl UserStore for SqlUserStore {
         .bind(password_hash)
         .bind(&user.created_at)
         .bind(user.role.as_str())
-        .execute(&self.writer)
+        .execute(self.db.writer())
         .await
         .map_err(|err| match &err {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
@@ -141,7 +133,7 @@ impl UserStore for SqlUserStore {
         )
         .bind(id)
         .bind(email)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         Ok(match taken {
             Some((1, _)) => Some(StoreError::DuplicateId(id.to_owned())),
@@ -156,7 +148,7 @@ impl UserStore for SqlUserStore {
              FROM users WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         row.map(|row| {
             Ok(User {
@@ -184,7 +176,7 @@ impl UserStore for SqlUserStore {
     ) -> Result<Handled, StoreError> {
         // Runs for every order placed and cancelled: one hand-off to SQLite's connection
         // thread where it was four, one round trip to PostgreSQL where it was four.
-        let sql = match self.backend {
+        let sql = match self.db.backend() {
             Backend::Sqlite => COUNT_ORDER_SQLITE,
             Backend::Postgres => COUNT_ORDER_POSTGRES,
         };
@@ -195,9 +187,12 @@ impl UserStore for SqlUserStore {
             .bind(counts.placed)
             .bind(counts.cancelled)
             .bind(user_id);
-        let first = match self.backend {
+        let first = match self.db.backend() {
             Backend::Sqlite => !self.db.committed_batch(query).await?.is_empty(),
-            Backend::Postgres => query.fetch_one(&self.writer).await?.try_get::<bool, _>(0)?,
+            Backend::Postgres => query
+                .fetch_one(self.db.writer())
+                .await?
+                .try_get::<bool, _>(0)?,
         };
         Ok(if first {
             Handled::Applied
@@ -209,7 +204,7 @@ impl UserStore for SqlUserStore {
     async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError> {
         let row = sqlx::query("SELECT id, role, password_hash FROM users WHERE email = $1")
             .bind(email)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
         row.map(|row| {
             Ok(LoginRecord {
@@ -225,7 +220,7 @@ impl UserStore for SqlUserStore {
     async fn make_admin(&self, email: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE users SET role = 'admin' WHERE email = $1")
             .bind(email)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -242,7 +237,7 @@ impl UserStore for SqlUserStore {
             )
             .bind(*key)
             .bind(window_start_after)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await?;
             if let Some((failures, start)) = row {
                 found.push(((*key).to_owned(), failures, start));
@@ -270,13 +265,13 @@ impl UserStore for SqlUserStore {
             .bind(*key)
             .bind(now)
             .bind(window_start_after)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         }
         // Expired windows are dead weight; a failure is a fine moment to sweep them.
         sqlx::query("DELETE FROM login_failures WHERE window_start <= $1")
             .bind(window_start_after)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         Ok(())
     }
@@ -284,7 +279,7 @@ impl UserStore for SqlUserStore {
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM login_failures WHERE key = $1")
             .bind(key)
-            .execute(&self.writer)
+            .execute(self.db.writer())
             .await?;
         Ok(())
     }

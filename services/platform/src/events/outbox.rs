@@ -80,10 +80,7 @@ pub fn spawn_relay(
     poll: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let relay = Relay {
-        pool: db.pool().clone(),
-        writer: db.writer().clone(),
         db: db.clone(),
-        backend: db.backend(),
         publisher,
         metrics,
     };
@@ -130,11 +127,7 @@ pub fn spawn_relay(
 }
 
 struct Relay {
-    pool: AnyPool,
-    writer: AnyPool,
-    /// SQLite's committed batches.
     db: Database,
-    backend: Backend,
     publisher: Arc<dyn Publisher>,
     metrics: EventMetrics,
 }
@@ -143,7 +136,7 @@ impl Relay {
     /// Publishes batches until the outbox is empty.
     async fn drain(&self) -> Result<(), String> {
         loop {
-            let published = match self.backend {
+            let published = match self.db.backend() {
                 Backend::Postgres => self.batch_as_leader().await?,
                 Backend::Sqlite => self.batch().await?,
             };
@@ -154,7 +147,7 @@ impl Relay {
     }
 
     async fn batch_as_leader(&self) -> Result<usize, String> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.db.writer().begin().await.map_err(db)?;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
             .fetch_one(&mut *tx)
@@ -177,7 +170,7 @@ impl Relay {
     /// SQLite: one process owns the file, so no lock, and no transaction held while the
     /// broker confirms (it would stop every other write).
     async fn batch(&self) -> Result<usize, String> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let mut conn = self.db.pool().acquire().await.map_err(db)?;
         let messages = unsent(&mut conn).await.map_err(db)?;
         drop(conn);
         let result = self.publish(&messages).await;
@@ -218,7 +211,7 @@ impl Relay {
             "SELECT COUNT(*) AS pending, MIN(created_at_ms) AS oldest FROM outbox
              WHERE sent_at_ms IS NULL",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.db.pool())
         .await;
         match row {
             Ok(row) => {
@@ -236,7 +229,7 @@ impl Relay {
 
     async fn forget_sent(&self) {
         let before = chrono::Utc::now().timestamp_millis() - RETENTION.as_millis() as i64;
-        if let Err(err) = delete_sent_before(&self.writer, before).await {
+        if let Err(err) = delete_sent_before(self.db.writer(), before).await {
             tracing::debug!(error = %err, "cannot delete old sent events; will try again");
         }
     }
