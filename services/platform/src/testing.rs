@@ -388,6 +388,24 @@ pub async fn metric_sum(base_url: &str, name: &str, matching: &[(&str, &str)]) -
         .sum()
 }
 
+/// Waits until `metric_sum` reads `expected` (counters are bumped after the effects a test
+/// can see, so an exact read right after those effects races them); panics after 10 s
+/// with the last value read.
+pub async fn metric_reaches(base_url: &str, name: &str, matching: &[(&str, &str)], expected: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let value = metric_sum(base_url, name, matching).await;
+        if value == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{matching:?} stayed at {value}, expected {expected}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let Some((admin, name)) = self.postgres.take() else {

@@ -159,11 +159,11 @@ impl Relay {
         }
         let messages = unsent(&mut tx).await.map_err(db)?;
         let result = self.publish(&messages).await;
+        self.count(&messages, &result);
         for query in marks(&messages, &result) {
             query.execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        self.count(&messages, &result);
         result.map(|()| messages.len()).map_err(|u| u.reason)
     }
 
@@ -174,12 +174,12 @@ impl Relay {
         let messages = unsent(&mut conn).await.map_err(db)?;
         drop(conn);
         let result = self.publish(&messages).await;
+        self.count(&messages, &result);
         // On the batch thread, with the other writes waiting, where the writer would be
         // held from this task for each statement.
         for query in marks(&messages, &result) {
             self.db.committed_batch(query).await.map_err(db)?;
         }
-        self.count(&messages, &result);
         result.map(|()| messages.len()).map_err(|u| u.reason)
     }
 
@@ -197,6 +197,8 @@ impl Relay {
             })
     }
 
+    /// Counts what the broker confirmed as soon as it answers: marking the rows sent may
+    /// fail and send them again, and then the broker has confirmed them twice.
     fn count(&self, messages: &[Message], result: &Result<(), Unconfirmed>) {
         for message in &messages[..confirmed(messages, result)] {
             self.metrics
