@@ -26,6 +26,8 @@ use super::{EXCHANGE, QUEUES, Queue};
 pub const DEAD_LETTER_EXCHANGE: &str = "shop.events.dead";
 /// Deliveries a consumer may hold unacknowledged.
 const PREFETCH: u16 = 32;
+/// Deliveries applied at once, at most: half the prefetch window, as acks are.
+const MAX_BATCH: u16 = PREFETCH / 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// lapin keeps two buffers of 32 frames per connection, sized by the negotiated frame
 /// size: at RabbitMQ's default (128 KiB) that is 8 MiB resident per connection, measured.
@@ -291,67 +293,102 @@ async fn consume(
     *backoff = Duration::from_millis(100);
     let mut retry_pause = Duration::from_millis(100);
     let mut unacked = Unacked::default();
-    loop {
+    let mut ended = false;
+    while !ended {
         // While more deliveries are already here their acks wait, then go as one: under
         // load one ack frame per batch instead of one per event; idle, at once.
-        let next = match deliveries.next().now_or_never() {
+        let first = match deliveries.next().now_or_never() {
             Some(next) => next,
             None => {
                 unacked.ack().await?;
                 deliveries.next().await
             }
         };
-        let Some(delivery) = next else { break };
-        let delivery = delivery?;
-        let traceparent = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("traceparent"))
-            .and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(s.to_string()),
-                _ => None,
-            });
-        let outcome = deliver(
-            "rabbitmq",
-            consumer,
-            metrics,
-            &delivery.data,
-            traceparent.as_deref(),
-            delivery.redelivered,
+        let Some(first) = first else { break };
+        let mut batch = vec![first?];
+        while batch.len() < usize::from(MAX_BATCH) {
+            match deliveries.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        // The deliveries already here are applied together: on SQLite their writes share
+        // one commit of the batch thread, on PostgreSQL they use the pool's connections.
+        // Their order is not kept, as the broker does not keep it when it requeues.
+        let outcomes = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|delivery| handle(consumer, metrics, delivery)),
         )
         .await;
-        match outcome {
-            Outcome::Done(_) => {
-                retry_pause = Duration::from_millis(100);
-                unacked.push(delivery.acker).await?;
-            }
-            Outcome::DeadLetter(_) => {
-                // The handled ones first: nothing waits unacknowledged behind a nack.
-                unacked.ack().await?;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-            Outcome::Retry(_) => {
-                unacked.ack().await?;
-                // Back to the queue after a pause, so a database outage is not a spin.
-                tokio::time::sleep(retry_pause).await;
-                retry_pause = (retry_pause * 2).min(MAX_BACKOFF);
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+        // Settled in delivery order: a `multiple` ack covers every earlier delivery, so
+        // the ones to nack go before any later ack.
+        let mut paused = false;
+        for (delivery, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Done(_) => {
+                    retry_pause = Duration::from_millis(100);
+                    unacked.push(delivery.acker).await?;
+                }
+                Outcome::DeadLetter(_) => {
+                    unacked.ack().await?;
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+                Outcome::Retry(_) => {
+                    unacked.ack().await?;
+                    // Back to the queue after a pause (once per batch), so a database
+                    // outage is not a spin.
+                    if !paused {
+                        tokio::time::sleep(retry_pause).await;
+                        retry_pause = (retry_pause * 2).min(MAX_BACKOFF);
+                        paused = true;
+                    }
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
             }
         }
     }
     unacked.ack().await?;
     Ok(())
+}
+
+async fn handle(
+    consumer: &dyn Consumer,
+    metrics: &EventMetrics,
+    delivery: &lapin::message::Delivery,
+) -> Outcome {
+    let traceparent = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent"))
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        });
+    deliver(
+        "rabbitmq",
+        consumer,
+        metrics,
+        &delivery.data,
+        traceparent.as_deref(),
+        delivery.redelivered,
+    )
+    .await
 }
 
 /// Deliveries handled but not yet acknowledged, settled with one `multiple` ack of the
