@@ -109,7 +109,8 @@ impl SqliteFile {
         // The pool's session settings (db.rs); WAL is on the file already.
         connection.execute_batch(
             "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;
-             PRAGMA foreign_keys = ON; PRAGMA cache_size = -512;",
+             PRAGMA foreign_keys = ON; PRAGMA cache_size = -512;
+             PRAGMA temp_store = MEMORY;",
         )?;
         connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
         Ok(connection)
