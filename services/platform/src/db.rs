@@ -218,6 +218,19 @@ impl StorageConfig {
             AnyPoolOptions::new()
                 .acquire_timeout(self.acquire_timeout)
                 .after_connect(move |conn, _| session.prepare(conn, true))
+                // A connection is pinged before use only if it sat idle: one used a moment
+                // ago is alive as surely as a ping could say, and a ping per acquire was
+                // one more round trip per query (to PostgreSQL, or to SQLite's worker
+                // thread).
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IF_IDLE_FOR {
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                })
         };
         let pool = pool_options()
             .max_connections(self.max_connections)
@@ -227,12 +240,12 @@ impl StorageConfig {
         // that, not the work, sets the latency. One writing connection per process turns
         // the contention into the pool's first-come queue.
         // The batch thread holds it as its turn to write (batches.rs), once per group, so
-        // it is not pinged on each acquire: a local file's connection does not drop.
+        // it is never pinged: a local file's connection does not drop.
         let (writer, batches) = match sqlite_file {
             Some(file) => {
                 let writer = pool_options()
                     .max_connections(1)
-                    .test_before_acquire(false)
+                    .before_acquire(|_, _| Box::pin(async { Ok(true) }))
                     .connect_lazy_with(options.clone());
                 let batches = SqliteBatches::start(file, writer.clone())?;
                 (writer, Some(batches))
@@ -359,6 +372,9 @@ async fn migrate(
 
 /// Advisory lock id for "migrating this database" ("shop" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
+/// A pooled connection idle this long is pinged before it is handed out (HikariCP skips
+/// its check for connections used in the last 500 ms, to the same end).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// An open database: the pool every query goes through, and which backend it speaks.
 #[derive(Clone)]
