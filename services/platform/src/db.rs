@@ -842,7 +842,7 @@ mod tests {
         // The write above may have had the writer's turn before the batch thread took
         // it for the abandoned batch; either way that batch commits, seen from another
         // connection.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let committed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
                 .fetch_one(db.pool())
@@ -852,7 +852,7 @@ mod tests {
                 break;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "{committed} rows committed, not the abandoned batch's 100,001 and 'after'"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;

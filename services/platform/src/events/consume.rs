@@ -37,7 +37,9 @@ pub trait Consumer: Send + Sync + 'static {
     /// Its queue in [`super::QUEUES`].
     fn queue(&self) -> &'static Queue;
     /// Applies `event` once: the event id goes into the inbox in the same transaction
-    /// as the effect (see [`super::inbox::first_delivery`]).
+    /// as the effect (see [`super::inbox::first_delivery`]). Deliveries that arrive
+    /// together are handled concurrently, so the effect must not depend on their order
+    /// (a broker does not keep it either once it requeues one).
     async fn handle(&self, event: &Event) -> Result<Handled, Rejection>;
 }
 
