@@ -4,7 +4,7 @@
 //! worker until they expire, so a client reusing its token costs a hash lookup, not an
 //! Ed25519 verification.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -80,7 +80,7 @@ impl Refusal {
 /// Verified identities by token, for one worker, for the key set they were verified with.
 pub struct TokenCache {
     entries: RefCell<HashMap<Box<str>, Identity>>,
-    key_generation: std::cell::Cell<u64>,
+    key_generation: Cell<u64>,
 }
 
 #[derive(Clone)]
@@ -98,7 +98,7 @@ impl Default for TokenCache {
     fn default() -> Self {
         Self {
             entries: RefCell::new(HashMap::new()),
-            key_generation: std::cell::Cell::new(0),
+            key_generation: Cell::new(0),
         }
     }
 }

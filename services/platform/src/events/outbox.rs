@@ -375,6 +375,52 @@ mod tests {
         assert_eq!(rows, expected);
     }
 
+    /// Confirms every message, then takes the outbox away, so marking them sent fails.
+    struct ConfirmsThenBreaksTheOutbox(Database);
+
+    #[async_trait]
+    impl Publisher for ConfirmsThenBreaksTheOutbox {
+        async fn publish(&self, _: &[Message]) -> Result<(), Unconfirmed> {
+            sqlx::query("ALTER TABLE outbox RENAME TO gone")
+                .execute(self.0.writer())
+                .await
+                .unwrap();
+            Ok(())
+        }
+    }
+
+    /// `events_published_total` counts what the broker confirmed, even when marking it
+    /// sent then fails (the rows go out again, and are counted again: the broker has
+    /// confirmed them twice).
+    #[tokio::test]
+    async fn what_the_broker_confirmed_is_counted_though_marking_it_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = crate::Migrations {
+            sqlite: sqlx::migrate::Migrator::DEFAULT,
+            postgres: sqlx::migrate::Migrator::DEFAULT,
+        };
+        let db = crate::db::StorageConfig::in_dir(dir.path())
+            .open("t", &none)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
+                 kind TEXT NOT NULL, body TEXT NOT NULL, traceparent TEXT,
+                 sent_at_ms BIGINT, attempts BIGINT NOT NULL DEFAULT 0);
+             INSERT INTO outbox (event_id, kind, body) VALUES ('a', 'k', '{}'), ('b', 'k', '{}');",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+        let relay = Relay {
+            db: db.clone(),
+            publisher: Arc::new(ConfirmsThenBreaksTheOutbox(db.clone())),
+            metrics: EventMetrics::new(&crate::Metrics::new("t"), &["k"], &[]),
+        };
+        assert!(relay.batch().await.is_err(), "marking them sent failed");
+        assert_eq!(relay.metrics.published.with_label_values(&["k"]).get(), 2);
+    }
+
     #[tokio::test]
     async fn only_rows_sent_longer_ago_than_the_retention_are_deleted() {
         sqlx::any::install_default_drivers();
