@@ -22,9 +22,11 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
 mod batches;
+mod listen;
 
 use batches::SqliteFile;
 pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
+use listen::{Listeners, Subscription};
 
 use crate::config::{ConfigError, Env, Var};
 use crate::probes::CheckResult;
@@ -258,6 +260,7 @@ impl StorageConfig {
             batches,
             backend,
             connect: Arc::new(Connect { url, options }),
+            listeners: Arc::default(),
         })
     }
 
@@ -384,6 +387,9 @@ pub struct Database {
     batches: Option<SqliteBatches>,
     backend: Backend,
     connect: Arc<Connect>,
+    /// PostgreSQL: the one `LISTEN` session every [`Database::watch`] of this handle
+    /// (and its clones) shares.
+    listeners: Arc<Listeners>,
 }
 
 /// How to open connections outside the pool (a listener, a change check). Holds the
@@ -453,10 +459,11 @@ impl Database {
 
     /// Reports changes that other connections (other replicas, an operator's `psql`) make
     /// to this database, so a service can keep an in-memory copy fresh:
-    /// - PostgreSQL: the payloads of `NOTIFY` on `channel`, as they arrive, on a
-    ///   connection of its own; and [`WatchEvent::Resync`] on every (re)connection and
-    ///   every `resync_every`, since a notification sent while the listener was away is
-    ///   lost;
+    /// - PostgreSQL: the payloads of `NOTIFY` on `channel`, as they arrive, on the one
+    ///   listening connection all watches of this handle share; and
+    ///   [`WatchEvent::Resync`] on every (re)connection and every `resync_every`, since a
+    ///   notification sent while the listener was away is lost. A watch on a new channel
+    ///   reconnects the shared listener with it, so the others resync once too;
     /// - SQLite: [`WatchEvent::Resync`] when `PRAGMA data_version`, checked every
     ///   `resync_every`, shows a commit by any other connection.
     pub fn watch(&self, channel: &'static str, resync_every: Duration) -> Watch {
@@ -467,10 +474,9 @@ impl Database {
         let source = match self.backend {
             Backend::Postgres => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1024);
-                let listener = tokio::spawn(listen(self.connect.url.clone(), channel, tx));
                 Source::Postgres {
                     events: rx,
-                    listener: listener.abort_handle(),
+                    _subscription: self.listeners.subscribe(&self.connect.url, channel, tx),
                 }
             }
             Backend::Sqlite => Source::Sqlite {
@@ -500,21 +506,14 @@ pub struct Watch {
 enum Source {
     Postgres {
         events: tokio::sync::mpsc::Receiver<WatchEvent>,
-        listener: tokio::task::AbortHandle,
+        /// Ends the subscription when the watch is dropped.
+        _subscription: Subscription,
     },
     Sqlite {
         options: AnyConnectOptions,
         connection: Option<AnyConnection>,
         seen: Option<i64>,
     },
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        if let Source::Postgres { listener, .. } = &self.source {
-            listener.abort();
-        }
-    }
 }
 
 impl Watch {
@@ -565,54 +564,6 @@ async fn data_version(
     sqlx::query_scalar("PRAGMA data_version")
         .fetch_one(conn)
         .await
-}
-
-/// Keeps a `LISTEN` session open, reconnecting with backoff; says `Resync` whenever it
-/// (re)connects, since what was sent while it was away is lost.
-async fn listen(url: String, channel: &'static str, events: tokio::sync::mpsc::Sender<WatchEvent>) {
-    use sqlx::postgres::PgListener;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let connected = async {
-            let mut listener = PgListener::connect(&url).await?;
-            listener.listen(channel).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        let mut listener = match connected {
-            Ok(listener) => listener,
-            Err(err) => {
-                tracing::warn!(channel, error = %redact_url(&err.to_string()), "cannot listen for changes; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        if events.send(WatchEvent::Resync).await.is_err() {
-            return;
-        }
-        loop {
-            let event = match listener.try_recv().await {
-                Ok(Some(first)) => {
-                    let mut batch = vec![first.payload().to_owned()];
-                    while let Some(more) = listener.next_buffered() {
-                        batch.push(more.payload().to_owned());
-                    }
-                    WatchEvent::Notified(batch)
-                }
-                // The connection dropped and was re-established at once.
-                Ok(None) => WatchEvent::Resync,
-                Err(err) => {
-                    tracing::warn!(channel, error = %err, "lost the change listener; reconnecting");
-                    break;
-                }
-            };
-            if events.send(event).await.is_err() {
-                return;
-            }
-        }
-    }
 }
 
 fn backend_of(url: &str) -> Option<Backend> {
