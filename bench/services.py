@@ -20,7 +20,8 @@ taken from stock minus units in stored orders, must be 0 (no unit sold twice or 
 order that was never stored).
 
 For each: requests/s, p50, p99, non-2xx, CPU time per request of the measured processes
-(the service; the gateway and the service; all four for orders) and their peak RSS; the
+(the service; the gateway and the service; for orders all four, RabbitMQ, and on
+PostgreSQL the database server's processes) and their peak RSS; the
 idle RSS of each service before any load; then the ratios against the targets of
 docs/BENCHMARKS.md. Loopback only; every run is bounded by `--duration`.
 
@@ -81,8 +82,8 @@ def http(method, url, body=None, token=None):
 class Stack:
     """Our four binaries on loopback (or just the product service), each on its own port."""
 
-    def __init__(self, args, work, database_urls=None, broker=False):
-        self.args, self.work = args, work
+    def __init__(self, args, work, database_urls=None, broker=False, pg_dir=None):
+        self.args, self.work, self.pg_dir = args, work, pg_dir
         self.svc = bench.Services()
         self.ports = {s: bench.free_port() for s in SERVICES}
         self.pids = {}
@@ -136,11 +137,15 @@ class Stack:
         time.sleep(1)
         return {s: bench.rss_kib(bench.tree(pid), field) / 1024 for s, pid in self.pids.items()}
 
-    def count_broker(self):
-        """From now on the broker's CPU and memory count with the services'."""
+    def count_servers(self):
+        """From now on the broker's CPU and memory, and PostgreSQL's CPU (the server and
+        the backends serving the pools), count with the services'."""
         if self.rabbit_dir:
             with open(os.path.join(self.rabbit_dir, "pid")) as f:
                 self.pids["rabbitmq"] = int(f.read())
+        if self.pg_dir:
+            with open(os.path.join(self.pg_dir, "data", "postmaster.pid")) as f:
+                self.pids["postgres"] = int(f.readline())
 
     def stop(self):
         self.svc.stop()
@@ -199,13 +204,13 @@ def reads(args, work, results):
         stack.stop()
 
 
-def orders(args, work, results, backend, database_urls=None):
-    stack = Stack(args, work, database_urls, broker=True)
+def orders(args, work, results, backend, database_urls=None, pg_dir=None):
+    stack = Stack(args, work, database_urls, broker=True, pg_dir=pg_dir)
     try:
         stack.start_all()
         results["idle"].update({f"{s} ({backend})": v for s, v in stack.idle_rss().items()})
         results["idle_anon"].update({f"{s} ({backend})": v for s, v in stack.idle_rss("RssAnon").items()})
-        stack.count_broker()
+        stack.count_servers()
         gw = stack.url("gateway")
         admin = http("POST", f"{gw}/api/v1/auth/login", {"email": "admin@shop.local", "password": stack.admin_password})
         stock = 1_000_000_000
@@ -296,7 +301,7 @@ def main():
             orders(args, work, results, "sqlite")
         if "pg" in args.groups:
             pg_dir, urls = pg_databases(work)
-            orders(args, work, results, "pg", urls)
+            orders(args, work, results, "pg", urls, pg_dir)
     finally:
         if pg_dir:
             subprocess.run([os.path.join(ROOT, "scripts", "pg-cluster"), "destroy", pg_dir], capture_output=True)
@@ -312,7 +317,8 @@ def report(args, results):
     for name, runs in results.items():
         if name in IDLE:
             continue
-        rss = ", ".join(f"{k} {v:.1f}" for k, v in runs[len(runs) // 2]["rss_by"].items())
+        # Not PostgreSQL's: its shared buffers would count once per backend.
+        rss = ", ".join(f"{k} {v:.1f}" for k, v in runs[len(runs) // 2]["rss_by"].items() if k != "postgres")
         extra = f"  stock gap {runs[0]['stock_gap']}" if "stock_gap" in runs[0] else ""
         print(f"{name:14} {med(runs, 'rps'):9.0f} {med(runs, 'p50'):7.2f} {med(runs, 'p99'):7.2f} "
               f"{sum(r['non2xx'] for r in runs):8} {med(runs, 'cpu_us'):11.1f}  {rss}{extra}")
