@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use shop_platform::Metrics;
-use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth, spawn_consumer};
+use shop_platform::events::amqp::{
+    AmqpLink, AmqpPublisher, dead_letter_queue, queue_depth, spawn_consumer,
+};
 use shop_platform::events::outbox::Message;
 use shop_platform::events::{Consumer, Event, EventMetrics, Handled, Publisher, Queue, Rejection};
 use shop_platform::testing::RabbitMq;
@@ -82,14 +84,18 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
         })
         .collect();
     let burst: Vec<Message> = ids.iter().map(|id| event(id)).collect();
-    AmqpPublisher::new(&rabbit.url, "test")
+    AmqpPublisher::new(AmqpLink::new(&rabbit.url, "test"))
         .publish(&burst)
         .await
         .unwrap();
 
     let consumer = Arc::new(Scripted::default());
     let metrics = EventMetrics::new(&Metrics::new("test"), &[], &[Queue::named(QUEUE).unwrap()]);
-    let task = spawn_consumer(&rabbit.url, "test", consumer.clone(), metrics);
+    let task = spawn_consumer(
+        &AmqpLink::new(&rabbit.url, "test"),
+        consumer.clone(),
+        metrics,
+    );
 
     let dead = dead_letter_queue(Queue::named(QUEUE).unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -121,4 +127,65 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
     let most = consumer.most_in_flight.load(Ordering::SeqCst);
     assert!(most > 1, "one delivery at a time ({most} at most)");
     assert!(most <= 16, "{most} deliveries at once, more than a batch");
+}
+
+/// This process's established TCP connections to `port` on 127.0.0.1.
+fn connections_to(port: u16) -> usize {
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let remote = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/self/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        // local, remote, state (01: established), ..., inode
+        .filter(|f| f[2] == remote && f[3] == "01" && ours.contains(f[9]))
+        .count()
+}
+
+/// A service's relay and consumers share one connection to the broker, each on a
+/// channel of its own.
+#[tokio::test]
+async fn a_publisher_and_a_consumer_on_one_link_share_one_connection() {
+    let Some(rabbit) = RabbitMq::start("a_publisher_and_a_consumer_on_one_link") else {
+        return;
+    };
+    let port: u16 = rabbit
+        .url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .expect("the node's URL names its port");
+    let link = AmqpLink::new(&rabbit.url, "test");
+    let consumer = Arc::new(Scripted::default());
+    let metrics = EventMetrics::new(&Metrics::new("test"), &[], &[Queue::named(QUEUE).unwrap()]);
+    let task = spawn_consumer(&link, consumer.clone(), metrics);
+    let publisher = AmqpPublisher::new(link.clone());
+    publisher.publish(&[event("good-1")]).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !consumer.seen.lock().unwrap().contains_key("good-1") {
+        assert!(Instant::now() < deadline, "the event never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connections_to(port), 1);
+    // Both keep working on it.
+    publisher.publish(&[event("good-2")]).await.unwrap();
+    while !consumer.seen.lock().unwrap().contains_key("good-2") {
+        assert!(Instant::now() < deadline, "the second event never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connections_to(port), 1);
+    task.abort();
 }

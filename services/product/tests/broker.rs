@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use shop_platform::events::amqp::{AmqpPublisher, dead_letter_queue, queue_depth, queue_status};
+use shop_platform::events::amqp::{
+    AmqpLink, AmqpPublisher, dead_letter_queue, queue_depth, queue_status,
+};
 use shop_platform::events::{Publisher, Queue};
 use shop_platform::testing::{RabbitMq, ServiceProcess, metric_sum};
 use sqlx::Connection;
@@ -69,7 +71,7 @@ async fn killed_mid_stream_and_fed_duplicates_it_returns_every_unit_once() {
 
     // Each cancellation published twice, as a relay that crashed between the broker's
     // confirm and its own commit would; poison in between.
-    let publisher = AmqpPublisher::new(&rabbit.url, "test");
+    let publisher = AmqpPublisher::new(AmqpLink::new(&rabbit.url, "test"));
     let mut batch = Vec::new();
     for n in 0..RESERVATIONS {
         let event = cancelled(&format!("r{n}"));
@@ -183,7 +185,7 @@ async fn an_event_larger_than_a_frame_arrives_whole() {
         "{} bytes",
         event.body.len()
     );
-    AmqpPublisher::new(&rabbit.url, "test")
+    AmqpPublisher::new(AmqpLink::new(&rabbit.url, "test"))
         .publish(&[message(&event.body, &event.id)])
         .await
         .unwrap();
@@ -220,7 +222,7 @@ async fn an_idle_consumer_has_acknowledged_everything_it_applied() {
     // dead-lettered delivery are settled before it is.
     let mut burst: Vec<_> = (0..BURST).map(|n| cancelled(&format!("r{n}"))).collect();
     burst.insert(20, message("not an event", "poison"));
-    AmqpPublisher::new(&rabbit.url, "test")
+    AmqpPublisher::new(AmqpLink::new(&rabbit.url, "test"))
         .publish(&burst)
         .await
         .unwrap();

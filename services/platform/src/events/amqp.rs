@@ -33,7 +33,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// size: at RabbitMQ's default (128 KiB) that is 8 MiB resident per connection, measured.
 /// Events are small (an order of 100 lines is about 10 KiB, and a larger body is split
 /// into frames), so the smallest frames lapin accepts, 8 KiB: 512 KiB per connection
-/// (against 16 KiB frames, 0.5 MiB off the order service's two connections at peak).
+/// (against 16 KiB frames, 0.5 MiB off the order service's two connections at peak, when
+/// its relay and consumer still had one each).
 const FRAME_MAX: u32 = 8 * 1024;
 /// A broker that does not answer the TCP connect within this is retried later.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -53,30 +54,66 @@ pub fn dead_letter_queue(queue: &Queue) -> String {
     format!("{}.dead", queue.name)
 }
 
-/// A connection and a confirming channel, made on first use and again after a failure.
-pub struct AmqpPublisher {
+/// A service's one connection to the broker, shared by its relay and its consumers,
+/// each on a channel of its own: RabbitMQ's advice (a connection per process, a channel
+/// per task), and lapin keeps 512 KiB of frame buffers per connection (see
+/// [`FRAME_MAX`]). Made on first use, and again once it has dropped. Clones share it.
+#[derive(Clone)]
+pub struct AmqpLink(Arc<LinkState>);
+
+struct LinkState {
     uri: AMQPUri,
-    name: String,
-    link: Mutex<Option<(Connection, Channel)>>,
+    service: String,
+    connection: Mutex<Option<Connection>>,
 }
 
-impl AmqpPublisher {
-    /// `url` must pass [`endpoint`] (`AMQP_URL` is checked at start-up).
+impl AmqpLink {
+    /// `url` must pass [`endpoint`] (`AMQP_URL` is checked at start-up). The broker
+    /// shows the connection under `service`'s name.
     pub fn new(url: &str, service: &str) -> Self {
-        Self {
+        Self(Arc::new(LinkState {
             uri: endpoint(url).expect("a valid amqp:// URL"),
-            name: format!("{service} outbox relay"),
-            link: Mutex::new(None),
+            service: service.to_owned(),
+            connection: Mutex::new(None),
+        }))
+    }
+
+    /// A new channel on the connection, connecting first if it is not up; the topology
+    /// is declared on each new connection. A channel closes when its last handle drops.
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let mut connection = self.0.connection.lock().await;
+        if let Some(up) = connection.as_ref().filter(|c| c.status().connected()) {
+            match up.create_channel().await {
+                Ok(channel) => return Ok(channel),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot open a channel; connecting again")
+                }
+            }
         }
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.0.service.as_str().into());
+        let fresh = Connection::connect_uri(self.0.uri.clone(), properties).await?;
+        let channel = fresh.create_channel().await?;
+        declare_topology(&channel).await?;
+        *connection = Some(fresh);
+        Ok(channel)
     }
 }
 
-async fn connect(uri: &AMQPUri, name: &str) -> Result<(Connection, Channel), lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect_uri(uri.clone(), properties).await?;
-    let channel = connection.create_channel().await?;
-    declare_topology(&channel).await?;
-    Ok((connection, channel))
+/// A confirming channel on the service's [`AmqpLink`], opened on first use and again
+/// after a failure.
+pub struct AmqpPublisher {
+    link: AmqpLink,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl AmqpPublisher {
+    pub fn new(link: AmqpLink) -> Self {
+        Self {
+            link,
+            channel: Mutex::new(None),
+        }
+    }
 }
 
 /// Declares the exchanges and every queue of [`QUEUES`], idempotently: publishers and
@@ -150,25 +187,24 @@ async fn declare_topology(channel: &Channel) -> Result<(), lapin::Error> {
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed> {
-        let mut link = self.link.lock().await;
-        if link
-            .as_ref()
-            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
-        {
-            let (connection, channel) = connect(&self.uri, &self.name)
+        let mut channel = self.channel.lock().await;
+        if channel.as_ref().is_none_or(|ch| !ch.status().connected()) {
+            let fresh = self
+                .link
+                .channel()
                 .await
                 .map_err(|err| unconfirmed(0, "cannot reach the broker", err))?;
-            channel
+            fresh
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|err| unconfirmed(0, "cannot turn on publisher confirms", err))?;
-            *link = Some((connection, channel));
+            *channel = Some(fresh);
         }
-        let (_, channel) = link.as_ref().expect("connected above");
-        let result = publish_confirmed(channel, messages).await;
+        let result = publish_confirmed(channel.as_ref().expect("opened above"), messages).await;
         if result.is_err() {
-            // Whatever broke, start the next batch on a fresh connection.
-            *link = None;
+            // Whatever broke, start the next batch on a fresh channel (and connection,
+            // if that is what broke).
+            *channel = None;
         }
         result
     }
@@ -244,17 +280,16 @@ fn unconfirmed(confirmed: usize, what: &str, err: lapin::Error) -> Unconfirmed {
 /// Each delivery is acked once applied (or found applied before), dead-lettered if it can
 /// never be applied, and requeued after a pause if it cannot be applied now.
 pub fn spawn_consumer(
-    url: &str,
-    service: &str,
+    link: &AmqpLink,
     consumer: Arc<dyn Consumer>,
     metrics: EventMetrics,
 ) -> tokio::task::JoinHandle<()> {
-    let uri = endpoint(url).expect("AMQP_URL is checked at start-up");
-    let name = format!("{service} consumer of {}", consumer.queue().name);
+    let link = link.clone();
+    let name = format!("{} consumer of {}", link.0.service, consumer.queue().name);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match consume(&uri, &name, consumer.as_ref(), &metrics, &mut backoff).await {
+            match consume(&link, &name, consumer.as_ref(), &metrics, &mut backoff).await {
                 Ok(()) => tracing::warn!(
                     queue = consumer.queue().name,
                     "the broker ended the subscription; subscribing again"
@@ -270,14 +305,15 @@ pub fn spawn_consumer(
 }
 
 async fn consume(
-    uri: &AMQPUri,
+    link: &AmqpLink,
     name: &str,
     consumer: &dyn Consumer,
     metrics: &EventMetrics,
     backoff: &mut Duration,
 ) -> Result<(), lapin::Error> {
     let queue = consumer.queue().name;
-    let (_connection, channel) = connect(uri, name).await?;
+    // Dropped on return, which closes it: the broker requeues what it still holds.
+    let channel = link.channel().await?;
     channel
         .basic_qos(PREFETCH, BasicQosOptions::default())
         .await?;

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use super::amqp::{AmqpPublisher, spawn_consumer};
+use super::amqp::{AmqpLink, AmqpPublisher, spawn_consumer};
 use super::consume::{Consumer, EventMetrics};
 use super::local::LocalBroker;
-use super::outbox::{Outbox, POLL, Publisher, spawn_relay};
+use super::outbox::{Outbox, POLL, spawn_relay};
 use crate::Database;
 use crate::config::{ConfigError, Env, Var};
 
@@ -75,22 +75,27 @@ impl Broker {
         consumers: Vec<Arc<dyn Consumer>>,
     ) -> Running {
         let mut tasks = Vec::new();
-        if let Some(outbox) = outbox {
-            let publisher: Arc<dyn Publisher> = match self {
-                Broker::Local(local) => Arc::new(local.clone()),
-                Broker::Amqp(url) => Arc::new(AmqpPublisher::new(url, service)),
-            };
-            tasks.push(spawn_relay(db, outbox, publisher, metrics.clone(), POLL));
-        }
         let mut attached = Vec::new();
-        for consumer in consumers {
-            match self {
-                Broker::Local(local) => {
+        match self {
+            Broker::Local(local) => {
+                if let Some(outbox) = outbox {
+                    let publisher = Arc::new(local.clone());
+                    tasks.push(spawn_relay(db, outbox, publisher, metrics.clone(), POLL));
+                }
+                for consumer in consumers {
                     attached.push(consumer.queue());
                     local.attach(consumer, metrics.clone());
                 }
-                Broker::Amqp(url) => {
-                    tasks.push(spawn_consumer(url, service, consumer, metrics.clone()))
+            }
+            Broker::Amqp(url) => {
+                // One connection for the relay and every consumer, made on first use.
+                let link = AmqpLink::new(url, service);
+                if let Some(outbox) = outbox {
+                    let publisher = Arc::new(AmqpPublisher::new(link.clone()));
+                    tasks.push(spawn_relay(db, outbox, publisher, metrics.clone(), POLL));
+                }
+                for consumer in consumers {
+                    tasks.push(spawn_consumer(&link, consumer, metrics.clone()));
                 }
             }
         }
