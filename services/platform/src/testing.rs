@@ -11,7 +11,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 pub use crate::db::Backend;
-use crate::db::StorageConfig;
+use crate::db::{Database, Migrations, StorageConfig};
 use crate::server::Application;
 use crate::shutdown::Shutdown;
 
@@ -268,6 +268,23 @@ impl TestDatabase {
     /// Settings that open this database.
     pub fn storage(&self) -> StorageConfig {
         self.storage.clone()
+    }
+
+    /// Opens it as a service does but with no migrations, for tests of the plumbing.
+    pub async fn open_bare(&self) -> Database {
+        let none = Migrations {
+            sqlite: sqlx::migrate::Migrator::DEFAULT,
+            postgres: sqlx::migrate::Migrator::DEFAULT,
+        };
+        self.storage
+            .open("test", &none)
+            .await
+            .expect("open the test database")
+    }
+
+    /// The PostgreSQL database's name; `None` on SQLite.
+    pub fn postgres_name(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|(_, name)| name.as_str())
     }
 
     /// The environment a service binary needs to open this database.

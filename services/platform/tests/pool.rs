@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
+use shop_platform::Backend;
 use shop_platform::testing::{TestDatabase, postgres_admin_url};
-use shop_platform::{Backend, Migrations};
 use sqlx::Connection;
-use sqlx::migrate::Migrator;
 
 /// Connections are not pinged on every acquire, only after sitting idle: one the server
 /// dropped while it sat idle (a restart, a failover, an idle timeout) is found dead by
@@ -16,22 +15,17 @@ async fn a_connection_the_server_dropped_while_idle_is_replaced_unseen() {
         return;
     };
     let test_db = TestDatabase::new(Backend::Postgres).await;
-    let none = Migrations {
-        sqlite: Migrator::DEFAULT,
-        postgres: Migrator::DEFAULT,
-    };
-    let db = test_db.storage().open("test", &none).await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT CAST(current_database() AS TEXT)")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let db = test_db.open_bare().await;
+    let name = test_db.postgres_name().expect("a PostgreSQL database");
+    // One query, so the pool keeps a connection.
+    sqlx::query("SELECT 1").execute(db.pool()).await.unwrap();
 
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
     let dropped: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = $1 AND pid <> pg_backend_pid()",
     )
-    .bind(&name)
+    .bind(name)
     .fetch_all(&mut conn)
     .await
     .unwrap();

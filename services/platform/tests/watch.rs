@@ -3,9 +3,8 @@
 use std::time::{Duration, Instant};
 
 use shop_platform::testing::{TestDatabase, postgres_admin_url};
-use shop_platform::{Backend, Database, Migrations, Watch, WatchEvent};
+use shop_platform::{Backend, Database, Watch, WatchEvent};
 use sqlx::Connection;
-use sqlx::migrate::Migrator;
 
 const NEVER: Duration = Duration::from_secs(3600);
 
@@ -77,21 +76,14 @@ async fn watches_of_one_database_share_one_listening_session() {
         return;
     };
     let test_db = TestDatabase::new(Backend::Postgres).await;
-    let none = Migrations {
-        sqlite: Migrator::DEFAULT,
-        postgres: Migrator::DEFAULT,
-    };
-    let db = test_db.storage().open("test", &none).await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT CAST(current_database() AS TEXT)")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let db = test_db.open_bare().await;
+    let name = test_db.postgres_name().expect("a PostgreSQL database");
     let mut admin = sqlx::PgConnection::connect(&admin).await.unwrap();
 
     let mut alpha = db.watch("alpha", NEVER);
     let mut beta = db.clone().watch("beta", NEVER);
     resyncs(&mut beta).await;
-    let sessions = until_listening(&mut admin, &name, 1).await;
+    let sessions = until_listening(&mut admin, name, 1).await;
     assert!(
         sessions[0].contains("\"alpha\"") && sessions[0].contains("\"beta\""),
         "one session on both channels: {sessions:?}"
@@ -115,7 +107,7 @@ async fn watches_of_one_database_share_one_listening_session() {
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = $1 AND query LIKE 'LISTEN%'",
     )
-    .bind(&name)
+    .bind(name)
     .fetch_all(&mut admin)
     .await
     .unwrap();
@@ -129,7 +121,7 @@ async fn watches_of_one_database_share_one_listening_session() {
             != WatchEvent::Resync
         {}
     }
-    until_listening(&mut admin, &name, 1).await;
+    until_listening(&mut admin, name, 1).await;
     notify(
         &db,
         "SELECT pg_notify('beta', 'b3'), pg_notify('alpha', 'a2')",
@@ -146,7 +138,7 @@ async fn watches_of_one_database_share_one_listening_session() {
     )
     .await;
     assert_eq!(next_notified(&mut beta).await, ["b4"]);
-    until_listening(&mut admin, &name, 1).await;
+    until_listening(&mut admin, name, 1).await;
     drop(beta);
-    until_listening(&mut admin, &name, 0).await;
+    until_listening(&mut admin, name, 0).await;
 }
