@@ -153,7 +153,8 @@ fn payloads(batch: &[PgNotification], channel: &str) -> Option<WatchEvent> {
 }
 
 /// Sends each subscriber what `event_for` gives for its channel; false once every
-/// subscriber has gone.
+/// subscriber has gone. One that lets its queue (1,024 events) fill holds up the others,
+/// as it would have held up its own session: every watcher here applies events in memory.
 async fn deliver(
     subscribers: &[Subscriber],
     event_for: impl Fn(&str) -> Option<WatchEvent>,
