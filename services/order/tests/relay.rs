@@ -144,3 +144,110 @@ async fn two_relays_publish_each_event_once_in_order() {
         by(1)
     );
 }
+
+/// A broker that takes `delay` to confirm, says when a publication has begun, and notes
+/// when each body was published.
+struct Slow {
+    delay: Duration,
+    started: Arc<tokio::sync::Notify>,
+    published: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+#[async_trait]
+impl Publisher for Slow {
+    async fn publish(&self, messages: &[Message]) -> Result<(), Unconfirmed> {
+        self.started.notify_one();
+        tokio::time::sleep(self.delay).await;
+        let now = Instant::now();
+        self.published
+            .lock()
+            .unwrap()
+            .extend(messages.iter().map(|m| (now, m.body.clone())));
+        Ok(())
+    }
+}
+
+/// An event committed while the other replica's relay is publishing a batch it read
+/// before that commit goes out once the batch ends, not at the next poll: no `NOTIFY`
+/// announces it, but the writer's own relay, woken in-process, tries the lock again
+/// until it gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_written_while_the_other_replica_relays_goes_out_without_waiting_for_a_poll() {
+    if postgres_admin_url("an_event_written_while_the_other_replica_relays").is_none() {
+        return;
+    }
+    let test_db = TestDatabase::new(Backend::Postgres).await;
+    let storage = test_db.storage();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(
+            storage
+                .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
+                .await
+                .unwrap(),
+        );
+    }
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let outboxes = [Outbox::default(), Outbox::default()];
+    let mut relays = Vec::new();
+    for (replica, db) in replicas.iter().enumerate() {
+        let publisher = Slow {
+            // The first replica's batch is slow, so the second's event commits during it.
+            delay: Duration::from_millis(if replica == 0 { 500 } else { 1 }),
+            started: started.clone(),
+            published: published.clone(),
+        };
+        relays.push(spawn_relay(
+            db,
+            &outboxes[replica],
+            Arc::new(publisher),
+            EventMetrics::new(&Metrics::new(shop_order::NAME), &["order.placed"], &[]),
+            // Far longer than the test: only wake-ups and retries can deliver.
+            Duration::from_secs(600),
+        ));
+    }
+    let write = |replica: usize, id: &'static str| {
+        let db = replicas[replica].clone();
+        async move {
+            let mut tx = db.writer().begin().await.unwrap();
+            NewEvent::new("order.placed", &serde_json::json!({ "id": id }))
+                .append(&mut tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+
+    write(0, "first").await;
+    outboxes[0].wake();
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the first replica's relay never published");
+    write(1, "second").await;
+    let written = Instant::now();
+    outboxes[1].wake();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while published.lock().unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "only {:?} published within 10 s",
+            published.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for relay in &relays {
+        relay.abort();
+    }
+    let published = published.lock().unwrap().clone();
+    assert_eq!(published.len(), 2, "{published:?}");
+    let (at, _) = published
+        .iter()
+        .find(|(_, body)| body.contains("second"))
+        .expect("the second event was published");
+    eprintln!(
+        "the second event went out {:?} after its commit",
+        *at - written
+    );
+}

@@ -1,13 +1,19 @@
 //! The outbox relay: publishes committed events in order, marks them sent once the broker
 //! confirmed them. Each publishing service's migrations create:
-//! `outbox (seq, event_id UNIQUE, kind, body, traceparent, created_at_ms, sent_at_ms, attempts)`
-//! and, on PostgreSQL, a trigger that announces inserts on the `outbox` channel.
+//! `outbox (seq, event_id UNIQUE, kind, body, traceparent, created_at_ms, sent_at_ms, attempts)`.
 //!
 //! On PostgreSQL every replica runs a relay, and one at a time works: each batch is read,
 //! published and marked inside a transaction holding an advisory lock, so a replica that
 //! dies mid-batch releases the lock and leaves its rows unsent for the next one. The
 //! price of a crash between confirm and commit is a second publication, which consumers
 //! absorb (their inbox); never a lost event.
+//!
+//! A replica that commits an event wakes its own relay ([`Outbox::wake`]). If another
+//! replica's relay holds the lock, it tries again every [`LOCK_RETRY`] until it gets the
+//! lock and finds the outbox empty: the other may have read its batch before this event
+//! committed. No `NOTIFY` is needed for that, and none is sent (each cost a signal to
+//! every listening session of the database and a serialized commit); every relay also
+//! looks every [`POLL`], for events whose writer died before its relay ran.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,8 +64,10 @@ impl Outbox {
 }
 
 /// How often a relay looks at the outbox without being woken: the longest an event
-/// written by another replica, or announced while the relay's listener reconnected, waits.
+/// waits whose writer died before its own relay ran.
 pub const POLL: Duration = Duration::from_secs(1);
+/// How soon a relay that found another replica's relay at work tries again.
+pub const LOCK_RETRY: Duration = Duration::from_millis(20);
 const BATCH: usize = 100;
 /// How long the broker may take to confirm one batch.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +92,9 @@ pub fn spawn_relay(
         publisher,
         metrics,
     };
-    let mut watch = db.watch("outbox", poll);
+    // The first look one period from now: the relay drains at once anyway.
+    let mut polls = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let wake = outbox.wake.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
@@ -92,9 +102,14 @@ pub fn spawn_relay(
         let mut last_cleanup = Instant::now();
         loop {
             let drained = relay.drain().await;
-            relay.measure().await;
+            if !matches!(drained, Ok(Drained::LockHeldElsewhere)) {
+                relay.measure().await;
+            }
             match drained {
-                Ok(()) => {
+                Ok(Drained::LockHeldElsewhere) => {
+                    tokio::time::sleep(LOCK_RETRY.min(poll)).await;
+                }
+                Ok(Drained::Empty) => {
                     backoff = Duration::from_millis(100);
                     if last_warning.take().is_some() {
                         tracing::info!("the outbox relay is publishing again");
@@ -104,7 +119,7 @@ pub fn spawn_relay(
                         relay.forget_sent().await;
                     }
                     tokio::select! {
-                        _ = watch.next() => {}
+                        _ = polls.tick() => {}
                         _ = wake.notified() => {}
                     }
                 }
@@ -132,21 +147,33 @@ struct Relay {
     metrics: EventMetrics,
 }
 
+/// How a drain ended without an error.
+enum Drained {
+    /// Fewer than a batch was left: the outbox is empty, or was when last read.
+    Empty,
+    /// Another replica's relay holds the relay lock (PostgreSQL).
+    LockHeldElsewhere,
+}
+
 impl Relay {
     /// Publishes batches until the outbox is empty.
-    async fn drain(&self) -> Result<(), String> {
+    async fn drain(&self) -> Result<Drained, String> {
         loop {
             let published = match self.db.backend() {
-                Backend::Postgres => self.batch_as_leader().await?,
+                Backend::Postgres => match self.batch_as_leader().await? {
+                    Some(published) => published,
+                    None => return Ok(Drained::LockHeldElsewhere),
+                },
                 Backend::Sqlite => self.batch().await?,
             };
             if published < BATCH {
-                return Ok(());
+                return Ok(Drained::Empty);
             }
         }
     }
 
-    async fn batch_as_leader(&self) -> Result<usize, String> {
+    /// `None`: another replica's relay holds the lock.
+    async fn batch_as_leader(&self) -> Result<Option<usize>, String> {
         let mut tx = self.db.writer().begin().await.map_err(db)?;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
@@ -154,8 +181,7 @@ impl Relay {
             .await
             .map_err(db)?;
         if !leader {
-            // Another replica relays; this one polls in case it dies.
-            return Ok(0);
+            return Ok(None);
         }
         let messages = unsent(&mut tx).await.map_err(db)?;
         let result = self.publish(&messages).await;
@@ -164,7 +190,7 @@ impl Relay {
             query.execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        result.map(|()| messages.len()).map_err(|u| u.reason)
+        result.map(|()| Some(messages.len())).map_err(|u| u.reason)
     }
 
     /// SQLite: one process owns the file, so no lock, and no transaction held while the
