@@ -342,20 +342,25 @@ fn marks(
 mod tests {
     use super::*;
 
+    /// A SQLite database in `dir` with no migrations: each test creates its own outbox.
+    async fn bare_sqlite(dir: &std::path::Path) -> Database {
+        let none = crate::Migrations {
+            sqlite: sqlx::migrate::Migrator::DEFAULT,
+            postgres: sqlx::migrate::Migrator::DEFAULT,
+        };
+        crate::db::StorageConfig::in_dir(dir)
+            .open("t", &none)
+            .await
+            .unwrap()
+    }
+
     /// What a relay writes after a publication the broker confirmed only in part: the
     /// confirmed events sent, the first unconfirmed one's attempt counted, the rest as
     /// they were; and the attempt alone when nothing was confirmed.
     #[tokio::test]
     async fn marks_record_what_the_broker_confirmed() {
         let dir = tempfile::tempdir().unwrap();
-        let none = crate::Migrations {
-            sqlite: sqlx::migrate::Migrator::DEFAULT,
-            postgres: sqlx::migrate::Migrator::DEFAULT,
-        };
-        let db = crate::db::StorageConfig::in_dir(dir.path())
-            .open("t", &none)
-            .await
-            .unwrap();
+        let db = bare_sqlite(dir.path()).await;
         sqlx::raw_sql(
             "CREATE TABLE outbox (event_id TEXT PRIMARY KEY, sent_at_ms BIGINT,
                  attempts BIGINT NOT NULL DEFAULT 0);
@@ -421,14 +426,7 @@ mod tests {
     #[tokio::test]
     async fn what_the_broker_confirmed_is_counted_though_marking_it_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let none = crate::Migrations {
-            sqlite: sqlx::migrate::Migrator::DEFAULT,
-            postgres: sqlx::migrate::Migrator::DEFAULT,
-        };
-        let db = crate::db::StorageConfig::in_dir(dir.path())
-            .open("t", &none)
-            .await
-            .unwrap();
+        let db = bare_sqlite(dir.path()).await;
         sqlx::raw_sql(
             "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
                  kind TEXT NOT NULL, body TEXT NOT NULL, traceparent TEXT,
