@@ -198,7 +198,7 @@ fn write_admin_password(path: &Path) -> anyhow::Result<()> {
     }
     let mut random = [0u8; 18];
     getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no secure random source: {e}"))?;
-    let password: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let password = hex::encode(random);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

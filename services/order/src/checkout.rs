@@ -47,8 +47,7 @@ impl IdempotencyKey {
         // The parsed body re-serialised: the same request hashes the same whatever its
         // whitespace or key order.
         let canonical = serde_json::to_vec(body).map_err(AppError::internal)?;
-        let digest = Sha256::digest(&canonical);
-        let request_hash = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let request_hash = hex::encode(Sha256::digest(&canonical));
         Ok(Self {
             key: key.to_owned(),
             request_hash,

@@ -21,14 +21,25 @@ use crate::checkout::{IdempotencyKey, Placed, place_order};
 use crate::domain::{Action, NewOrder, Order, OrderEvent, Step};
 use crate::storage::{OrderStore, StoreError};
 
+/// The router's state: one `Arc`, as axum clones it for every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub store: Arc<dyn OrderStore>,
     pub products: ServiceClient,
     pub users: ServiceClient,
     created: IntCounter,
     failed: IntCounterVec,
     changed: IntCounterVec,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -38,7 +49,7 @@ impl AppState {
         users: ServiceClient,
         metrics: &Metrics,
     ) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             store,
             products,
             users,
@@ -64,7 +75,7 @@ impl AppState {
                 "to",
                 &["confirmed", "cancelled"],
             ),
-        }
+        }))
     }
 }
 
@@ -118,6 +129,21 @@ const CREATE_ERRORS_409: &str = "`order_exists`: an order with this id exists\n\
 const CREATE_ERRORS_422: &str = "`validation_failed`: a field breaks its constraints, a product or the user does not exist, `total` differs from the computed total, or the `Idempotency-Key` was used with another body";
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The request's `Idempotency-Key` value, if any: taken alone, where a `HeaderMap`
+/// extractor would copy every header of the request.
+struct IdempotencyKeyHeader(Option<axum::http::HeaderValue>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get(IDEMPOTENCY_KEY).cloned()))
+    }
+}
 /// Marks a response replayed from an earlier request with the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -138,12 +164,12 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 async fn create_order(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     ApiJson(mut body): ApiJson<NewOrder>,
 ) -> AppResult<Response> {
     let outcome = async {
         body.resolve_owner(&caller)?;
-        let key = match headers.get(IDEMPOTENCY_KEY) {
+        let key = match key {
             Some(value) => Some(IdempotencyKey::new(
                 value.to_str().map_err(|_| {
                     AppError::validation("Idempotency-Key", "must be visible ASCII")
@@ -204,10 +230,10 @@ async fn create_order(
 async fn create_order_seed(
     state: State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
+    key: IdempotencyKeyHeader,
     body: ApiJson<NewOrder>,
 ) -> AppResult<Response> {
-    create_order(state, caller, headers, body).await
+    create_order(state, caller, key, body).await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

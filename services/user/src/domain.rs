@@ -217,7 +217,7 @@ pub fn verify_password(password: &Password, phc: &str) -> bool {
 pub fn decoy_hash() -> String {
     let mut random = [0u8; 32];
     getrandom::fill(&mut random).expect("a secure random source");
-    let decoy = Password(random.iter().map(|b| format!("{b:02x}")).collect());
+    let decoy = Password(hex::encode(random));
     hash_password(&decoy).expect("hashing a decoy")
 }
 

@@ -103,19 +103,32 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn new(kind: &'static str, data: &impl Serialize) -> Self {
+        /// [`Event`]'s fields, borrowed: `data` is written straight into the body instead
+        /// of through a `serde_json::Value` tree (an allocation per field and string).
+        #[derive(Serialize)]
+        struct Envelope<'a, T> {
+            id: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            version: u32,
+            occurred_at: &'a str,
+            data: &'a T,
+        }
         let now = chrono::Utc::now();
         let id = uuid::Uuid::now_v7().to_string();
-        let event = Event {
-            id: id.clone(),
-            kind: kind.to_owned(),
+        let occurred_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let envelope = Envelope {
+            id: &id,
+            kind,
             version: 1,
-            occurred_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            data: serde_json::to_value(data).expect("event data serialises"),
+            occurred_at: &occurred_at,
+            data,
         };
+        let body = serde_json::to_string(&envelope).expect("event serialises");
         Self {
             id,
             kind,
-            body: serde_json::to_string(&event).expect("event serialises"),
+            body,
             traceparent: current_traceparent(),
             created_at_ms: now.timestamp_millis(),
         }
