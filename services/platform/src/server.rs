@@ -104,10 +104,6 @@ impl ServiceParts {
             .await
             .map_err(|e| anyhow::anyhow!("{}: cannot listen on {addr}: {e}", self.name))?;
         let local_addr = listener.local_addr()?;
-        let routes = match self.authenticator {
-            Some(authenticator) => routes.layer(axum::Extension(authenticator)),
-            None => routes,
-        };
         let routes = match self.openapi {
             Some(doc) => routes.route(
                 "/openapi.json",
@@ -122,6 +118,7 @@ impl ServiceParts {
             &self.config,
             self.metrics.clone(),
             Some(self.readiness.clone()),
+            self.authenticator,
         );
         Ok(Application {
             name: self.name,
@@ -138,7 +135,7 @@ impl ServiceParts {
 /// Applies the platform middleware to a router. Public so tests can `oneshot` a service's
 /// router with exactly the production stack.
 pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router {
-    stack_draining(routes, config, metrics, None)
+    stack_draining(routes, config, metrics, None, None)
 }
 
 /// [`stack`], and while `draining` says the process is shutting down (`shutdown_delay`),
@@ -148,11 +145,18 @@ pub fn stack(routes: Router, config: &ServerConfig, metrics: Metrics) -> Router 
 /// when the listener stops. Done by the observing middleware rather than a layer of its
 /// own: each `from_fn` layer costs a boxed future of about a kilobyte per request, which
 /// glibc serves from its slower large-chunk path.
+///
+/// The layers go on as one `ServiceBuilder` stack: each `Router::layer` call wraps every
+/// route in a boxed service of its own, cloned and its future boxed on every request.
+/// One call instead of four took the product service's allocations per reservation from
+/// 83 to 70. Still per route, not around the router, so the observer sees the matched
+/// route.
 fn stack_draining(
     routes: Router,
     config: &ServerConfig,
     metrics: Metrics,
     draining: Option<Readiness>,
+    authenticator: Option<Authenticator>,
 ) -> Router {
     let observer = Arc::new(Observer {
         metrics,
@@ -160,13 +164,17 @@ fn stack_draining(
         body_limit: config.body_limit,
         draining,
     });
-    routes
-        .layer(CatchPanicLayer::custom(middleware::panic_response))
-        .layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(axum::middleware::from_fn_with_state(
-            observer,
-            middleware::observe,
-        ))
+    // Outermost first.
+    routes.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(
+                observer,
+                middleware::observe,
+            ))
+            .layer(DefaultBodyLimit::max(config.body_limit))
+            .layer(CatchPanicLayer::custom(middleware::panic_response))
+            .option_layer(authenticator.map(axum::Extension)),
+    )
 }
 
 pub struct Application {
