@@ -172,9 +172,10 @@ async fn released_stock_is_announced_once_a_consumer_is_there(backend: Backend) 
         .iter()
         .map(|e| {
             assert_eq!(e.kind, "stock.released");
+            let data: serde_json::Value = e.data().unwrap();
             (
-                e.data["reservation_id"].as_str().unwrap().to_owned(),
-                e.data["items"][0]["quantity"].as_i64().unwrap(),
+                data["reservation_id"].as_str().unwrap().to_owned(),
+                data["items"][0]["quantity"].as_i64().unwrap(),
             )
         })
         .collect();

@@ -68,7 +68,7 @@ impl Queue {
 /// The envelope every event travels in. `version` is the version of `data`'s schema for
 /// this `type`: fields may be added within a version; a field removed or changed in
 /// meaning is a new version, published beside the old until its consumers moved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     pub id: String,
@@ -77,13 +77,15 @@ pub struct Event {
     pub version: u32,
     /// RFC 3339, UTC.
     pub occurred_at: String,
-    pub data: serde_json::Value,
+    /// Kept as the text it came in, and parsed once, into the consumer's own type: a
+    /// `serde_json::Value` would allocate every field and string of it on the way.
+    pub data: Box<serde_json::value::RawValue>,
 }
 
 impl Event {
     /// `data` as the consumer's own type; a mismatch is a poison message.
     pub fn data<T: serde::de::DeserializeOwned>(&self) -> Result<T, Rejection> {
-        T::deserialize(&self.data).map_err(|err| {
+        serde_json::from_str(self.data.get()).map_err(|err| {
             Rejection::Poison(format!("{} v{} data: {err}", self.kind, self.version))
         })
     }
