@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use shop_platform::Metrics;
 use shop_platform::events::amqp::{
-    AmqpLink, AmqpPublisher, dead_letter_queue, queue_depth, spawn_consumer,
+    AmqpLink, AmqpPublisher, MAX_BATCH, dead_letter_queue, queue_depth, spawn_consumer,
 };
 use shop_platform::events::outbox::Message;
 use shop_platform::events::{Consumer, Event, EventMetrics, Handled, Publisher, Queue, Rejection};
@@ -76,7 +76,8 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
     let Some(rabbit) = RabbitMq::start("a_waiting_burst_is_applied_in_batches") else {
         return;
     };
-    let ids: Vec<String> = (0..60)
+    // More than two batches' worth, so a batch has to end before the burst does.
+    let ids: Vec<String> = (0..150)
         .map(|n| match n % 10 {
             3 => format!("poison-{n}"),
             7 => format!("flaky-{n}"),
@@ -109,7 +110,7 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
         };
         if settled
             && queue_depth(&rabbit.url, QUEUE).await.unwrap() == 0
-            && queue_depth(&rabbit.url, &dead).await.unwrap() == 6
+            && queue_depth(&rabbit.url, &dead).await.unwrap() == 15
         {
             break;
         }
@@ -126,7 +127,10 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
     }
     let most = consumer.most_in_flight.load(Ordering::SeqCst);
     assert!(most > 1, "one delivery at a time ({most} at most)");
-    assert!(most <= 16, "{most} deliveries at once, more than a batch");
+    assert!(
+        most <= usize::from(MAX_BATCH),
+        "{most} deliveries at once, more than a batch"
+    );
 }
 
 /// This process's established TCP connections to `port` on 127.0.0.1.

@@ -24,10 +24,12 @@ use super::{EXCHANGE, QUEUES, Queue};
 
 /// Where a queue's poison messages go: `<queue>.dead`, through this exchange.
 pub const DEAD_LETTER_EXCHANGE: &str = "shop.events.dead";
-/// Deliveries a consumer may hold unacknowledged.
-const PREFETCH: u16 = 32;
+/// Deliveries a consumer may hold unacknowledged. 128 rather than 32: with the relay's
+/// linger a publication brings tens of events at once, and applying up to 64 of them
+/// together took the user service's CPU per consumed order from 56-59 to 49-52 us.
+const PREFETCH: u16 = 128;
 /// Deliveries applied at once, at most: half the prefetch window, as acks are.
-const MAX_BATCH: u16 = PREFETCH / 2;
+pub const MAX_BATCH: u16 = PREFETCH / 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// lapin keeps two buffers of 32 frames per connection, sized by the negotiated frame
 /// size: at RabbitMQ's default (128 KiB) that is 8 MiB resident per connection, measured.
