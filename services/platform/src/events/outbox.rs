@@ -359,6 +359,21 @@ mod tests {
             .unwrap()
     }
 
+    /// [`bare_sqlite`] with an outbox shaped as the services' migrations make it.
+    async fn sqlite_with_outbox(dir: &std::path::Path) -> Database {
+        let db = bare_sqlite(dir).await;
+        sqlx::raw_sql(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
+                 kind TEXT NOT NULL, body TEXT NOT NULL, traceparent TEXT,
+                 created_at_ms BIGINT NOT NULL DEFAULT 0, sent_at_ms BIGINT,
+                 attempts BIGINT NOT NULL DEFAULT 0)",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+        db
+    }
+
     /// What a relay writes after a publication the broker confirmed only in part: the
     /// confirmed events sent, the first unconfirmed one's attempt counted, the rest as
     /// they were; and the attempt alone when nothing was confirmed.
@@ -431,12 +446,9 @@ mod tests {
     #[tokio::test]
     async fn what_the_broker_confirmed_is_counted_though_marking_it_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let db = bare_sqlite(dir.path()).await;
-        sqlx::raw_sql(
-            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
-                 kind TEXT NOT NULL, body TEXT NOT NULL, traceparent TEXT,
-                 sent_at_ms BIGINT, attempts BIGINT NOT NULL DEFAULT 0);
-             INSERT INTO outbox (event_id, kind, body) VALUES ('a', 'k', '{}'), ('b', 'k', '{}');",
+        let db = sqlite_with_outbox(dir.path()).await;
+        sqlx::query(
+            "INSERT INTO outbox (event_id, kind, body) VALUES ('a', 'k', '{}'), ('b', 'k', '{}')",
         )
         .execute(db.writer())
         .await
@@ -468,16 +480,7 @@ mod tests {
     #[tokio::test]
     async fn a_woken_relay_lingers_so_events_committed_meanwhile_go_out_together() {
         let dir = tempfile::tempdir().unwrap();
-        let db = bare_sqlite(dir.path()).await;
-        sqlx::raw_sql(
-            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE NOT NULL,
-                 kind TEXT NOT NULL, body TEXT NOT NULL, traceparent TEXT,
-                 created_at_ms BIGINT NOT NULL, sent_at_ms BIGINT,
-                 attempts BIGINT NOT NULL DEFAULT 0)",
-        )
-        .execute(db.writer())
-        .await
-        .unwrap();
+        let db = sqlite_with_outbox(dir.path()).await;
         let recorder = Arc::new(Recorder::default());
         let outbox = Outbox::default();
         let metrics = EventMetrics::new(&crate::Metrics::new("t"), &["k"], &[]);
@@ -491,11 +494,9 @@ mod tests {
         // Its first drain, at start, finds nothing.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let insert = |id: &'static str| {
-            sqlx::query(
-                "INSERT INTO outbox (event_id, kind, body, created_at_ms) VALUES ($1, 'k', '{}', 0)",
-            )
-            .bind(id)
-            .execute(db.writer())
+            sqlx::query("INSERT INTO outbox (event_id, kind, body) VALUES ($1, 'k', '{}')")
+                .bind(id)
+                .execute(db.writer())
         };
         insert("a").await.unwrap();
         let woken = Instant::now();
