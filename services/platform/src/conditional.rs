@@ -11,6 +11,38 @@ use bytes::Bytes;
 use headers::{ETag, HeaderMapExt, IfNoneMatch};
 use sha2::{Digest, Sha256};
 
+/// The request's `If-None-Match` and `If-Match` lines alone, as the `HeaderMap` that
+/// [`Representation`]'s methods read. An extractor for handlers that answer from memory,
+/// where axum's `HeaderMap` extractor would copy every header line of the request (the
+/// gateway forwards half a dozen) on every read.
+#[derive(Debug, Default)]
+pub struct Preconditions(HeaderMap);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Preconditions {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let mut only = HeaderMap::new();
+        for name in [header::IF_NONE_MATCH, header::IF_MATCH] {
+            for value in parts.headers.get_all(&name) {
+                only.append(name.clone(), value.clone());
+            }
+        }
+        Ok(Self(only))
+    }
+}
+
+impl std::ops::Deref for Preconditions {
+    type Target = HeaderMap;
+
+    fn deref(&self) -> &HeaderMap {
+        &self.0
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Representation {
     body: Bytes,
@@ -150,6 +182,35 @@ mod tests {
             headers.append(header::IF_NONE_MATCH, value.parse().unwrap());
         }
         headers
+    }
+
+    /// Both conditional headers come through with every line, and nothing else does, so
+    /// a representation answers the extracted copy as it would the whole request.
+    #[tokio::test]
+    async fn preconditions_keep_every_conditional_line_and_nothing_else() {
+        use axum::extract::FromRequestParts;
+        let representation = Representation::json(&b"{}"[..]);
+        let tag = representation.etag().to_str().unwrap().to_owned();
+        let (mut parts, ()) = axum::http::Request::builder()
+            .header(header::IF_NONE_MATCH, "\"other\"")
+            .header(header::IF_NONE_MATCH, tag.as_str())
+            .header(header::IF_MATCH, "\"stale\"")
+            .header(header::AUTHORIZATION, "Bearer x")
+            .header("x-request-id", "1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let only = Preconditions::from_request_parts(&mut parts, &())
+            .await
+            .unwrap();
+        assert_eq!(only.len(), 3, "{only:?}");
+        assert_eq!(only.get_all(header::IF_NONE_MATCH).iter().count(), 2);
+        assert!(
+            representation.is_current_for(&only),
+            "the second line names it"
+        );
+        assert!(!representation.if_match_passes(&only).unwrap());
+        assert_eq!(parts.headers.len(), 5, "the request keeps its headers");
     }
 
     #[test]

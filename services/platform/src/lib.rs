@@ -30,7 +30,7 @@ pub mod validate;
 
 pub use cli::{Binary, Runtime};
 pub use client::{PeerResponse, ServiceClient};
-pub use conditional::Representation;
+pub use conditional::{Preconditions, Representation};
 pub use config::{ConfigError, Env, ServerConfig, Var};
 pub use db::{Backend, Database, Migrations, StorageConfig, Watch, WatchEvent};
 pub use error::{ApiJson, ApiQuery, AppError, AppResult};

@@ -10,7 +10,9 @@ use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::pagination::announce_next_page;
 use shop_platform::validate::{self, IdQuery};
-use shop_platform::{ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, PageRequest};
+use shop_platform::{
+    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, PageRequest, Preconditions,
+};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -143,7 +145,7 @@ const PAGE_HEADERS: &str =
     ))]
 async fn list_products(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    headers: Preconditions,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> AppResult<Response> {
     let request = PageRequest::parse(params.limit, params.cursor.as_deref())?;
@@ -168,7 +170,7 @@ async fn list_products(
     ))]
 async fn get_product(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    headers: Preconditions,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     validate::id("id", &id)?;
@@ -188,7 +190,7 @@ async fn get_product(
     ))]
 async fn get_product_by_query(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    headers: Preconditions,
     ApiQuery(query): ApiQuery<IdQuery>,
 ) -> AppResult<Response> {
     find(&state, &headers, &query.required()?).await
