@@ -144,6 +144,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKeyHeader
         Ok(Self(parts.headers.get(IDEMPOTENCY_KEY).cloned()))
     }
 }
+
 /// Marks a response replayed from an earlier request with the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
