@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 use shop_platform::events::NewEvent;
 use shop_platform::{
-    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, Representation,
-    ServiceClient,
+    ApiJson, ApiQuery, AppError, AppResult, Caller, Metrics, Page, PageRequest, Preconditions,
+    Representation, ServiceClient,
 };
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -302,7 +302,7 @@ async fn list_orders(
 async fn get_order(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
+    headers: Preconditions,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     shop_platform::validate::id("id", &id)?;
@@ -349,7 +349,7 @@ const CHANGE_PARAMS_ID: &str = "Order id";
 async fn cancel_order(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
+    headers: Preconditions,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     change(&state, &caller, &headers, &id, Action::Cancel).await
@@ -375,7 +375,7 @@ async fn cancel_order(
 async fn confirm_order(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
+    headers: Preconditions,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     change(&state, &caller, &headers, &id, Action::Confirm).await
@@ -387,7 +387,7 @@ async fn confirm_order(
 async fn change(
     state: &AppState,
     caller: &Caller,
-    headers: &HeaderMap,
+    headers: &Preconditions,
     id: &str,
     action: Action,
 ) -> AppResult<Response> {

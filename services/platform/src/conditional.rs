@@ -12,9 +12,9 @@ use headers::{ETag, HeaderMapExt, IfNoneMatch};
 use sha2::{Digest, Sha256};
 
 /// The request's `If-None-Match` and `If-Match` lines alone, as the `HeaderMap` that
-/// [`Representation`]'s methods read. An extractor for handlers that answer from memory,
-/// where axum's `HeaderMap` extractor would copy every header line of the request (the
-/// gateway forwards half a dozen) on every read.
+/// [`Representation`]'s methods read: the extractor for handlers that answer
+/// conditionally, where axum's `HeaderMap` extractor would copy every header line of the
+/// request (the gateway forwards half a dozen) on every call.
 #[derive(Debug, Default)]
 pub struct Preconditions(HeaderMap);
 
