@@ -13,6 +13,14 @@ use shop_platform::events::{EventMetrics, NewEvent, Outbox, Publisher};
 use shop_platform::testing::{Backend, TestDatabase, postgres_admin_url};
 
 const EVENTS: usize = 400;
+
+/// Two order-service replicas' handles on one database.
+async fn two_replicas(test_db: &TestDatabase) -> [shop_platform::Database; 2] {
+    let storage = test_db.storage();
+    let open = || storage.open(shop_order::NAME, &shop_order::storage::MIGRATIONS);
+    [open().await.unwrap(), open().await.unwrap()]
+}
+
 const PER_COMMIT: usize = 8;
 
 /// A broker that takes a little while to confirm, and notes who published what, and
@@ -46,17 +54,7 @@ async fn two_relays_publish_each_event_once_in_order() {
         return;
     }
     let test_db = TestDatabase::new(Backend::Postgres).await;
-    let storage = test_db.storage();
-    let replicas = [
-        storage
-            .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
-            .await
-            .unwrap(),
-        storage
-            .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
-            .await
-            .unwrap(),
-    ];
+    let replicas = two_replicas(&test_db).await;
     let log = Arc::new(Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let overlaps = Arc::new(AtomicUsize::new(0));
@@ -177,16 +175,7 @@ async fn an_event_written_while_the_other_replica_relays_goes_out_without_waitin
         return;
     }
     let test_db = TestDatabase::new(Backend::Postgres).await;
-    let storage = test_db.storage();
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        replicas.push(
-            storage
-                .open(shop_order::NAME, &shop_order::storage::MIGRATIONS)
-                .await
-                .unwrap(),
-        );
-    }
+    let replicas = two_replicas(&test_db).await;
     let published = Arc::new(Mutex::new(Vec::new()));
     let started = Arc::new(tokio::sync::Notify::new());
     let outboxes = [Outbox::default(), Outbox::default()];
