@@ -22,10 +22,12 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
 mod batches;
+mod coalesce;
 mod listen;
 
 use batches::SqliteFile;
 pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
+pub use coalesce::{Coalescer, Gone};
 use listen::{Listeners, Subscription};
 
 use crate::config::{ConfigError, Env, Var};

@@ -2,6 +2,8 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
+use serde::Serialize;
+use shop_platform::db::Coalescer;
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::Row;
@@ -69,12 +71,36 @@ pub struct LoginRecord {
 
 pub struct SqlUserStore {
     db: Database,
+    /// PostgreSQL: the counts of events applied at the same time, one statement a group.
+    counts: Option<Coalescer<CountCall, Result<Handled, StoreError>>>,
 }
 
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
-        Self { db: db.clone() }
+        let counts = (db.backend() == Backend::Postgres).then(|| {
+            let db = db.clone();
+            // One group at a time: the events of a burst mostly count for the same few
+            // accounts, whose rows two groups would only queue on.
+            Coalescer::new(COUNT_GROUP, 1, move |calls| count_group(db.clone(), calls))
+        });
+        Self {
+            db: db.clone(),
+            counts,
+        }
     }
+}
+
+/// At most as many as a consumer applies at once (`events::amqp::MAX_BATCH`).
+const COUNT_GROUP: usize = 64;
+
+/// One `count_order` call, as a row of [`COUNT_ORDERS_POSTGRES`]'s JSON.
+#[derive(Serialize)]
+struct CountCall {
+    queue: String,
+    event_id: String,
+    user_id: String,
+    placed: i64,
+    cancelled: i64,
 }
 
 /// The inbox row (see `shop_platform::events::inbox`) and the count, the count only if
@@ -95,6 +121,100 @@ const COUNT_ORDER_POSTGRES: &str =
         orders_cancelled = orders_cancelled + $5
         WHERE id = $6 AND EXISTS (SELECT 1 FROM first) RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM first)";
+
+/// A group of calls in one statement, `$1` their rows as a JSON array. An event twice in
+/// the group counts once (`DISTINCT ON`); the rows returned are the events new to the
+/// inbox. The counts go on per account, summed.
+const COUNT_ORDERS_POSTGRES: &str = "WITH batch AS (
+        SELECT DISTINCT ON (queue, event_id) queue, event_id, user_id, placed, cancelled
+        FROM json_to_recordset($1::json)
+            AS b (queue text, event_id text, user_id text, placed bigint, cancelled bigint)
+    ), first AS (
+        INSERT INTO inbox (queue, event_id, processed_at_ms)
+        SELECT queue, event_id, $2 FROM batch
+        ON CONFLICT (queue, event_id) DO NOTHING
+        RETURNING queue, event_id
+    ), counted AS (
+        UPDATE users SET orders_placed = orders_placed + totals.placed,
+            orders_cancelled = orders_cancelled + totals.cancelled
+        FROM (SELECT batch.user_id, SUM(batch.placed)::bigint AS placed,
+                SUM(batch.cancelled)::bigint AS cancelled
+            FROM batch JOIN first USING (queue, event_id) GROUP BY batch.user_id) AS totals
+        WHERE users.id = totals.user_id
+        RETURNING 1
+    )
+    SELECT queue, event_id FROM first";
+
+/// Counts a group: together when it is more than one, and each alone if that fails (a
+/// deadlock with another replica's group, say), so every call gets its own answer.
+async fn count_group(db: Database, calls: Vec<CountCall>) -> Vec<Result<Handled, StoreError>> {
+    if calls.len() > 1 {
+        match count_together(&db, &calls).await {
+            Ok(answers) => return answers.into_iter().map(Ok).collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "a group of order counts failed; counting each alone")
+            }
+        }
+    }
+    futures_util::future::join_all(calls.iter().map(|call| count_one(&db, call))).await
+}
+
+async fn count_together(db: &Database, calls: &[CountCall]) -> Result<Vec<Handled>, sqlx::Error> {
+    let rows = sqlx::query(COUNT_ORDERS_POSTGRES)
+        .bind(serde_json::to_string(calls).expect("plain strings and integers"))
+        .bind(chrono::Utc::now().timestamp_millis())
+        .fetch_all(db.writer())
+        .await?;
+    let mut new = rows
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<String, _>("queue")?,
+                row.try_get::<String, _>("event_id")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    // The first call of each new event applied it; any other was a duplicate.
+    Ok(calls
+        .iter()
+        .map(|call| {
+            match new
+                .iter()
+                .position(|(queue, event_id)| *queue == call.queue && *event_id == call.event_id)
+            {
+                Some(at) => {
+                    new.swap_remove(at);
+                    Handled::Applied
+                }
+                None => Handled::Duplicate,
+            }
+        })
+        .collect())
+}
+
+/// One call on its own, in one statement.
+async fn count_one(db: &Database, call: &CountCall) -> Result<Handled, StoreError> {
+    let sql = match db.backend() {
+        Backend::Sqlite => COUNT_ORDER_SQLITE,
+        Backend::Postgres => COUNT_ORDER_POSTGRES,
+    };
+    let query = sqlx::query(sql)
+        .bind(&call.queue)
+        .bind(&call.event_id)
+        .bind(chrono::Utc::now().timestamp_millis())
+        .bind(call.placed)
+        .bind(call.cancelled)
+        .bind(&call.user_id);
+    let first = match db.backend() {
+        Backend::Sqlite => !db.committed_batch(query).await?.is_empty(),
+        Backend::Postgres => query.fetch_one(db.writer()).await?.try_get::<bool, _>(0)?,
+    };
+    Ok(if first {
+        Handled::Applied
+    } else {
+        Handled::Duplicate
+    })
+}
 
 #[async_trait]
 impl UserStore for SqlUserStore {
@@ -174,31 +294,25 @@ impl UserStore for SqlUserStore {
         user_id: &str,
         counts: OrderCounts,
     ) -> Result<Handled, StoreError> {
-        // Runs for every order placed and cancelled: one hand-off to SQLite's connection
-        // thread where it was four, one round trip to PostgreSQL where it was four.
-        let sql = match self.db.backend() {
-            Backend::Sqlite => COUNT_ORDER_SQLITE,
-            Backend::Postgres => COUNT_ORDER_POSTGRES,
+        // Runs for every order placed and cancelled. SQLite: one hand-off to the batch
+        // thread, which commits the calls waiting together. PostgreSQL: the calls made
+        // together share one statement.
+        let call = CountCall {
+            queue: queue.to_owned(),
+            event_id: event_id.to_owned(),
+            user_id: user_id.to_owned(),
+            placed: counts.placed,
+            cancelled: counts.cancelled,
         };
-        let query = sqlx::query(sql)
-            .bind(queue)
-            .bind(event_id)
-            .bind(chrono::Utc::now().timestamp_millis())
-            .bind(counts.placed)
-            .bind(counts.cancelled)
-            .bind(user_id);
-        let first = match self.db.backend() {
-            Backend::Sqlite => !self.db.committed_batch(query).await?.is_empty(),
-            Backend::Postgres => query
-                .fetch_one(self.db.writer())
-                .await?
-                .try_get::<bool, _>(0)?,
-        };
-        Ok(if first {
-            Handled::Applied
-        } else {
-            Handled::Duplicate
-        })
+        match &self.counts {
+            // A group task gone (it panicked) fails its calls as a crashed worker would:
+            // the consumer delivers them again.
+            Some(counts) => counts
+                .call(call)
+                .await
+                .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed))),
+            None => count_one(&self.db, &call).await,
+        }
     }
 
     async fn login_record(&self, email: &str) -> Result<Option<LoginRecord>, StoreError> {

@@ -1113,8 +1113,93 @@ async fn an_order_event_is_counted_once_however_often_it_arrives(backend: Backen
     db.close().await;
 }
 
+/// A burst of events applied at once (as a consumer applies the deliveries waiting), on
+/// PostgreSQL one statement a group: each event counts once however many times it is in
+/// the burst or was counted before, each for its own account.
+async fn a_burst_of_order_events_counts_each_event_once(backend: Backend) {
+    let h = Harness::new(backend).await;
+    assert_eq!(
+        h.post("/users", SEED_BODY).await.status,
+        StatusCode::CREATED
+    );
+    let other =
+        r#"{"id":"2","name":"Bo","email":"bo@example.com","password":"correct horse battery"}"#;
+    assert_eq!(h.post("/users", other).await.status, StatusCode::CREATED);
+    let db = h.db().await;
+    let store = Arc::new(SqlUserStore::new(&db));
+    let queue = OrderCountsConsumer::queue().name;
+    let placed = OrderCounts {
+        placed: 1,
+        cancelled: 0,
+    };
+    let cancelled = OrderCounts {
+        placed: 0,
+        cancelled: 1,
+    };
+    assert_eq!(
+        store
+            .count_order(queue, "before", "1", placed)
+            .await
+            .unwrap(),
+        Handled::Applied
+    );
+    // 30 events, each sent twice, and the one counted before: user 1 gets the even ones
+    // (placed), user 2 the odd ones (every third of them a cancellation), "nobody" none.
+    let mut burst = vec![("before".to_owned(), "1", placed)];
+    for n in 0..30 {
+        let (user, counts) = match n % 2 {
+            0 => ("1", placed),
+            _ if n % 3 == 0 => ("2", cancelled),
+            _ => ("2", placed),
+        };
+        burst.push((format!("e-{n}"), user, counts));
+        burst.push((format!("e-{n}"), user, counts));
+    }
+    burst.push(("e-x".to_owned(), "nobody", placed));
+    let answers = futures_util::future::join_all(burst.iter().map(|(event, user, counts)| {
+        let store = store.clone();
+        async move {
+            store
+                .count_order(queue, event, user, *counts)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let mut applied = std::collections::HashMap::<&str, usize>::new();
+    for ((event, _, _), answer) in burst.iter().zip(&answers) {
+        if *answer == Handled::Applied {
+            *applied.entry(event).or_default() += 1;
+        }
+    }
+    assert_eq!(applied.get("before"), None, "counted before the burst");
+    for n in 0..30 {
+        assert_eq!(
+            applied.get(format!("e-{n}").as_str()),
+            Some(&1),
+            "e-{n}: {answers:?}"
+        );
+    }
+    assert_eq!(applied.get("e-x"), Some(&1));
+
+    // User 1: "before" and the 15 even events; user 2: of its 15 odd events, the five
+    // that are multiples of three are cancellations.
+    let one = h.get("/users/1").await;
+    assert_eq!(one.body["orders"], json!({"placed": 16, "cancelled": 0}));
+    let two = h.get("/users/2").await;
+    assert_eq!(two.body["orders"], json!({"placed": 10, "cancelled": 5}));
+    let inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE queue = $1")
+        .bind(queue)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(inbox, 32, "one inbox row per distinct event");
+    db.close().await;
+}
+
 shop_platform::backend_tests!(
     an_order_event_is_counted_once_however_often_it_arrives,
+    a_burst_of_order_events_counts_each_event_once,
     registers_a_user_and_never_returns_the_password,
     generates_an_id_when_none_is_given,
     seed_walkthrough_post_user_then_get_by_query,
