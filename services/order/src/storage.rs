@@ -4,6 +4,8 @@
 //! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
+use serde::Serialize;
+use shop_platform::db::Coalescer;
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::Row;
@@ -111,6 +113,274 @@ pub trait OrderStore: Send + Sync + 'static {
 pub struct SqlOrderStore {
     db: Database,
     outbox: Outbox,
+    /// PostgreSQL: the checkouts begun and the orders stored at the same time, one
+    /// statement a group (see [`Coalescer`]).
+    grouped: Option<Grouped>,
+}
+
+struct Grouped {
+    claims: Coalescer<ClaimCall, Result<CheckoutStart, StoreError>>,
+    stores: Coalescer<StoreCall, Result<bool, StoreError>>,
+}
+
+/// At most the checkouts a replica has in flight at the benchmark's 32 connections, with
+/// room; two groups of each at a time, as each order's rows are its own.
+const GROUP: usize = 64;
+const GROUPS_IN_FLIGHT: usize = 2;
+
+/// A checkout to begin, as a row of [`BEGIN_CHECKOUTS_POSTGRES`]'s JSON.
+#[derive(Serialize)]
+struct ClaimCall {
+    reservation_id: String,
+    order_id: String,
+    started_at_ms: i64,
+    key: Option<String>,
+}
+
+/// An order to store, as a row of [`STORE_ORDERS_POSTGRES`]'s JSON.
+#[derive(Serialize)]
+struct StoreCall {
+    reservation_id: String,
+    id: String,
+    user_id: String,
+    total_cents: i64,
+    status: String,
+    created_at: String,
+    event_id: String,
+    kind: &'static str,
+    body: String,
+    traceparent: Option<String>,
+    event_created_at_ms: i64,
+    lines: Vec<LineRow>,
+    key: Option<String>,
+    request_hash: Option<String>,
+    response_status: Option<i64>,
+    response: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LineRow {
+    position: i64,
+    product_id: String,
+    name: String,
+    quantity: i64,
+    price: i64,
+}
+
+impl StoreCall {
+    fn new(order: &Order, idempotency: Option<&IdempotencyRecord>, placed: &NewEvent) -> Self {
+        Self {
+            reservation_id: order.reservation_id.clone(),
+            id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            total_cents: order.total.cents(),
+            status: order.status.clone(),
+            created_at: order.created_at.clone(),
+            event_id: placed.id.clone(),
+            kind: placed.kind,
+            body: placed.body.clone(),
+            traceparent: placed.traceparent.clone(),
+            event_created_at_ms: placed.created_at_ms,
+            lines: (0..)
+                .zip(&order.items)
+                .map(|(position, item)| LineRow {
+                    position,
+                    product_id: item.product_id.clone(),
+                    name: item.name.clone(),
+                    quantity: item.quantity,
+                    price: item.unit_price.cents(),
+                })
+                .collect(),
+            key: idempotency.map(|record| record.key.clone()),
+            request_hash: idempotency.map(|record| record.request_hash.clone()),
+            response_status: idempotency.map(|record| i64::from(record.status)),
+            response: idempotency.map(|record| record.response.clone()),
+        }
+    }
+}
+
+/// [`BEGIN_CHECKOUT`] for a group, `$1` its rows as a JSON array; returns the checkouts
+/// begun.
+const BEGIN_CHECKOUTS_POSTGRES: &str =
+    "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
+     SELECT b.reservation_id, b.order_id, 'reserving', b.started_at_ms
+     FROM json_to_recordset($1::json)
+        AS b (reservation_id text, order_id text, started_at_ms bigint, key text)
+     WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = b.order_id)
+       AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = b.key)
+     RETURNING reservation_id";
+
+/// A checkout, begun only if neither its order nor its `Idempotency-Key` has an order.
+const BEGIN_CHECKOUT: &str =
+    "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
+     SELECT $1, $2, 'reserving', $3
+     WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
+       AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)
+     RETURNING 1";
+
+/// [`store_order_postgres`] for a group, `$1` its rows as a JSON array; returns the ids
+/// of the orders stored (those whose checkout was still ours to claim).
+const STORE_ORDERS_POSTGRES: &str = "WITH batch AS (
+        SELECT * FROM json_to_recordset($1::json) AS b (reservation_id text, id text,
+            user_id text, total_cents bigint, status text, created_at text, event_id text,
+            kind text, body text, traceparent text, event_created_at_ms bigint, lines json,
+            key text, request_hash text, response_status bigint, response text)
+    ), claimed AS (
+        DELETE FROM checkouts USING batch
+        WHERE checkouts.reservation_id = batch.reservation_id AND checkouts.state = 'reserving'
+        RETURNING checkouts.reservation_id
+    ), stored AS (
+        INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+        SELECT id, user_id, total_cents, status, reservation_id, created_at
+        FROM batch JOIN claimed USING (reservation_id)
+        RETURNING id
+    ), lines AS (
+        INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
+        SELECT batch.id, line.position, line.product_id, line.name, line.quantity, line.price
+        FROM batch JOIN stored USING (id),
+            json_to_recordset(batch.lines)
+                AS line (position bigint, product_id text, name text, quantity bigint, price bigint)
+    ), announced AS (
+        INSERT INTO outbox (event_id, kind, body, traceparent, created_at_ms)
+        SELECT event_id, kind, body, traceparent, event_created_at_ms
+        FROM batch JOIN stored USING (id)
+    ), keyed AS (
+        INSERT INTO idempotency_keys (key, request_hash, status, response, order_id, created_at)
+        SELECT key, request_hash, response_status, response, id, created_at
+        FROM batch JOIN stored USING (id) WHERE key IS NOT NULL
+    )
+    SELECT id FROM stored";
+
+/// Begins a group of checkouts: together when more than one, each alone if that fails,
+/// so every call gets its own answer (or its own error).
+async fn begin_group(
+    db: Database,
+    calls: Vec<ClaimCall>,
+) -> Vec<Result<CheckoutStart, StoreError>> {
+    if calls.len() > 1 {
+        match rows_together(&db, BEGIN_CHECKOUTS_POSTGRES, &calls, "reservation_id").await {
+            Ok(begun) => {
+                return calls
+                    .iter()
+                    .map(|call| Ok(started(begun.contains(&call.reservation_id))))
+                    .collect();
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "a group of checkouts failed; beginning each alone")
+            }
+        }
+    }
+    futures_util::future::join_all(calls.iter().map(|call| begin_one(&db, call))).await
+}
+
+/// Stores a group of orders, as [`begin_group`] begins checkouts.
+async fn store_group(db: Database, calls: Vec<StoreCall>) -> Vec<Result<bool, StoreError>> {
+    if calls.len() > 1 {
+        match rows_together(&db, STORE_ORDERS_POSTGRES, &calls, "id").await {
+            Ok(stored) => {
+                return calls
+                    .iter()
+                    .map(|call| Ok(stored.contains(&call.id)))
+                    .collect();
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "a group of orders failed (a duplicate id, say); storing each alone")
+            }
+        }
+    }
+    futures_util::future::join_all(calls.iter().map(|call| store_one(&db, call))).await
+}
+
+/// Runs `sql` with `calls` as its JSON rows and returns `column` of each row it returned.
+async fn rows_together(
+    db: &Database,
+    sql: &'static str,
+    calls: &[impl Serialize],
+    column: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query(sql)
+        .bind(serde_json::to_string(calls).expect("strings and integers"))
+        .fetch_all(db.writer())
+        .await?
+        .iter()
+        .map(|row| row.try_get(column))
+        .collect()
+}
+
+fn started(begun: bool) -> CheckoutStart {
+    if begun {
+        CheckoutStart::Started
+    } else {
+        CheckoutStart::AlreadyPlaced
+    }
+}
+
+async fn begin_one(db: &Database, call: &ClaimCall) -> Result<CheckoutStart, StoreError> {
+    let insert = sqlx::query(BEGIN_CHECKOUT)
+        .bind(&call.reservation_id)
+        .bind(&call.order_id)
+        .bind(call.started_at_ms)
+        .bind(&call.key);
+    let begun = match db.backend() {
+        Backend::Postgres => insert.fetch_all(db.writer()).await?.len(),
+        // Committed with the other writes waiting, on the batch thread.
+        Backend::Sqlite => db.committed_batch(insert).await?.len(),
+    };
+    Ok(started(begun == 1))
+}
+
+/// Stores one order; `false`: its checkout was no longer ours to claim.
+async fn store_one(db: &Database, call: &StoreCall) -> Result<bool, StoreError> {
+    let keyed = call.key.is_some();
+    let sql = match db.backend() {
+        Backend::Postgres => store_order_postgres(call.lines.len(), keyed),
+        Backend::Sqlite => store_order_sqlite(call.lines.len(), keyed),
+    };
+    // Built from constant text and line counts only; every value is a parameter.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&call.reservation_id)
+        .bind(&call.id)
+        .bind(&call.user_id)
+        .bind(call.total_cents)
+        .bind(&call.status)
+        .bind(&call.created_at)
+        .bind(&call.event_id)
+        .bind(call.kind)
+        .bind(&call.body)
+        .bind(&call.traceparent)
+        .bind(call.event_created_at_ms);
+    for line in &call.lines {
+        query = query
+            .bind(&line.product_id)
+            .bind(&line.name)
+            .bind(line.quantity)
+            .bind(line.price);
+    }
+    if keyed {
+        query = query
+            .bind(&call.key)
+            .bind(&call.request_hash)
+            .bind(call.response_status)
+            .bind(&call.response);
+    }
+    let named = |err: sqlx::Error| match shop_platform::db::unique_violation(&err).as_deref() {
+        Some("idempotency_keys") => StoreError::IdempotencyKeyTaken,
+        Some("orders") => StoreError::DuplicateId(call.id.clone()),
+        _ => err.into(),
+    };
+    Ok(match db.backend() {
+        Backend::Postgres => query
+            .fetch_optional(db.writer())
+            .await
+            .map_err(named)?
+            .is_some(),
+        Backend::Sqlite => !db.committed_batch(query).await.map_err(named)?.is_empty(),
+    })
+}
+
+/// A group task gone (it panicked) fails its calls as a crashed worker would.
+fn gone<T>() -> Result<T, StoreError> {
+    Err(StoreError::Database(sqlx::Error::WorkerCrashed))
 }
 
 /// Parameters of the statements that store an order: `$1`..`$6` the order, `$7`..`$11`
@@ -226,9 +496,22 @@ const ORDER_COLUMNS: &str = "seq, id, user_id, total_cents, status, reservation_
 impl SqlOrderStore {
     /// `outbox` is woken after each commit that wrote an event.
     pub fn new(db: &Database, outbox: Outbox) -> Self {
+        // SQLite's batch thread already commits the writes waiting together.
+        let grouped = (db.backend() == Backend::Postgres).then(|| {
+            let (claims_db, stores_db) = (db.clone(), db.clone());
+            Grouped {
+                claims: Coalescer::new(GROUP, GROUPS_IN_FLIGHT, move |calls| {
+                    begin_group(claims_db.clone(), calls)
+                }),
+                stores: Coalescer::new(GROUP, GROUPS_IN_FLIGHT, move |calls| {
+                    store_group(stores_db.clone(), calls)
+                }),
+            }
+        });
         Self {
             db: db.clone(),
             outbox,
+            grouped,
         }
     }
 
@@ -287,27 +570,16 @@ impl OrderStore for SqlOrderStore {
     ) -> Result<CheckoutStart, StoreError> {
         // Both look-ups ride on the insert: one round trip for the common case, a new
         // order; the caller tells a replay from a duplicate only when this refuses.
-        let insert = sqlx::query(
-            "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
-             SELECT $1, $2, 'reserving', $3
-             WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
-               AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)
-             RETURNING 1",
-        )
-        .bind(checkout.reservation_id.clone())
-        .bind(checkout.order_id.clone())
-        .bind(checkout.started_at_ms)
-        .bind(idempotency_key.map(str::to_owned));
-        let started = match self.db.backend() {
-            Backend::Postgres => insert.fetch_all(self.db.writer()).await?.len(),
-            // Committed with the other writes waiting, on the batch thread.
-            Backend::Sqlite => self.db.committed_batch(insert).await?.len(),
+        let call = ClaimCall {
+            reservation_id: checkout.reservation_id.clone(),
+            order_id: checkout.order_id.clone(),
+            started_at_ms: checkout.started_at_ms,
+            key: idempotency_key.map(str::to_owned),
         };
-        Ok(if started == 1 {
-            CheckoutStart::Started
-        } else {
-            CheckoutStart::AlreadyPlaced
-        })
+        match &self.grouped {
+            Some(grouped) => grouped.claims.call(call).await.unwrap_or_else(|_| gone()),
+            None => begin_one(&self.db, &call).await,
+        }
     }
 
     async fn create(
@@ -316,55 +588,10 @@ impl OrderStore for SqlOrderStore {
         idempotency: Option<&IdempotencyRecord>,
         placed: &NewEvent,
     ) -> Result<(), StoreError> {
-        let keyed = idempotency.is_some();
-        let sql = match self.db.backend() {
-            Backend::Postgres => store_order_postgres(order.items.len(), keyed),
-            Backend::Sqlite => store_order_sqlite(order.items.len(), keyed),
-        };
-        // Built from constant text and line counts only; every value is a parameter.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&order.reservation_id)
-            .bind(&order.id)
-            .bind(&order.user_id)
-            .bind(order.total.cents())
-            .bind(&order.status)
-            .bind(&order.created_at)
-            .bind(&placed.id)
-            .bind(placed.kind)
-            .bind(&placed.body)
-            .bind(&placed.traceparent)
-            .bind(placed.created_at_ms);
-        for item in &order.items {
-            query = query
-                .bind(&item.product_id)
-                .bind(&item.name)
-                .bind(item.quantity)
-                .bind(item.unit_price.cents());
-        }
-        if let Some(record) = idempotency {
-            query = query
-                .bind(&record.key)
-                .bind(&record.request_hash)
-                .bind(i64::from(record.status))
-                .bind(&record.response);
-        }
-        let named = |err: sqlx::Error| match shop_platform::db::unique_violation(&err).as_deref() {
-            Some("idempotency_keys") => StoreError::IdempotencyKeyTaken,
-            Some("orders") => StoreError::DuplicateId(order.id.clone()),
-            _ => err.into(),
-        };
-        let claimed = match self.db.backend() {
-            Backend::Postgres => query
-                .fetch_optional(self.db.writer())
-                .await
-                .map_err(named)?
-                .is_some(),
-            Backend::Sqlite => !self
-                .db
-                .committed_batch(query)
-                .await
-                .map_err(named)?
-                .is_empty(),
+        let call = StoreCall::new(order, idempotency, placed);
+        let claimed = match &self.grouped {
+            Some(grouped) => grouped.stores.call(call).await.unwrap_or_else(|_| gone())?,
+            None => store_one(&self.db, &call).await?,
         };
         if claimed {
             self.outbox.wake();
