@@ -200,14 +200,19 @@ impl StoreCall {
 }
 
 /// [`BEGIN_CHECKOUT`] for a group, `$1` its rows as a JSON array; returns the checkouts
-/// begun.
+/// begun. The look-ups are `LATERAL ... LIMIT 1`, one index probe a row: as `NOT EXISTS`
+/// the planner may hash-join the whole `orders` table (it takes a JSON set for 100 rows),
+/// and the plan is cached while the table grows. Measured so: 4.3 ms a group.
 const BEGIN_CHECKOUTS_POSTGRES: &str =
     "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
      SELECT b.reservation_id, b.order_id, 'reserving', b.started_at_ms
      FROM json_to_recordset($1::json)
-        AS b (reservation_id text, order_id text, started_at_ms bigint, key text)
-     WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = b.order_id)
-       AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = b.key)
+            AS b (reservation_id text, order_id text, started_at_ms bigint, key text)
+        LEFT JOIN LATERAL (SELECT 1 AS found FROM orders WHERE id = b.order_id LIMIT 1)
+            AS stored ON true
+        LEFT JOIN LATERAL (SELECT 1 AS found FROM idempotency_keys WHERE key = b.key LIMIT 1)
+            AS keyed ON true
+     WHERE stored.found IS NULL AND keyed.found IS NULL
      RETURNING reservation_id";
 
 /// A checkout, begun only if neither its order nor its `Idempotency-Key` has an order.
@@ -219,16 +224,18 @@ const BEGIN_CHECKOUT: &str =
      RETURNING 1";
 
 /// [`store_order_postgres`] for a group, `$1` its rows as a JSON array; returns the ids
-/// of the orders stored (those whose checkout was still ours to claim).
+/// of the orders stored (those whose checkout was still ours to claim). The claim looks
+/// its checkouts up by key (`= ANY`), not by a join that could scan the table.
 const STORE_ORDERS_POSTGRES: &str = "WITH batch AS (
         SELECT * FROM json_to_recordset($1::json) AS b (reservation_id text, id text,
             user_id text, total_cents bigint, status text, created_at text, event_id text,
             kind text, body text, traceparent text, event_created_at_ms bigint, lines json,
             key text, request_hash text, response_status bigint, response text)
     ), claimed AS (
-        DELETE FROM checkouts USING batch
-        WHERE checkouts.reservation_id = batch.reservation_id AND checkouts.state = 'reserving'
-        RETURNING checkouts.reservation_id
+        DELETE FROM checkouts
+        WHERE reservation_id = ANY (ARRAY(SELECT reservation_id FROM batch))
+            AND state = 'reserving'
+        RETURNING reservation_id
     ), stored AS (
         INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
         SELECT id, user_id, total_cents, status, reservation_id, created_at
