@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use shop_platform::db::RowColumns;
+use shop_platform::db::{Coalescer, RowColumns};
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::{AnyConnection, Row};
@@ -132,14 +132,128 @@ pub struct ReleasedLine {
 pub struct SqlProductStore {
     db: Database,
     outbox: Outbox,
+    /// PostgreSQL: one-line reservations made at the same time, one statement a group.
+    reservations: Option<Coalescer<ReserveCall, Option<ProductRow>>>,
+}
+
+/// A one-line reservation, as a row of [`RESERVE_GROUP_POSTGRES`]'s JSON; `n` is its
+/// place in the group.
+#[derive(Serialize)]
+struct ReserveCall {
+    n: usize,
+    id: String,
+    order_id: Option<String>,
+    product_id: String,
+    quantity: i64,
+}
+
+/// At most this many reservations share a statement.
+const RESERVE_GROUP: usize = 64;
+
+/// One-line reservations for a group, `$1` their rows as a JSON array, `$2` the time.
+///
+/// Every reservation of a product takes that product's row lock until its commit, so
+/// under load they queue on it, and how long each holds it (its statement, its commit,
+/// the wake-up of the next one) bounds the orders per second one product can take. A
+/// group takes the lock once: it locks its products (in id order, as every multi-line
+/// reservation does), reads their stock as committed, accepts reservations in group order
+/// while their running sum fits, takes the accepted units in one update per product
+/// (guarded again by the stock) and records them. Returns each accepted reservation's id
+/// with its product's row as committed. The rest (a retry of an id made before, a line
+/// that did not fit, an unknown product) run alone, which says why.
+const RESERVE_GROUP_POSTGRES: &str = concat!(
+    "WITH batch AS (
+        SELECT * FROM json_to_recordset($1::json)
+            AS b (n bigint, id text, order_id text, product_id text, quantity bigint)
+    ), fresh AS (
+        SELECT batch.* FROM batch
+            LEFT JOIN LATERAL (SELECT 1 AS found FROM reservations WHERE id = batch.id LIMIT 1)
+                AS made ON true
+        WHERE made.found IS NULL
+    ), locked AS (
+        SELECT id, quantity FROM products
+        WHERE id = ANY (ARRAY(SELECT DISTINCT product_id FROM fresh))
+        ORDER BY id FOR UPDATE
+    ), accepted AS (
+        SELECT ranked.n, ranked.id, ranked.order_id, ranked.product_id, ranked.quantity
+        FROM (SELECT fresh.*,
+                SUM(fresh.quantity) OVER (PARTITION BY fresh.product_id ORDER BY fresh.n) AS running
+            FROM fresh) AS ranked
+            JOIN locked ON locked.id = ranked.product_id
+        WHERE ranked.running <= locked.quantity
+    ), taken AS (
+        UPDATE products SET quantity = products.quantity - totals.units,
+            rev = products.rev + 1, updated_at = $2
+        FROM (SELECT product_id, SUM(quantity)::bigint AS units FROM accepted GROUP BY product_id)
+            AS totals
+        WHERE products.id = totals.product_id AND products.quantity >= totals.units
+        RETURNING products.seq, products.rev, products.id, products.name,
+            products.price_cents, products.quantity
+    ), reservation AS (
+        INSERT INTO reservations (id, order_id, status, created_at)
+        SELECT accepted.id, accepted.order_id, 'held', $2
+        FROM accepted JOIN taken ON taken.id = accepted.product_id
+    ), held AS (
+        INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
+        SELECT accepted.id, taken.id, accepted.quantity, taken.price_cents
+        FROM accepted JOIN taken ON taken.id = accepted.product_id
+    )
+    SELECT accepted.id AS reservation_id, ",
+    "taken.seq, taken.rev, taken.id, taken.name, taken.price_cents, taken.quantity
+    FROM accepted JOIN taken ON taken.id = accepted.product_id"
+);
+
+/// Runs a group of reservations; `None` for each one the group did not make, which then
+/// runs alone. A group of one runs alone at once.
+async fn reserve_group(db: Database, calls: Vec<ReserveCall>) -> Vec<Option<ProductRow>> {
+    if calls.len() == 1 {
+        return vec![None];
+    }
+    let rows = sqlx::query(RESERVE_GROUP_POSTGRES)
+        .bind(serde_json::to_string(&calls).expect("strings and integers"))
+        .bind(now())
+        .fetch_all(db.writer())
+        .await;
+    let made: Vec<(String, ProductRow)> = match rows.and_then(|rows| {
+        rows.iter()
+            .map(|row| Ok((row.try_get("reservation_id")?, product_from_row(row)?)))
+            .collect()
+    }) {
+        Ok(made) => made,
+        Err(err) => {
+            // A retry racing its first call, say: each runs alone and gets its answer.
+            tracing::debug!(error = %err, "a group of reservations failed; each runs alone");
+            Vec::new()
+        }
+    };
+    calls
+        .iter()
+        .map(|call| {
+            made.iter()
+                .find(|(id, _)| *id == call.id)
+                .map(|(_, row)| row.clone())
+        })
+        .collect()
 }
 
 impl SqlProductStore {
     /// `outbox` is woken after each commit that wrote an event.
     pub fn new(db: &Database, outbox: Outbox) -> Self {
+        // SQLite's batch thread already commits the writes waiting together. One group at
+        // a time: a second would only queue on the first one's rows.
+        let reservations = (db.backend() == Backend::Postgres).then(|| {
+            let db = db.clone();
+            Coalescer::new(RESERVE_GROUP, 1, move |mut calls: Vec<ReserveCall>| {
+                for (n, call) in calls.iter_mut().enumerate() {
+                    call.n = n;
+                }
+                reserve_group(db.clone(), calls)
+            })
+        });
         Self {
             db: db.clone(),
             outbox,
+            reservations,
         }
     }
 
@@ -161,6 +275,18 @@ impl SqlProductStore {
         order_id: Option<&str>,
         line: &ReservationLine,
     ) -> Result<Reserved, StoreError> {
+        if let Some(group) = &self.reservations {
+            let call = ReserveCall {
+                n: 0,
+                id: id.to_owned(),
+                order_id: order_id.map(str::to_owned),
+                product_id: line.product_id.clone(),
+                quantity: line.quantity,
+            };
+            if let Ok(Some(row)) = group.call(call).await {
+                return Ok(reserved_one(id, order_id, line, row));
+            }
+        }
         let sql = match self.db.backend() {
             Backend::Postgres => concat!(
                 "WITH taken AS (",
@@ -225,21 +351,7 @@ impl SqlProductStore {
             }
             Err(err) => return Err(err.into()),
         };
-        Ok(Reserved {
-            reservation: Reservation {
-                id: id.to_owned(),
-                order_id: order_id.map(str::to_owned),
-                status: "held".into(),
-                items: vec![ReservedLine {
-                    product_id: line.product_id.clone(),
-                    name: row.product.name.clone(),
-                    quantity: line.quantity,
-                    unit_price: row.product.price,
-                }],
-            },
-            created: true,
-            changed: vec![row],
-        })
+        Ok(reserved_one(id, order_id, line, row))
     }
 
     /// A reservation already made under `id`: the same request again is answered with
@@ -297,6 +409,30 @@ impl SqlProductStore {
             created: false,
             changed: Vec::new(),
         }))
+    }
+}
+
+/// A one-line reservation just made, `row` its product as committed.
+fn reserved_one(
+    id: &str,
+    order_id: Option<&str>,
+    line: &ReservationLine,
+    row: ProductRow,
+) -> Reserved {
+    Reserved {
+        reservation: Reservation {
+            id: id.to_owned(),
+            order_id: order_id.map(str::to_owned),
+            status: "held".into(),
+            items: vec![ReservedLine {
+                product_id: line.product_id.clone(),
+                name: row.product.name.clone(),
+                quantity: line.quantity,
+                unit_price: row.product.price,
+            }],
+        },
+        created: true,
+        changed: vec![row],
     }
 }
 

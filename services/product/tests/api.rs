@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{Method, StatusCode, header};
-use serde_json::json;
+use serde_json::{Value, json};
 use shop_platform::server::stack;
 use shop_platform::testing::{Backend, TestBody, TestDatabase, TestResponse, call};
 use shop_platform::{Metrics, ServerConfig};
@@ -471,6 +471,120 @@ async fn concurrent_reservations_never_oversell(backend: Backend) {
     assert_eq!(h.stock("1").await, 0);
 }
 
+/// One-line reservations arriving together (on PostgreSQL they share a statement): each
+/// is answered as it would be alone, and every product's units are taken at most once.
+async fn a_burst_of_one_line_reservations_is_answered_each_as_alone(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let line = |id: String, product: &str, quantity: i64| json!({"id": id, "items": [{"product_id": product, "quantity": quantity}]});
+    // Product 1 holds 10 units, product 2 holds 100.
+    let mut bodies: Vec<(&str, Value)> = Vec::new();
+    for n in 0..12 {
+        bodies.push(("one", line(format!("one-{n}"), "1", 1)));
+    }
+    for n in 0..10 {
+        bodies.push(("seven", line(format!("seven-{n}"), "2", 7)));
+    }
+    bodies.push(("too-many", line("too-many".into(), "2", 1000)));
+    bodies.push(("unknown", line("unknown".into(), "nope", 1)));
+    for _ in 0..4 {
+        bodies.push(("same", line("same".into(), "2", 1)));
+    }
+    let calls: Vec<_> = bodies
+        .iter()
+        .map(|(_, body)| {
+            let (router, body) = (h.router.clone(), body.clone());
+            tokio::spawn(async move { call(&router, Method::POST, "/reservations", body).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    let statuses = |kind: &str| -> Vec<StatusCode> {
+        bodies
+            .iter()
+            .zip(&answers)
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, r)| r.status)
+            .collect()
+    };
+    let count =
+        |kind: &str, status: StatusCode| statuses(kind).iter().filter(|s| **s == status).count();
+    assert_eq!(
+        count("one", StatusCode::CREATED),
+        10,
+        "{:?}",
+        statuses("one")
+    );
+    assert_eq!(
+        count("one", StatusCode::CONFLICT),
+        2,
+        "{:?}",
+        statuses("one")
+    );
+    assert_eq!(
+        count("seven", StatusCode::CREATED),
+        10,
+        "{:?}",
+        statuses("seven")
+    );
+    assert_eq!(statuses("too-many"), [StatusCode::CONFLICT]);
+    assert_eq!(statuses("unknown"), [StatusCode::UNPROCESSABLE_ENTITY]);
+    assert_eq!(
+        count("same", StatusCode::CREATED),
+        1,
+        "{:?}",
+        statuses("same")
+    );
+    assert_eq!(count("same", StatusCode::OK), 3, "{:?}", statuses("same"));
+    for ((kind, body), r) in bodies.iter().zip(&answers) {
+        match r.status {
+            StatusCode::CREATED | StatusCode::OK => {
+                // Each answer is its own reservation, its line named and priced.
+                assert_eq!(r.body["id"], body["id"], "{kind}");
+                assert_eq!(r.body["status"], "held");
+                let item = &r.body["items"][0];
+                assert_eq!(item["product_id"], body["items"][0]["product_id"]);
+                assert_eq!(item["quantity"], body["items"][0]["quantity"]);
+                assert!(
+                    item["name"].as_str().is_some_and(|n| !n.is_empty()),
+                    "{item}"
+                );
+            }
+            StatusCode::CONFLICT => assert_eq!(r.error_code(), "insufficient_stock", "{kind}"),
+            _ => assert_eq!(r.error_code(), "validation_failed", "{kind}"),
+        }
+    }
+    assert_eq!(h.stock("1").await, 0);
+    assert_eq!(h.stock("2").await, 100 - 70 - 1);
+
+    // Two calls under one new id in one group: the group cannot make both, so every
+    // call of it runs alone; one is made, the other replays it, the rest are made.
+    let calls: Vec<_> = ["twice", "twice", "a", "b", "c"]
+        .into_iter()
+        .map(|id| {
+            let (router, body) = (h.router.clone(), line(id.into(), "2", 2));
+            tokio::spawn(async move { call(&router, Method::POST, "/reservations", body).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.unwrap().status);
+    }
+    statuses[..2].sort();
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::CREATED,
+            StatusCode::CREATED,
+            StatusCode::CREATED,
+            StatusCode::CREATED
+        ]
+    );
+    assert_eq!(h.stock("2").await, 29 - 4 * 2);
+}
+
 async fn futures_join(
     tasks: impl Iterator<Item = tokio::task::JoinHandle<StatusCode>>,
 ) -> Vec<StatusCode> {
@@ -522,6 +636,7 @@ shop_platform::backend_tests!(
     concurrent_reservations_never_oversell,
     framework_errors_are_json_and_request_ids_are_echoed,
     a_retried_reservation_takes_stock_once,
+    a_burst_of_one_line_reservations_is_answered_each_as_alone,
 );
 
 /// The router and the OpenAPI document describe the same routes, both ways.
