@@ -1071,6 +1071,15 @@ async fn health_and_readiness_on_the_running_app(backend: Backend) {
 // Order counts, from the order service's events
 // ---------------------------------------------------------------------------------------
 
+const PLACED: OrderCounts = OrderCounts {
+    placed: 1,
+    cancelled: 0,
+};
+const CANCELLED: OrderCounts = OrderCounts {
+    placed: 0,
+    cancelled: 1,
+};
+
 async fn an_order_event_is_counted_once_however_often_it_arrives(backend: Backend) {
     let h = Harness::new(backend).await;
     assert_eq!(
@@ -1080,26 +1089,18 @@ async fn an_order_event_is_counted_once_however_often_it_arrives(backend: Backen
     let db = h.db().await;
     let store = SqlUserStore::new(&db);
     let queue = OrderCountsConsumer::queue().name;
-    let placed = OrderCounts {
-        placed: 1,
-        cancelled: 0,
-    };
-    let cancelled = OrderCounts {
-        placed: 0,
-        cancelled: 1,
-    };
     let count = |event: &'static str, user: &'static str, counts| {
         let store = &store;
         async move { store.count_order(queue, event, user, counts).await.unwrap() }
     };
-    assert_eq!(count("e-1", "1", placed).await, Handled::Applied);
-    assert_eq!(count("e-1", "1", placed).await, Handled::Duplicate);
-    assert_eq!(count("e-2", "1", cancelled).await, Handled::Applied);
-    assert_eq!(count("e-2", "1", cancelled).await, Handled::Duplicate);
+    assert_eq!(count("e-1", "1", PLACED).await, Handled::Applied);
+    assert_eq!(count("e-1", "1", PLACED).await, Handled::Duplicate);
+    assert_eq!(count("e-2", "1", CANCELLED).await, Handled::Applied);
+    assert_eq!(count("e-2", "1", CANCELLED).await, Handled::Duplicate);
     // An account this service does not hold: the event is consumed and changes nothing.
-    assert_eq!(count("e-3", "nobody", placed).await, Handled::Applied);
+    assert_eq!(count("e-3", "nobody", PLACED).await, Handled::Applied);
     // A redelivery after another event still finds the first one recorded.
-    assert_eq!(count("e-1", "1", placed).await, Handled::Duplicate);
+    assert_eq!(count("e-1", "1", PLACED).await, Handled::Duplicate);
 
     let user = h.get("/users/1").await;
     assert_eq!(user.status, StatusCode::OK);
@@ -1128,34 +1129,26 @@ async fn a_burst_of_order_events_counts_each_event_once(backend: Backend) {
     let db = h.db().await;
     let store = Arc::new(SqlUserStore::new(&db));
     let queue = OrderCountsConsumer::queue().name;
-    let placed = OrderCounts {
-        placed: 1,
-        cancelled: 0,
-    };
-    let cancelled = OrderCounts {
-        placed: 0,
-        cancelled: 1,
-    };
     assert_eq!(
         store
-            .count_order(queue, "before", "1", placed)
+            .count_order(queue, "before", "1", PLACED)
             .await
             .unwrap(),
         Handled::Applied
     );
     // 30 events, each sent twice, and the one counted before: user 1 gets the even ones
     // (placed), user 2 the odd ones (every third of them a cancellation), "nobody" none.
-    let mut burst = vec![("before".to_owned(), "1", placed)];
+    let mut burst = vec![("before".to_owned(), "1", PLACED)];
     for n in 0..30 {
         let (user, counts) = match n % 2 {
-            0 => ("1", placed),
-            _ if n % 3 == 0 => ("2", cancelled),
-            _ => ("2", placed),
+            0 => ("1", PLACED),
+            _ if n % 3 == 0 => ("2", CANCELLED),
+            _ => ("2", PLACED),
         };
         burst.push((format!("e-{n}"), user, counts));
         burst.push((format!("e-{n}"), user, counts));
     }
-    burst.push(("e-x".to_owned(), "nobody", placed));
+    burst.push(("e-x".to_owned(), "nobody", PLACED));
     let answers = futures_util::future::join_all(burst.iter().map(|(event, user, counts)| {
         let store = store.clone();
         async move {
