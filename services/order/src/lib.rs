@@ -101,6 +101,7 @@ impl Config {
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    db.write_groups().register(&metrics);
     let outbox = Outbox::default();
     let store = Arc::new(SqlOrderStore::new(&db, outbox.clone()));
     let event_metrics = EventMetrics::new(

@@ -128,6 +128,8 @@ struct Grouped {
 /// load ran 7-11% slower (two alternating pairs).
 const GROUP: usize = 64;
 const GROUPS_IN_FLIGHT: usize = 1;
+const CLAIM_WRITE: &str = "checkout_claim";
+const STORE_WRITE: &str = "order_store";
 
 /// A checkout to begin, as a row of [`BEGIN_CHECKOUTS_POSTGRES`]'s JSON.
 #[derive(Serialize)]
@@ -274,6 +276,7 @@ async fn begin_group(
                     .collect();
             }
             Err(err) => {
+                db.write_groups().fell_back(CLAIM_WRITE);
                 tracing::debug!(error = %err, "a group of checkouts failed; beginning each alone")
             }
         }
@@ -292,6 +295,7 @@ async fn store_group(db: Database, calls: Vec<StoreCall>) -> Vec<Result<bool, St
                     .collect();
             }
             Err(err) => {
+                db.write_groups().fell_back(STORE_WRITE);
                 tracing::debug!(error = %err, "a group of orders failed (a duplicate id, say); storing each alone")
             }
         }
@@ -508,12 +512,20 @@ impl SqlOrderStore {
         let grouped = (db.backend() == Backend::Postgres).then(|| {
             let (claims_db, stores_db) = (db.clone(), db.clone());
             Grouped {
-                claims: Coalescer::new(GROUP, GROUPS_IN_FLIGHT, move |calls| {
-                    begin_group(claims_db.clone(), calls)
-                }),
-                stores: Coalescer::new(GROUP, GROUPS_IN_FLIGHT, move |calls| {
-                    store_group(stores_db.clone(), calls)
-                }),
+                claims: Coalescer::new(
+                    CLAIM_WRITE,
+                    db.write_groups(),
+                    GROUP,
+                    GROUPS_IN_FLIGHT,
+                    move |calls| begin_group(claims_db.clone(), calls),
+                ),
+                stores: Coalescer::new(
+                    STORE_WRITE,
+                    db.write_groups(),
+                    GROUP,
+                    GROUPS_IN_FLIGHT,
+                    move |calls| store_group(stores_db.clone(), calls),
+                ),
             }
         });
         Self {

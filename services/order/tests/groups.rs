@@ -197,6 +197,28 @@ async fn a_burst_of_checkouts_gets_the_answers_each_would_get_alone(backend: Bac
     // Claimed checkouts are gone. Left: 30's, the recovery loop's now, and the losing
     // duplicate's, which nothing claimed (the request compensates it).
     assert_eq!(count(&db, "SELECT COUNT(*) FROM checkouts").await, 2);
+
+    // On PostgreSQL the bursts went in groups, and the group with the duplicate failed
+    // and ran each of its calls alone.
+    let groups = db.write_groups();
+    let (claims, stores) = ("checkout_claim", "order_store");
+    if backend == Backend::Postgres {
+        assert!(
+            groups.calls(claims) > groups.groups(claims),
+            "claims grouped"
+        );
+        assert!(
+            groups.calls(stores) > groups.groups(stores),
+            "stores grouped"
+        );
+        assert_eq!(groups.fallbacks(claims), 0);
+        assert!(
+            groups.fallbacks(stores) >= 1,
+            "the duplicate's group ran alone"
+        );
+    } else {
+        assert_eq!(groups.calls(claims) + groups.calls(stores), 0);
+    }
     db.close().await;
 }
 

@@ -27,7 +27,7 @@ mod listen;
 
 use batches::SqliteFile;
 pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
-pub use coalesce::{Coalescer, Gone};
+pub use coalesce::{Coalescer, Gone, GroupMetrics};
 use listen::{Listeners, Subscription};
 
 use crate::config::{ConfigError, Env, Var};
@@ -263,6 +263,7 @@ impl StorageConfig {
             backend,
             connect: Arc::new(Connect { url, options }),
             listeners: Arc::default(),
+            write_groups: GroupMetrics::default(),
         })
     }
 
@@ -392,6 +393,8 @@ pub struct Database {
     /// PostgreSQL: the one `LISTEN` session every [`Database::watch`] of this handle
     /// (and its clones) shares.
     listeners: Arc<Listeners>,
+    /// The grouped writes' counts ([`Coalescer`]), for the service to register.
+    write_groups: GroupMetrics,
 }
 
 /// How to open connections outside the pool (a listener, a change check). Holds the
@@ -421,6 +424,11 @@ impl Database {
     /// PostgreSQL the same pool as [`Database::pool`].
     pub fn writer(&self) -> &AnyPool {
         &self.writer
+    }
+
+    /// The counts of this handle's grouped writes (shared by its clones).
+    pub fn write_groups(&self) -> &GroupMetrics {
+        &self.write_groups
     }
 
     /// SQLite: runs a batch of write statements atomically on the writer, committed

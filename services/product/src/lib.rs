@@ -86,6 +86,7 @@ fn positive(interval: Duration) -> Result<Duration, ConfigError> {
 pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    db.write_groups().register(&metrics);
     let outbox = Outbox::default();
     let store: Arc<dyn ProductStore> = Arc::new(SqlProductStore::new(&db, outbox.clone()));
     if config.seed_products {

@@ -149,6 +149,7 @@ struct ReserveCall {
 
 /// At most this many reservations share a statement.
 const RESERVE_GROUP: usize = 64;
+const RESERVE_WRITE: &str = "reservation";
 
 /// One-line reservations for a group, `$1` their rows as a JSON array, `$2` the time.
 ///
@@ -220,6 +221,7 @@ async fn reserve_group(db: Database, calls: Vec<ReserveCall>) -> Vec<Option<Prod
         Ok(made) => made,
         Err(err) => {
             // A retry racing its first call, say: each runs alone and gets its answer.
+            db.write_groups().fell_back(RESERVE_WRITE);
             tracing::debug!(error = %err, "a group of reservations failed; each runs alone");
             Vec::new()
         }
@@ -240,13 +242,19 @@ impl SqlProductStore {
         // SQLite's batch thread already commits the writes waiting together. One group at
         // a time: a second would only queue on the first one's rows.
         let reservations = (db.backend() == Backend::Postgres).then(|| {
-            let db = db.clone();
-            Coalescer::new(RESERVE_GROUP, 1, move |mut calls: Vec<ReserveCall>| {
-                for (n, call) in calls.iter_mut().enumerate() {
-                    call.n = n;
-                }
-                reserve_group(db.clone(), calls)
-            })
+            let group_db = db.clone();
+            Coalescer::new(
+                RESERVE_WRITE,
+                db.write_groups(),
+                RESERVE_GROUP,
+                1,
+                move |mut calls: Vec<ReserveCall>| {
+                    for (n, call) in calls.iter_mut().enumerate() {
+                        call.n = n;
+                    }
+                    reserve_group(group_db.clone(), calls)
+                },
+            )
         });
         Self {
             db: db.clone(),

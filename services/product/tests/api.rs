@@ -13,6 +13,7 @@ use shop_product::{AppState, Catalogue, SqlProductStore, app, seed_demo_products
 
 struct Harness {
     router: Router,
+    database: shop_platform::Database,
     _db: TestDatabase,
 }
 
@@ -33,7 +34,11 @@ impl Harness {
             &ServerConfig::ephemeral(),
             metrics,
         );
-        Self { router, _db: db }
+        Self {
+            router,
+            database,
+            _db: db,
+        }
     }
 
     async fn get(&self, uri: &str) -> TestResponse {
@@ -557,6 +562,14 @@ async fn a_burst_of_one_line_reservations_is_answered_each_as_alone(backend: Bac
     }
     assert_eq!(h.stock("1").await, 0);
     assert_eq!(h.stock("2").await, 100 - 70 - 1);
+    let groups = h.database.write_groups();
+    let made_in_groups = (groups.calls("reservation"), groups.groups("reservation"));
+    if backend == Backend::Postgres {
+        assert!(
+            made_in_groups.0 > made_in_groups.1,
+            "grouped: {made_in_groups:?}"
+        );
+    }
 
     // Two calls under one new id in one group: the group cannot make both, so every
     // call of it runs alone; one is made, the other replays it, the rest are made.
@@ -583,6 +596,18 @@ async fn a_burst_of_one_line_reservations_is_answered_each_as_alone(backend: Bac
         ]
     );
     assert_eq!(h.stock("2").await, 29 - 4 * 2);
+    if backend == Backend::Postgres {
+        assert!(
+            groups.fallbacks("reservation") >= 1,
+            "the group with the twin ran alone"
+        );
+    } else {
+        assert_eq!(
+            groups.calls("reservation"),
+            0,
+            "SQLite's batch thread groups them"
+        );
+    }
 }
 
 async fn futures_join(

@@ -170,6 +170,7 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     let metrics = Metrics::new(NAME);
     let keys = config.key_pair()?;
     let db = config.storage.open(NAME, &storage::MIGRATIONS).await?;
+    db.write_groups().register(&metrics);
     let store = Arc::new(SqlUserStore::new(&db));
     ensure_admin(&config, store.as_ref()).await?;
     let auth = AuthConfig {

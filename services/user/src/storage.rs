@@ -78,10 +78,16 @@ pub struct SqlUserStore {
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
         let counts = (db.backend() == Backend::Postgres).then(|| {
-            let db = db.clone();
+            let group_db = db.clone();
             // One group at a time: the events of a burst mostly count for the same few
             // accounts, whose rows two groups would only queue on.
-            Coalescer::new(COUNT_GROUP, 1, move |calls| count_group(db.clone(), calls))
+            Coalescer::new(
+                COUNT_WRITE,
+                db.write_groups(),
+                COUNT_GROUP,
+                1,
+                move |calls| count_group(group_db.clone(), calls),
+            )
         });
         Self {
             db: db.clone(),
@@ -92,6 +98,7 @@ impl SqlUserStore {
 
 /// At most as many as a consumer applies at once (`events::amqp::MAX_BATCH`).
 const COUNT_GROUP: usize = 64;
+const COUNT_WRITE: &str = "order_count";
 
 /// One `count_order` call, as a row of [`COUNT_ORDERS_POSTGRES`]'s JSON.
 #[derive(Serialize)]
@@ -152,6 +159,7 @@ async fn count_group(db: Database, calls: Vec<CountCall>) -> Vec<Result<Handled,
         match count_together(&db, &calls).await {
             Ok(answers) => return answers.into_iter().map(Ok).collect(),
             Err(err) => {
+                db.write_groups().fell_back(COUNT_WRITE);
                 tracing::warn!(error = %err, "a group of order counts failed; counting each alone")
             }
         }

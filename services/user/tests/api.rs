@@ -1187,6 +1187,22 @@ async fn a_burst_of_order_events_counts_each_event_once(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(inbox, 32, "one inbox row per distinct event");
+    let groups = db.write_groups();
+    if backend == Backend::Postgres {
+        assert!(
+            groups.calls("order_count") > groups.groups("order_count"),
+            "the burst went in groups: {} calls in {} groups",
+            groups.calls("order_count"),
+            groups.groups("order_count")
+        );
+        assert_eq!(groups.fallbacks("order_count"), 0);
+    } else {
+        assert_eq!(
+            groups.calls("order_count"),
+            0,
+            "SQLite's batch thread groups them"
+        );
+    }
     db.close().await;
 }
 

@@ -11,7 +11,71 @@
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
+use prometheus::{IntCounterVec, Opts};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::Metrics;
+
+/// What the grouped writes of one database handle did, by write (`order_store`, ...):
+/// groups run, the calls they answered (their ratio is the mean group size), and groups
+/// that failed and ran each of their calls alone.
+#[derive(Clone)]
+pub struct GroupMetrics {
+    groups: IntCounterVec,
+    calls: IntCounterVec,
+    fallbacks: IntCounterVec,
+}
+
+impl Default for GroupMetrics {
+    fn default() -> Self {
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["write"]).expect("valid metric")
+        };
+        Self {
+            groups: counter(
+                "db_write_groups_total",
+                "Groups of concurrent writes run as one statement, by write.",
+            ),
+            calls: counter(
+                "db_write_grouped_calls_total",
+                "Writes answered through a group, by write (divided by the groups: the mean group size).",
+            ),
+            fallbacks: counter(
+                "db_write_group_fallbacks_total",
+                "Groups that failed and ran each of their writes alone, by write.",
+            ),
+        }
+    }
+}
+
+impl GroupMetrics {
+    /// Adds the series to a service's registry.
+    pub fn register(&self, metrics: &Metrics) {
+        for counter in [&self.groups, &self.calls, &self.fallbacks] {
+            metrics
+                .registry()
+                .register(Box::new(counter.clone()))
+                .expect("group metrics registered once");
+        }
+    }
+
+    /// Records that a group of `write` failed and its calls run alone.
+    pub fn fell_back(&self, write: &str) {
+        self.fallbacks.with_label_values(&[write]).inc();
+    }
+
+    pub fn groups(&self, write: &str) -> u64 {
+        self.groups.with_label_values(&[write]).get()
+    }
+
+    pub fn calls(&self, write: &str) -> u64 {
+        self.calls.with_label_values(&[write]).get()
+    }
+
+    pub fn fallbacks(&self, write: &str) -> u64 {
+        self.fallbacks.with_label_values(&[write]).get()
+    }
+}
 
 type Call<T, R> = (T, oneshot::Sender<R>);
 
@@ -28,17 +92,35 @@ pub struct Coalescer<T, R> {
 pub struct Gone;
 
 impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
-    pub fn new<F, Fut>(max_group: usize, in_flight: usize, run: F) -> Self
+    /// `write` names the write in `metrics` (its series start at 0).
+    pub fn new<F, Fut>(
+        write: &'static str,
+        metrics: &GroupMetrics,
+        max_group: usize,
+        in_flight: usize,
+        run: F,
+    ) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
         assert!(max_group > 0 && in_flight > 0);
         let run = Arc::new(run);
+        let counted = Counted {
+            groups: metrics.groups.with_label_values(&[write]),
+            calls: metrics.calls.with_label_values(&[write]),
+        };
+        metrics.fallbacks.with_label_values(&[write]);
         // The task starts with the first call, inside whatever runtime makes it.
         let start = move || {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(gather(rx, max_group, in_flight, run.clone()));
+            tokio::spawn(gather(
+                rx,
+                max_group,
+                in_flight,
+                run.clone(),
+                counted.clone(),
+            ));
             tx
         };
         Self {
@@ -58,11 +140,19 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
     }
 }
 
+/// One write's series, looked up once.
+#[derive(Clone)]
+struct Counted {
+    groups: prometheus::IntCounter,
+    calls: prometheus::IntCounter,
+}
+
 async fn gather<T, R, F, Fut>(
     mut calls: mpsc::UnboundedReceiver<Call<T, R>>,
     max_group: usize,
     in_flight: usize,
     run: Arc<F>,
+    counted: Counted,
 ) where
     T: Send + 'static,
     R: Send + 'static,
@@ -83,6 +173,8 @@ async fn gather<T, R, F, Fut>(
                 Err(_) => break,
             }
         }
+        counted.groups.inc();
+        counted.calls.inc_by(group.len() as u64);
         let (items, replies): (Vec<T>, Vec<_>) = group.into_iter().unzip();
         let answers = run(items);
         tokio::spawn(async move {
@@ -105,13 +197,19 @@ mod tests {
 
     /// Records each group's items and answers each item with its double.
     fn doubling(groups: Arc<Mutex<Vec<Vec<u32>>>>, pause: Duration) -> Coalescer<u32, u32> {
-        Coalescer::new(4, 1, move |items: Vec<u32>| {
-            groups.lock().unwrap().push(items.clone());
-            async move {
-                tokio::time::sleep(pause).await;
-                items.iter().map(|n| n * 2).collect()
-            }
-        })
+        Coalescer::new(
+            "double",
+            &GroupMetrics::default(),
+            4,
+            1,
+            move |items: Vec<u32>| {
+                groups.lock().unwrap().push(items.clone());
+                async move {
+                    tokio::time::sleep(pause).await;
+                    items.iter().map(|n| n * 2).collect()
+                }
+            },
+        )
     }
 
     #[tokio::test]
@@ -126,7 +224,17 @@ mod tests {
     #[tokio::test]
     async fn calls_made_while_a_group_runs_go_together_next_each_with_its_own_answer() {
         let groups = Arc::new(Mutex::new(Vec::new()));
-        let coalescer = Arc::new(doubling(groups.clone(), Duration::from_millis(50)));
+        let metrics = GroupMetrics::default();
+        let coalescer = Arc::new(Coalescer::new("double", &metrics, 4, 1, {
+            let groups = groups.clone();
+            move |items: Vec<u32>| {
+                groups.lock().unwrap().push(items.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    items.iter().map(|n| n * 2).collect::<Vec<_>>()
+                }
+            }
+        }));
         let first = tokio::spawn({
             let coalescer = coalescer.clone();
             async move { coalescer.call(0).await }
@@ -146,13 +254,14 @@ mod tests {
         // The burst waited for the running group, then went in groups of at most four.
         let groups = groups.lock().unwrap().clone();
         assert_eq!(groups, vec![vec![0], vec![1, 2, 3, 4], vec![5, 6]]);
+        assert_eq!((metrics.groups("double"), metrics.calls("double")), (3, 7));
     }
 
     #[tokio::test]
     async fn groups_run_side_by_side_up_to_the_in_flight_bound() {
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let coalescer = Arc::new(Coalescer::new(1, 2, {
+        let coalescer = Arc::new(Coalescer::new("echo", &GroupMetrics::default(), 1, 2, {
             let (running, most) = (running.clone(), most.clone());
             move |items: Vec<u32>| {
                 let (running, most) = (running.clone(), most.clone());
@@ -179,10 +288,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_that_panics_fails_its_callers_not_the_next_group() {
-        let coalescer = Coalescer::new(8, 1, |items: Vec<u32>| async move {
-            assert!(!items.contains(&13), "unlucky");
-            items
-        });
+        let coalescer = Coalescer::new(
+            "echo",
+            &GroupMetrics::default(),
+            8,
+            1,
+            |items: Vec<u32>| async move {
+                assert!(!items.contains(&13), "unlucky");
+                items
+            },
+        );
         assert_eq!(coalescer.call(13).await, Err(Gone));
         assert_eq!(coalescer.call(7).await, Ok(7));
     }
