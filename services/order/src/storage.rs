@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use shop_platform::db::Coalescer;
+use shop_platform::db::{Coalescer, together_or_alone};
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::Row;
@@ -261,46 +261,41 @@ const STORE_ORDERS_POSTGRES: &str = "WITH batch AS (
     )
     SELECT id FROM stored";
 
-/// Begins a group of checkouts: together when more than one, each alone if that fails,
-/// so every call gets its own answer (or its own error).
+/// Begins a group of checkouts, in one statement when it can ([`together_or_alone`]).
 async fn begin_group(
     db: Database,
     calls: Vec<ClaimCall>,
 ) -> Vec<Result<CheckoutStart, StoreError>> {
-    if calls.len() > 1 {
-        match rows_together(&db, BEGIN_CHECKOUTS_POSTGRES, &calls, "reservation_id").await {
-            Ok(begun) => {
-                return calls
-                    .iter()
-                    .map(|call| Ok(started(begun.contains(&call.reservation_id))))
-                    .collect();
-            }
-            Err(err) => {
-                db.write_groups().fell_back(CLAIM_WRITE);
-                tracing::debug!(error = %err, "a group of checkouts failed; beginning each alone")
-            }
-        }
-    }
-    futures_util::future::join_all(calls.iter().map(|call| begin_one(&db, call))).await
+    let together = async {
+        let begun = rows_together(&db, BEGIN_CHECKOUTS_POSTGRES, &calls, "reservation_id").await?;
+        Ok::<_, sqlx::Error>(
+            calls
+                .iter()
+                .map(|call| Ok(started(begun.contains(&call.reservation_id))))
+                .collect(),
+        )
+    };
+    together_or_alone(CLAIM_WRITE, db.write_groups(), &calls, together, |call| {
+        begin_one(&db, call)
+    })
+    .await
 }
 
 /// Stores a group of orders, as [`begin_group`] begins checkouts.
 async fn store_group(db: Database, calls: Vec<StoreCall>) -> Vec<Result<bool, StoreError>> {
-    if calls.len() > 1 {
-        match rows_together(&db, STORE_ORDERS_POSTGRES, &calls, "id").await {
-            Ok(stored) => {
-                return calls
-                    .iter()
-                    .map(|call| Ok(stored.contains(&call.id)))
-                    .collect();
-            }
-            Err(err) => {
-                db.write_groups().fell_back(STORE_WRITE);
-                tracing::debug!(error = %err, "a group of orders failed (a duplicate id, say); storing each alone")
-            }
-        }
-    }
-    futures_util::future::join_all(calls.iter().map(|call| store_one(&db, call))).await
+    let together = async {
+        let stored = rows_together(&db, STORE_ORDERS_POSTGRES, &calls, "id").await?;
+        Ok::<_, sqlx::Error>(
+            calls
+                .iter()
+                .map(|call| Ok(stored.contains(&call.id)))
+                .collect(),
+        )
+    };
+    together_or_alone(STORE_WRITE, db.write_groups(), &calls, together, |call| {
+        store_one(&db, call)
+    })
+    .await
 }
 
 /// Runs `sql` with `calls` as its JSON rows and returns `column` of each row it returned.

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use shop_platform::db::Coalescer;
+use shop_platform::db::{Coalescer, together_or_alone};
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::Row;
@@ -152,19 +152,16 @@ const COUNT_ORDERS_POSTGRES: &str = "WITH batch AS (
     )
     SELECT queue, event_id FROM first";
 
-/// Counts a group: together when it is more than one, and each alone if that fails (a
-/// deadlock with another replica's group, say), so every call gets its own answer.
+/// Counts a group, in one statement when it can ([`together_or_alone`]).
 async fn count_group(db: Database, calls: Vec<CountCall>) -> Vec<Result<Handled, StoreError>> {
-    if calls.len() > 1 {
-        match count_together(&db, &calls).await {
-            Ok(answers) => return answers.into_iter().map(Ok).collect(),
-            Err(err) => {
-                db.write_groups().fell_back(COUNT_WRITE);
-                tracing::warn!(error = %err, "a group of order counts failed; counting each alone")
-            }
-        }
-    }
-    futures_util::future::join_all(calls.iter().map(|call| count_one(&db, call))).await
+    let together = async {
+        let answers = count_together(&db, &calls).await?;
+        Ok::<_, sqlx::Error>(answers.into_iter().map(Ok).collect())
+    };
+    together_or_alone(COUNT_WRITE, db.write_groups(), &calls, together, |call| {
+        count_one(&db, call)
+    })
+    .await
 }
 
 async fn count_together(db: &Database, calls: &[CountCall]) -> Result<Vec<Handled>, sqlx::Error> {

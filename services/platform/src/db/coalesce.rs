@@ -140,6 +140,32 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
     }
 }
 
+/// Answers a group: in one go when it has more than one call, and each call alone when it
+/// has one or when the group failed (a duplicate id, a deadlock with another replica's
+/// group), so that each call meets its own error. A fallback is counted for `write`.
+pub async fn together_or_alone<'a, T, R, E, Alone>(
+    write: &str,
+    metrics: &GroupMetrics,
+    calls: &'a [T],
+    together: impl Future<Output = Result<Vec<R>, E>>,
+    alone: impl Fn(&'a T) -> Alone,
+) -> Vec<R>
+where
+    E: std::fmt::Display,
+    Alone: Future<Output = R>,
+{
+    if calls.len() > 1 {
+        match together.await {
+            Ok(answers) => return answers,
+            Err(err) => {
+                metrics.fell_back(write);
+                tracing::debug!(write, error = %err, "a group of writes failed; running each alone");
+            }
+        }
+    }
+    futures_util::future::join_all(calls.iter().map(alone)).await
+}
+
 /// One write's series, looked up once.
 #[derive(Clone)]
 struct Counted {
