@@ -222,26 +222,24 @@ mod tests {
     use super::*;
 
     /// Records each group's items and answers each item with its double.
-    fn doubling(groups: Arc<Mutex<Vec<Vec<u32>>>>, pause: Duration) -> Coalescer<u32, u32> {
-        Coalescer::new(
-            "double",
-            &GroupMetrics::default(),
-            4,
-            1,
-            move |items: Vec<u32>| {
-                groups.lock().unwrap().push(items.clone());
-                async move {
-                    tokio::time::sleep(pause).await;
-                    items.iter().map(|n| n * 2).collect()
-                }
-            },
-        )
+    fn doubling(
+        groups: Arc<Mutex<Vec<Vec<u32>>>>,
+        pause: Duration,
+        metrics: &GroupMetrics,
+    ) -> Coalescer<u32, u32> {
+        Coalescer::new("double", metrics, 4, 1, move |items: Vec<u32>| {
+            groups.lock().unwrap().push(items.clone());
+            async move {
+                tokio::time::sleep(pause).await;
+                items.iter().map(|n| n * 2).collect()
+            }
+        })
     }
 
     #[tokio::test]
     async fn a_lone_call_runs_alone_at_once() {
         let groups = Arc::new(Mutex::new(Vec::new()));
-        let coalescer = doubling(groups.clone(), Duration::ZERO);
+        let coalescer = doubling(groups.clone(), Duration::ZERO, &GroupMetrics::default());
         assert_eq!(coalescer.call(21).await, Ok(42));
         assert_eq!(coalescer.call(5).await, Ok(10));
         assert_eq!(*groups.lock().unwrap(), vec![vec![21], vec![5]]);
@@ -251,16 +249,11 @@ mod tests {
     async fn calls_made_while_a_group_runs_go_together_next_each_with_its_own_answer() {
         let groups = Arc::new(Mutex::new(Vec::new()));
         let metrics = GroupMetrics::default();
-        let coalescer = Arc::new(Coalescer::new("double", &metrics, 4, 1, {
-            let groups = groups.clone();
-            move |items: Vec<u32>| {
-                groups.lock().unwrap().push(items.clone());
-                async move {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    items.iter().map(|n| n * 2).collect::<Vec<_>>()
-                }
-            }
-        }));
+        let coalescer = Arc::new(doubling(
+            groups.clone(),
+            Duration::from_millis(50),
+            &metrics,
+        ));
         let first = tokio::spawn({
             let coalescer = coalescer.clone();
             async move { coalescer.call(0).await }
