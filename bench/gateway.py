@@ -113,6 +113,21 @@ def rss_kib(pids, field="VmRSS"):
     return total
 
 
+def order_file_staleness(binary, name):
+    """(missing, named): the Rust functions link/symbol-order/<name>.txt names that `binary`
+    does not define. LTO numbers some names (`.12345`), so any code change after the file
+    was recorded leaves some out, and those functions are then linked outside the packed
+    start-up stretch: with 271-705 missing, each service idled 2-2.5 MiB higher
+    (docs/BENCHMARKS.md, session 22). None when the binary has no symbol table."""
+    with open(os.path.join(ROOT, "link", "symbol-order", f"{name}.txt")) as f:
+        named = {line.strip() for line in f if line.startswith(("_ZN", "_R"))}
+    listed = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True)
+    defined = {line.split()[-1] for line in listed.stdout.splitlines() if line.strip()}
+    if listed.returncode != 0 or not defined:
+        return None
+    return len(named - defined), len(named)
+
+
 def parse_wrk(text):
     def latency_ms(pct):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
