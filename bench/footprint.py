@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gateway import order_file_staleness  # noqa: E402  (shared with bench/services.py)
+from gateway import report_order_files  # noqa: E402  (shared with bench/services.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
@@ -127,11 +127,7 @@ def main():
                       f"{statistics.median(idle) / 1024:13.1f} {statistics.median(anon) / 1024:11.1f}"
                       f" {statistics.median(busy) / 1024:18.1f}"
                       f"   (ready min {min(ready):.1f}, max {max(ready):.1f})")
-            stale = {b: order_file_staleness(os.path.join(BIN, b), b) for b in ("product", "order", "user", "gateway")}
-            print("order files (link/symbol-order), names the binary lacks: " + ", ".join(
-                f"{b} {'unknown (no symbols)' if st is None else f'{st[0]} of {st[1]}'}" for b, st in stale.items()))
-            if any(st and st[0] for st in stale.values()):
-                print("  STALE: the RSS figures above are inflated; re-record (scripts/symbol-order) and rebuild")
+            report_order_files(BIN, ("product", "order", "user", "gateway"))
         finally:
             for proc in peers:
                 proc.send_signal(signal.SIGTERM)

@@ -128,6 +128,15 @@ def order_file_staleness(binary, name):
     return len(named - defined), len(named)
 
 
+def report_order_files(release_dir, names):
+    """Prints, under a benchmark's RSS figures, how fresh each binary's order file is."""
+    staleness = {n: order_file_staleness(os.path.join(release_dir, n), n) for n in names}
+    print("order files (link/symbol-order), names the binary lacks: " + ", ".join(
+        f"{n} {'unknown (no symbols)' if st is None else f'{st[0]} of {st[1]}'}" for n, st in staleness.items()))
+    if any(st and st[0] for st in staleness.values()):
+        print("  STALE: the RSS figures above are inflated; re-record (scripts/symbol-order) and rebuild")
+
+
 def parse_wrk(text):
     def latency_ms(pct):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)

@@ -336,11 +336,7 @@ def report(args, results):
     print("\nidle RSS MiB (of which anonymous; the rest is the binary's own file pages, shared and reclaimable): "
           + ", ".join(f"{k} {v:.1f} ({results['idle_anon'].get(k, 0):.1f})" for k, v in results["idle"].items()))
     ran = [s for s in SERVICES if any(k.split(" ")[0] == s for k in results["idle"])]
-    staleness = {s: bench.order_file_staleness(os.path.join(args.target_dir, "release", s), s) for s in ran}
-    print("order files (link/symbol-order), names the binary lacks: " + ", ".join(
-        f"{s} {'unknown (no symbols)' if st is None else f'{st[0]} of {st[1]}'}" for s, st in staleness.items()))
-    if any(st and st[0] for st in staleness.values()):
-        print("  STALE: the RSS figures above are inflated; re-record (scripts/symbol-order) and rebuild")
+    bench.report_order_files(os.path.join(args.target_dir, "release"), ran)
 
     def ratio(a, b, what="rps"):
         if a in results and b in results:
