@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::probes::Readiness;
 use crate::telemetry;
 
-pub const REQUEST_ID: &str = "x-request-id";
+/// The request id's header; a `HeaderName`, as a `&str` key is parsed again on every use.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Routes that monitoring systems hit constantly: measured, but neither traced nor logged.
 const QUIET_ROUTES: &[&str] = &["/health", "/ready", "/metrics"];
@@ -68,15 +69,23 @@ pub(crate) async fn observe(
     let route = matched
         .as_ref()
         .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
-    let request_id = req
+    let forwarded_id = req
         .headers()
-        .get(REQUEST_ID)
+        .get(&REQUEST_ID)
         .filter(|v| is_acceptable_request_id(v))
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("uuid is ASCII")
-        });
-    req.headers_mut().insert(REQUEST_ID, request_id.clone());
+        .cloned();
+    // An accepted id stays where it is. `HeaderMap::insert` makes room for one more line
+    // before it looks for the key, and hyper sizes the request's map to the lines it
+    // parsed: replacing a forwarded id in place would grow a full map on every request.
+    let request_id = match forwarded_id {
+        Some(id) => id,
+        None => {
+            let id =
+                HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("uuid is ASCII");
+            req.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
 
     let quiet = QUIET_ROUTES.contains(&route);
     let span = if quiet {

@@ -24,6 +24,15 @@ fn routes() -> Router {
             "/echo",
             post(|ApiJson(v): ApiJson<Value>| async move { axum::Json(v) }),
         )
+        .route("/request-id", get(seen_request_id))
+}
+
+/// The request id the handler sees, and the room left in the request's header map.
+async fn seen_request_id(headers: axum::http::HeaderMap) -> axum::Json<Value> {
+    axum::Json(json!({
+        "id": headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        "capacity": headers.capacity(),
+    }))
 }
 
 async fn panics() -> &'static str {
@@ -112,6 +121,36 @@ async fn an_invalid_inbound_request_id_is_replaced() {
     let response = tower::ServiceExt::oneshot(router, request).await.unwrap();
     let id = response.headers()["x-request-id"].to_str().unwrap();
     assert_eq!(id.len(), 36, "a fresh UUID, not the oversized value");
+}
+
+#[tokio::test]
+async fn a_forwarded_request_id_is_kept_in_place() {
+    let (router, _) = router(ServerConfig::ephemeral());
+    let mut request = axum::http::Request::get("/request-id")
+        .header("x-request-id", "from-the-gateway")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    // Full, as hyper leaves a map sized to the lines it parsed: an insert would regrow it.
+    let lines = request.headers().capacity() - request.headers().len();
+    for n in 0..lines {
+        request.headers_mut().insert(
+            axum::http::HeaderName::try_from(format!("x-filler-{n}")).unwrap(),
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    let capacity = request.headers().capacity();
+    assert_eq!(request.headers().len(), capacity);
+
+    let response = tower::ServiceExt::oneshot(router, request).await.unwrap();
+    assert_eq!(response.headers()["x-request-id"], "from-the-gateway");
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let seen: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        seen,
+        json!({"id": "from-the-gateway", "capacity": capacity})
+    );
 }
 
 #[tokio::test]
