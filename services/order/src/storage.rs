@@ -202,7 +202,7 @@ impl StoreCall {
     }
 }
 
-/// [`BEGIN_CHECKOUT`] for a group, `$1` its rows as a JSON array; returns the checkouts
+/// `begin_checkout!` for a group, `$1` its rows as a JSON array; returns the checkouts
 /// begun. The look-ups are `LATERAL ... LIMIT 1`, one index probe a row: as `NOT EXISTS`
 /// the planner may hash-join the whole `orders` table (it takes a JSON set for 100 rows),
 /// and the plan is cached while the table grows. Measured so: 4.3 ms a group.
@@ -219,12 +219,28 @@ const BEGIN_CHECKOUTS_POSTGRES: &str =
      RETURNING reservation_id";
 
 /// A checkout, begun only if neither its order nor its `Idempotency-Key` has an order.
-const BEGIN_CHECKOUT: &str =
-    "INSERT INTO checkouts (reservation_id, order_id, state, started_at_ms)
-     SELECT $1, $2, 'reserving', $3
-     WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
-       AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)
-     RETURNING 1";
+/// `{or_fail}`: see [`SQLITE_OR_FAIL`].
+macro_rules! begin_checkout {
+    ($or_fail:literal) => {
+        concat!(
+            "INSERT ",
+            $or_fail,
+            "INTO checkouts (reservation_id, order_id, state, started_at_ms)
+             SELECT $1, $2, 'reserving', $3
+             WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = $2)
+               AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $4)
+             RETURNING 1"
+        )
+    };
+}
+
+/// SQLite: `INSERT OR FAIL` for the inserts that write one row at most. SQLite keeps a
+/// statement journal (a copy of every page the statement changes) for any `INSERT ...
+/// SELECT` whose constraints would abort it, in case a later row fails after an earlier
+/// one was written; with one row there is nothing to undo, and `FAIL` says so. The
+/// error on a conflict is the same. (The lines' insert keeps its journal: a foreign key
+/// checked at once needs it whatever the conflict clause.)
+const SQLITE_OR_FAIL: &str = "OR FAIL ";
 
 /// [`store_order_postgres`] for a group, `$1` its rows as a JSON array; returns the ids
 /// of the orders stored (those whose checkout was still ours to claim). The claim looks
@@ -323,7 +339,11 @@ fn started(begun: bool) -> CheckoutStart {
 }
 
 async fn begin_one(db: &Database, call: &ClaimCall) -> Result<CheckoutStart, StoreError> {
-    let insert = sqlx::query(BEGIN_CHECKOUT)
+    let sql = match db.backend() {
+        Backend::Postgres => begin_checkout!(""),
+        Backend::Sqlite => begin_checkout!("OR FAIL "),
+    };
+    let insert = sqlx::query(sql)
         .bind(&call.reservation_id)
         .bind(&call.order_id)
         .bind(call.started_at_ms)
@@ -475,7 +495,7 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
 fn store_order_sqlite(lines: usize, keyed: bool) -> String {
     let keyed = if keyed {
         format!(
-            "INSERT INTO idempotency_keys {RECORD_COLUMNS}
+            "INSERT {SQLITE_OR_FAIL}INTO idempotency_keys {RECORD_COLUMNS}
             SELECT {}, $2, $6 WHERE changes() = 1;",
             record_values(lines)
         )
@@ -487,12 +507,14 @@ fn store_order_sqlite(lines: usize, keyed: bool) -> String {
         "DELETE FROM checkouts WHERE reservation_id = $1 AND state = 'reserving'
         RETURNING reservation_id;
         {keyed}
-        INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+        INSERT {SQLITE_OR_FAIL}INTO orders
+            (id, user_id, total_cents, status, reservation_id, created_at)
         SELECT $2, $3, $4, $5, $1, $6 WHERE changes() = 1;
         INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
         SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values})
         WHERE {stored};
-        INSERT INTO outbox {OUTBOX_COLUMNS} SELECT $7, $8, $9, $10, $11 WHERE {stored};",
+        INSERT {SQLITE_OR_FAIL}INTO outbox {OUTBOX_COLUMNS}
+        SELECT $7, $8, $9, $10, $11 WHERE {stored};",
         values = line_values(lines, false),
     )
 }

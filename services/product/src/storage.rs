@@ -21,10 +21,21 @@ macro_rules! product_columns {
 
 /// Takes `$1` units of product `$2` (stamped `$3`) only if that many are in stock; the
 /// condition makes the check and the decrement one atomic step. Returns the row.
+///
+/// On SQLite's batch path, the statements that change one row at most say `OR FAIL`:
+/// SQLite copies every page such a statement changes to a statement journal when a
+/// constraint could abort it part-way (a `RETURNING` makes it count as a multi-row
+/// write), and with one row there is nothing to undo. The error on a conflict is the
+/// same.
 macro_rules! take_units {
     () => {
+        take_units!("")
+    };
+    ($or_fail:literal) => {
         concat!(
-            "UPDATE products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
+            "UPDATE ",
+            $or_fail,
+            "products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
              WHERE id = $2 AND quantity >= $1
              RETURNING ",
             product_columns!()
@@ -310,13 +321,13 @@ impl SqlProductStore {
                 " FROM taken"
             ),
             Backend::Sqlite => concat!(
-                "INSERT INTO reservations (id, order_id, status, created_at)
+                "INSERT OR FAIL INTO reservations (id, order_id, status, created_at)
                  SELECT $4, $5, 'held', $3
                  WHERE EXISTS (SELECT 1 FROM products WHERE id = $2 AND quantity >= $1);
                  INSERT INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
                  SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
-                take_units!()
+                take_units!("OR FAIL ")
             ),
         };
         let query = sqlx::query(sql)
