@@ -20,25 +20,36 @@ macro_rules! product_columns {
 }
 
 /// Takes `$1` units of product `$2` (stamped `$3`) only if that many are in stock; the
-/// condition makes the check and the decrement one atomic step. Returns the row.
-///
-/// On SQLite's batch path, the statements that change one row at most say `OR FAIL`:
-/// SQLite copies every page such a statement changes to a statement journal when a
-/// constraint could abort it part-way (a `RETURNING` makes it count as a multi-row
-/// write), and with one row there is nothing to undo. The error on a conflict is the
-/// same.
+/// condition makes the check and the decrement one atomic step.
+macro_rules! decrement {
+    () => {
+        "products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
+         WHERE id = $2 AND quantity >= $1"
+    };
+}
+
+/// [`decrement!`], returning the row.
 macro_rules! take_units {
     () => {
-        take_units!("")
+        concat!("UPDATE ", decrement!(), " RETURNING ", product_columns!())
     };
-    ($or_fail:literal) => {
+}
+
+/// [`take_units!`] for SQLite's batch path, where both cost SQLite more than they do:
+/// - a `RETURNING` costs a temporary table per statement, so the row is read by a
+///   `SELECT` after it, under `changes() = 1`;
+/// - a statement that changes one row at most says `OR FAIL`: SQLite copies every page
+///   a statement changes to a statement journal when a constraint could abort it
+///   part-way, and with one row there is nothing to undo. The error on a conflict is
+///   the same.
+macro_rules! take_units_sqlite {
+    () => {
         concat!(
-            "UPDATE ",
-            $or_fail,
-            "products SET quantity = quantity - $1, rev = rev + 1, updated_at = $3
-             WHERE id = $2 AND quantity >= $1
-             RETURNING ",
-            product_columns!()
+            "UPDATE OR FAIL ",
+            decrement!(),
+            "; SELECT ",
+            product_columns!(),
+            " FROM products WHERE id = $2 AND changes() = 1"
         )
     };
 }
@@ -327,7 +338,7 @@ impl SqlProductStore {
                  INSERT INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
                  SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
-                take_units!("OR FAIL ")
+                take_units_sqlite!()
             ),
         };
         let query = sqlx::query(sql)
@@ -341,7 +352,7 @@ impl SqlProductStore {
                 .fetch_optional(self.db.writer())
                 .await
                 .and_then(|row| row.as_ref().map(product_from_row).transpose()),
-            // Every statement's rows: only the decrement returns one.
+            // Every statement's rows: only the read after the decrement returns one.
             Backend::Sqlite => self
                 .db
                 .committed_batch(query)
