@@ -231,22 +231,15 @@ macro_rules! begin_checkout {
 /// Returns a row if the checkout was begun.
 const BEGIN_CHECKOUT_POSTGRES: &str = concat!("INSERT ", begin_checkout!(), " RETURNING 1");
 
-/// Returns `begun`, 1 if the checkout was begun. On SQLite's batch path (a fifth of an
-/// order's instructions there, callgrind, before these two changes):
-/// - a statement's `changes()` is read by a `SELECT` after it, never with `RETURNING`,
-///   which costs SQLite a temporary table of its own for each statement;
-/// - the inserts that write one row at most say `OR FAIL` (see [`SQLITE_OR_FAIL`]).
+/// Returns `begun`, 1 if the checkout was begun: `OR FAIL` and a `SELECT` of `changes()`
+/// instead of `RETURNING`, as SQLite's batch path wants them (`SqliteBatches`).
 const BEGIN_CHECKOUT_SQLITE: &str = concat!(
     "INSERT OR FAIL ",
     begin_checkout!(),
     "; SELECT changes() AS begun"
 );
 
-/// SQLite keeps a statement journal (a copy of every page the statement changes) for
-/// any `INSERT ... SELECT` whose constraints would abort it, in case a later row fails
-/// after an earlier one was written; with one row there is nothing to undo, and `FAIL`
-/// says so. The error on a conflict is the same. (The lines' insert keeps its journal: a
-/// foreign key checked at once needs it whatever the conflict clause.)
+/// For the inserts of one row at most on SQLite's batch path (`SqliteBatches`).
 const SQLITE_OR_FAIL: &str = "OR FAIL ";
 
 /// [`store_order_postgres`] for a group, `$1` its rows as a JSON array; returns the ids
@@ -505,9 +498,8 @@ fn store_order_postgres(lines: usize, keyed: bool) -> String {
 /// SQLite has no data-modifying CTEs and the batch commits whatever it did, so every
 /// write is guarded by the checkout still being ours to claim (nothing else writes
 /// inside the batch's transaction), and the claim comes last: `stored` is 1 if it took
-/// the checkout, and so whether the order was stored (see [`BEGIN_CHECKOUT_SQLITE`]). The guard is a look-up, not `changes() = 1` after the
-/// claim: `changes()` in an `INSERT ... SELECT` makes SQLite keep a statement journal
-/// whatever the conflict clause (callgrind: 20,000 instructions an order).
+/// the checkout, and so whether the order was stored. The guard is a look-up, not
+/// `changes() = 1` after the claim (`SqliteBatches` says why).
 fn store_order_sqlite(lines: usize, keyed: bool) -> String {
     let ours = "EXISTS (SELECT 1 FROM checkouts WHERE reservation_id = $1 AND state = 'reserving')";
     let keyed = if keyed {

@@ -35,13 +35,8 @@ macro_rules! take_units {
     };
 }
 
-/// [`take_units!`] for SQLite's batch path, where both cost SQLite more than they do:
-/// - a `RETURNING` costs a temporary table per statement, so the row is read by a
-///   `SELECT` after it, under `changes() = 1`;
-/// - a statement that changes one row at most says `OR FAIL`: SQLite copies every page
-///   a statement changes to a statement journal when a constraint could abort it
-///   part-way, and with one row there is nothing to undo. The error on a conflict is
-///   the same.
+/// [`take_units!`] as SQLite's batch path wants it (`SqliteBatches`): `OR FAIL`, and
+/// the row read by a `SELECT` under `changes() = 1` instead of `RETURNING`.
 macro_rules! take_units_sqlite {
     () => {
         concat!(

@@ -114,8 +114,7 @@ struct CountCall {
 /// the row is new. SQLite has no data-modifying CTEs, so statements of one committed
 /// batch (`Database::committed_batch`), guarded by `changes()` (rows the insert added;
 /// a `SELECT` leaves it as it was). The `SELECT`'s row says the event was new: read so,
-/// not with `RETURNING`, which costs SQLite a temporary table per statement (15% of
-/// the batch's instructions, callgrind).
+/// not with `RETURNING` (`SqliteBatches` says why).
 const COUNT_ORDER_SQLITE: &str = "
     INSERT INTO inbox (queue, event_id, processed_at_ms) VALUES ($1, $2, $3)
         ON CONFLICT (queue, event_id) DO NOTHING;

@@ -120,6 +120,18 @@ impl SqliteFile {
 
 /// A handle on the batch thread of one SQLite database; clones share it. The thread
 /// ends when the last handle is dropped.
+///
+/// Writing statements for it (each measured with callgrind on the order path, session 24
+/// in docs/BENCHMARKS.md):
+/// - a write of one row at most says `OR FAIL`: for `ABORT`, SQLite copies every page a
+///   multi-row-capable statement (`INSERT ... SELECT`, anything with `RETURNING`)
+///   changes to a statement journal, in case a later row fails after an earlier one was
+///   written. With one row there is nothing to undo, and the error is the same. (A
+///   foreign key checked at once needs the journal whatever the conflict clause.)
+/// - no `changes()` inside an `INSERT ... SELECT`: it keeps the journal on anyway. Guard
+///   by a look-up instead.
+/// - no `RETURNING`: it costs a temporary table per statement. Read `changes()` with a
+///   `SELECT` after the statement (a `SELECT` leaves it as it was).
 #[derive(Clone)]
 pub struct SqliteBatches {
     jobs: mpsc::UnboundedSender<Job>,
