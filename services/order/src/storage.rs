@@ -239,7 +239,7 @@ const BEGIN_CHECKOUT_SQLITE: &str = concat!(
     "; SELECT changes() AS begun"
 );
 
-/// For the inserts of one row at most on SQLite's batch path (`SqliteBatches`).
+/// For the writes on SQLite's batch path (`SqliteBatches` says why).
 const SQLITE_OR_FAIL: &str = "OR FAIL ";
 
 /// [`store_order_postgres`] for a group, `$1` its rows as a JSON array; returns the ids
@@ -516,7 +516,8 @@ fn store_order_sqlite(lines: usize, keyed: bool) -> String {
         INSERT {SQLITE_OR_FAIL}INTO orders
             (id, user_id, total_cents, status, reservation_id, created_at)
         SELECT $2, $3, $4, $5, $1, $6 WHERE {ours};
-        INSERT INTO order_items (order_id, position, product_id, name, quantity, unit_price_cents)
+        INSERT {SQLITE_OR_FAIL}INTO order_items
+            (order_id, position, product_id, name, quantity, unit_price_cents)
         SELECT $2, column1, column2, column3, column4, column5 FROM (VALUES {values})
         WHERE {ours};
         INSERT {SQLITE_OR_FAIL}INTO outbox {OUTBOX_COLUMNS}
@@ -789,5 +790,58 @@ impl OrderStore for SqlOrderStore {
             orders.push(self.hydrate(row).await?);
         }
         Ok(orders)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shop_platform::testing::{commit_breaks_a_foreign_key, sqlite_migrated_to};
+    use sqlx::Row;
+
+    use super::MIGRATIONS;
+
+    /// A database made before the lines' key was deferred keeps its lines through the
+    /// migration that rebuilds their table, and the key still refuses a line without its
+    /// order, at the commit.
+    #[tokio::test]
+    async fn deferring_the_lines_key_keeps_the_lines_and_the_rule() {
+        let (_dir, mut conn) = sqlite_migrated_to(&MIGRATIONS.sqlite, 3).await;
+        sqlx::raw_sql(
+            "INSERT INTO orders (id, user_id, total_cents, status, reservation_id, created_at)
+             VALUES ('o1', 'u1', 300, 'pending', 'r1', 't');
+             INSERT INTO order_items
+                 (order_id, position, product_id, name, quantity, unit_price_cents)
+             VALUES ('o1', 0, 'p1', 'Widget', 1, 100), ('o1', 1, 'p2', 'Gadget', 2, 100);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+        MIGRATIONS.sqlite.run(&mut conn).await.unwrap();
+        let lines: Vec<(String, i64, String)> =
+            sqlx::query("SELECT order_id, position, name FROM order_items ORDER BY position")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2)))
+                .collect();
+        assert_eq!(
+            lines,
+            [
+                ("o1".to_owned(), 0, "Widget".to_owned()),
+                ("o1".to_owned(), 1, "Gadget".to_owned())
+            ]
+        );
+        assert!(
+            commit_breaks_a_foreign_key(
+                &mut conn,
+                "INSERT INTO order_items
+                     (order_id, position, product_id, name, quantity, unit_price_cents)
+                 VALUES ('nobody', 0, 'p1', 'Widget', 1, 100)"
+            )
+            .await,
+            "a line without its order was committed"
+        );
     }
 }

@@ -718,8 +718,8 @@ mod tests {
         assert_eq!(unique_violation(&other), None);
     }
 
-    /// The batch thread's own connection has the pool's session settings: its savepoints'
-    /// statement journals stay in memory.
+    /// The batch thread's own connection has the pool's session settings: its statement
+    /// journals stay in memory.
     #[tokio::test]
     async fn the_batch_connection_gets_the_session_settings() {
         let dir = tempfile::tempdir().unwrap();
@@ -862,6 +862,66 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(stored, expected);
+    }
+
+    /// A deferred foreign key is checked when the group commits; a batch that breaks one
+    /// fails that commit, and then fails alone while the rest of its group is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_breaking_a_deferred_foreign_key_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_sqlite(dir.path()).await;
+        sqlx::raw_sql(
+            "CREATE TABLE parents (id TEXT PRIMARY KEY);
+             CREATE TABLE children (
+                 parent TEXT NOT NULL REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+        let batch = "INSERT OR FAIL INTO parents (id) VALUES ($1);
+            INSERT OR FAIL INTO children (parent) VALUES ($2);";
+        let orphan = |i: usize| i % 5 == 2;
+        let runs = (0..40).map(|i| {
+            let parent = if orphan(i) {
+                format!("nobody {i}")
+            } else {
+                format!("p{i}")
+            };
+            db.committed_batch(sqlx::query(batch).bind(format!("p{i}")).bind(parent))
+        });
+        let outcomes = futures_util::future::join_all(runs).await;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                Ok(_) => assert!(!orphan(i), "batch {i} stored an orphan"),
+                Err(err) => {
+                    assert!(orphan(i), "batch {i}: {err}");
+                    let kind = err.as_database_error().map(|e| e.kind());
+                    assert!(
+                        matches!(kind, Some(sqlx::error::ErrorKind::ForeignKeyViolation)),
+                        "batch {i}: {err}"
+                    );
+                }
+            }
+        }
+        let parents: Vec<String> = sqlx::query_scalar("SELECT id FROM parents ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        let children: Vec<String> =
+            sqlx::query_scalar("SELECT parent FROM children ORDER BY parent")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let mut expected: Vec<String> = (0..40)
+            .filter(|i| !orphan(*i))
+            .map(|i| format!("p{i}"))
+            .collect();
+        expected.sort();
+        assert_eq!(
+            parents, expected,
+            "an orphan's parent insert was rolled back with it"
+        );
+        assert_eq!(children, expected);
     }
 
     #[test]

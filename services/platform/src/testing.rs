@@ -717,3 +717,41 @@ fn template_matches(template: &str, path: &str) -> bool {
             .zip(&p)
             .all(|(t, p)| t == p || (t.starts_with('{') && t.ends_with('}')))
 }
+
+/// A SQLite database in a directory of its own, migrated up to `version` and no further,
+/// with foreign keys enforced as the services' sessions enforce them: for testing how a
+/// later migration treats the rows of an older schema.
+pub async fn sqlite_migrated_to(
+    migrator: &sqlx::migrate::Migrator,
+    version: i64,
+) -> (tempfile::TempDir, sqlx::AnyConnection) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let dir = temp_dir();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    migrator.run_to(version, &mut conn).await.unwrap();
+    (dir, conn)
+}
+
+/// Commits `sql` in a transaction of its own on `conn` and says whether SQLite refused
+/// the commit for a foreign key (a deferred one is checked only then).
+pub async fn commit_breaks_a_foreign_key(conn: &mut sqlx::AnyConnection, sql: &str) -> bool {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *tx)
+        .await
+        .expect("a deferred key does not refuse the statement itself");
+    match tx.commit().await {
+        Ok(()) => false,
+        Err(err) => matches!(
+            err.as_database_error().map(|e| e.kind()),
+            Some(sqlx::error::ErrorKind::ForeignKeyViolation)
+        ),
+    }
+}

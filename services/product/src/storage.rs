@@ -330,7 +330,7 @@ impl SqlProductStore {
                 "INSERT OR FAIL INTO reservations (id, order_id, status, created_at)
                  SELECT $4, $5, 'held', $3
                  WHERE EXISTS (SELECT 1 FROM products WHERE id = $2 AND quantity >= $1);
-                 INSERT INTO reservation_items
+                 INSERT OR FAIL INTO reservation_items
                     (reservation_id, product_id, quantity, unit_price_cents)
                  SELECT $4, id, $1, price_cents FROM products WHERE id = $2 AND quantity >= $1;",
                 take_units_sqlite!()
@@ -781,5 +781,53 @@ impl ProductStore for SqlProductStore {
                 Release::NeverHeld
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shop_platform::testing::{commit_breaks_a_foreign_key, sqlite_migrated_to};
+    use sqlx::Row;
+
+    use super::MIGRATIONS;
+
+    /// A database made before the reservation lines' key was deferred keeps its lines
+    /// through the migration that rebuilds their table, and the key still refuses a line
+    /// without its reservation, at the commit.
+    #[tokio::test]
+    async fn deferring_the_reservation_lines_key_keeps_the_lines_and_the_rule() {
+        let (_dir, mut conn) = sqlite_migrated_to(&MIGRATIONS.sqlite, 3).await;
+        sqlx::raw_sql(
+            "INSERT INTO reservations (id, order_id, status, created_at)
+             VALUES ('r1', 'o1', 'held', 't');
+             INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
+             VALUES ('r1', 'p1', 1, 100), ('r1', 'p2', 3, 250);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+        MIGRATIONS.sqlite.run(&mut conn).await.unwrap();
+        let lines: Vec<(String, i64, i64)> = sqlx::query(
+            "SELECT product_id, quantity, unit_price_cents FROM reservation_items
+             WHERE reservation_id = 'r1' ORDER BY product_id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+        assert_eq!(lines, [("p1".to_owned(), 1, 100), ("p2".to_owned(), 3, 250)]);
+        assert!(
+            commit_breaks_a_foreign_key(
+                &mut conn,
+                "INSERT INTO reservation_items
+                     (reservation_id, product_id, quantity, unit_price_cents)
+                 VALUES ('nobody', 'p1', 1, 100)"
+            )
+            .await,
+            "a line without its reservation was committed"
+        );
     }
 }

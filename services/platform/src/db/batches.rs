@@ -7,7 +7,7 @@
 //! runtime) to see its reply and hand the connection on. Here a thread owns the writer's
 //! turn: it takes every batch waiting, runs them back to back in one transaction, commits
 //! once, and only then answers their callers. Each batch is still atomic on its own: a
-//! group in which one fails is run again with a savepoint around each batch.
+//! group in which one fails is run again one batch a transaction.
 //!
 //! The thread runs SQLite itself, on a connection of its own (rusqlite), where sqlx
 //! would hand each statement to a connection thread and wait for the answer: two
@@ -121,13 +121,18 @@ impl SqliteFile {
 /// A handle on the batch thread of one SQLite database; clones share it. The thread
 /// ends when the last handle is dropped.
 ///
-/// Writing statements for it (each measured with callgrind on the order path, session 24
-/// in docs/BENCHMARKS.md):
-/// - a write of one row at most says `OR FAIL`: for `ABORT`, SQLite copies every page a
-///   multi-row-capable statement (`INSERT ... SELECT`, anything with `RETURNING`)
-///   changes to a statement journal, in case a later row fails after an earlier one was
-///   written. With one row there is nothing to undo, and the error is the same. (A
-///   foreign key checked at once needs the journal whatever the conflict clause.)
+/// Writing statements for it (each measured with callgrind on the order path, sessions
+/// 24 and 25 in docs/BENCHMARKS.md):
+/// - every write says `OR FAIL`. For `ABORT`, SQLite copies every page a
+///   multi-row-capable statement (`INSERT ... SELECT`, anything with `RETURNING`) changes
+///   to a statement journal, in case a later row fails after an earlier one was written.
+///   Here a batch that fails is undone whole (its group is rolled back and each batch
+///   run again alone), so the rows a failed statement wrote never stay, and the error
+///   is the same.
+/// - a foreign key that batches write under is `DEFERRABLE INITIALLY DEFERRED`: one
+///   checked at once needs the statement journal whatever the conflict clause. Deferred,
+///   SQLite checks it at the commit; a violation fails the group's commit, and then the
+///   batch that made it, alone.
 /// - no `changes()` inside an `INSERT ... SELECT`: it keeps the journal on anyway. Guard
 ///   by a look-up instead.
 /// - no `RETURNING`: it costs a temporary table per statement. Read `changes()` with a
@@ -245,11 +250,12 @@ impl BatchThread {
     /// One transaction for the whole group; the group's outcome is sent only after the
     /// commit, so no caller hears "stored" before it is.
     ///
-    /// A batch must be atomic on its own, which a savepoint around each batch gives: but
-    /// SQLite then copies every page a batch changes to its sub-journal first, whether or
-    /// not anything fails (a tenth of the order service's instructions, callgrind). So a
-    /// group first runs without them. Failures are rare (a key taken in a race), and one
-    /// rolls the whole group back to run again the careful way, [`Self::commit_isolated`].
+    /// A batch must be atomic on its own, which a savepoint around each batch would give:
+    /// but SQLite then copies every page a batch changes to its sub-journal first, whether
+    /// or not anything fails (a tenth of the order service's instructions, callgrind). So
+    /// a group runs without them. Failures are rare (a key taken in a race), and one, in a
+    /// batch or in the commit (a deferred foreign key), rolls the whole group back to run
+    /// again one batch a transaction, [`Self::commit_each`].
     fn commit_group(&mut self, group: Vec<Job>) {
         if let Err(err) = self.control("BEGIN IMMEDIATE") {
             return fail_replies(group.into_iter().map(|job| job.reply), &error(err));
@@ -261,15 +267,9 @@ impl BatchThread {
                 Err(_) => break,
             }
         }
-        if outcomes.len() < group.len() {
-            if self.control("ROLLBACK").is_err() && !self.connection.is_autocommit() {
-                self.abandon();
-            }
-            return self.commit_isolated(group);
-        }
-        if let Err(err) = self.control("COMMIT") {
-            self.abandon();
-            return fail_replies(group.into_iter().map(|job| job.reply), &error(err));
+        if outcomes.len() < group.len() || self.control("COMMIT").is_err() {
+            self.roll_back();
+            return self.commit_each(group);
         }
         for (job, rows) in group.into_iter().zip(outcomes) {
             // A caller that went away no longer listens; its batch is stored all the same.
@@ -277,51 +277,32 @@ impl BatchThread {
         }
     }
 
-    /// [`Self::commit_group`] with each batch inside a savepoint of its own: a batch that
-    /// fails is rolled back to it and answered with its error, and the others commit.
-    fn commit_isolated(&mut self, group: Vec<Job>) {
-        if let Err(err) = self.control("BEGIN IMMEDIATE") {
-            return fail_replies(group.into_iter().map(|job| job.reply), &error(err));
-        }
-        let mut outcomes = Vec::with_capacity(group.len());
-        let mut jobs = group.into_iter();
-        while let Some(job) = jobs.next() {
-            let ran = self
-                .control("SAVEPOINT batch")
-                .and_then(|()| self.run_batch(&job))
-                .and_then(|rows| {
-                    self.control("RELEASE batch")?;
-                    Ok(rows)
-                });
-            match ran {
-                Ok(rows) => outcomes.push((job.reply, Ok(rows))),
-                Err(err) => {
-                    let undo = self
-                        .control("ROLLBACK TO batch")
-                        .and_then(|()| self.control("RELEASE batch"));
-                    if let Err(undo) = undo {
-                        // The transaction itself is gone (SQLite rolls back on some I/O
-                        // errors): nothing of the group is stored.
-                        tracing::warn!(error = %err, undo = %undo, "a write batch's group was lost");
-                        self.abandon();
-                        let replies = outcomes.into_iter().map(|(reply, _)| reply);
-                        let replies = replies.chain([job.reply]).chain(jobs.map(|job| job.reply));
-                        return fail_replies(replies, &error(err));
-                    }
-                    outcomes.push((job.reply, Err(error(err))));
-                }
+    /// [`Self::commit_group`] with each batch in a transaction of its own: a batch that
+    /// fails, or whose commit fails, is rolled back and answered with its error, and the
+    /// others commit. (With `synchronous = NORMAL` a WAL commit does not wait for the
+    /// disk, so the extra commits cost little on this rare path.)
+    fn commit_each(&mut self, group: Vec<Job>) {
+        for job in group {
+            let outcome = self.control("BEGIN IMMEDIATE").and_then(|()| {
+                let rows = self.run_batch(&job)?;
+                self.control("COMMIT")?;
+                Ok(rows)
+            });
+            if outcome.is_err() {
+                self.roll_back();
             }
-        }
-        if let Err(err) = self.control("COMMIT") {
-            self.abandon();
-            return fail_replies(outcomes.into_iter().map(|(reply, _)| reply), &error(err));
-        }
-        for (reply, outcome) in outcomes {
-            let _ = reply.send(outcome);
+            let _ = job.reply.send(outcome.map_err(error));
         }
     }
 
-    /// A transaction or savepoint statement, prepared once rather than parsed per batch.
+    /// Ends the transaction left open by a failure, if any.
+    fn roll_back(&mut self) {
+        if self.control("ROLLBACK").is_err() && !self.connection.is_autocommit() {
+            self.abandon();
+        }
+    }
+
+    /// A transaction statement, prepared once rather than parsed per batch.
     fn control(&self, sql: &str) -> rusqlite::Result<()> {
         self.connection.prepare_cached(sql)?.execute([])?;
         Ok(())
