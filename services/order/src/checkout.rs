@@ -58,7 +58,8 @@ impl IdempotencyKey {
 /// What `POST /orders` answers.
 #[derive(Debug)]
 pub enum Placed {
-    Created(Order),
+    /// The order, and its JSON: written once, for the answer and the idempotency record.
+    Created { order: Order, json: String },
     /// An earlier request with the same `Idempotency-Key`: its stored response.
     Replayed(IdempotencyRecord),
 }
@@ -169,19 +170,17 @@ pub async fn place_order(
         stock_returned_at: None,
         reservation_id: checkout.reservation_id,
     };
-    let record = match &key {
-        Some(key) => Some(IdempotencyRecord {
-            key: key.key.clone(),
-            request_hash: key.request_hash.clone(),
-            order_id: order.id.clone(),
-            status: 201,
-            response: serde_json::to_string(&order).map_err(AppError::internal)?,
-        }),
-        None => None,
-    };
+    let json = serde_json::to_string(&order).map_err(AppError::internal)?;
+    let record = key.as_ref().map(|key| IdempotencyRecord {
+        key: key.key.clone(),
+        request_hash: key.request_hash.clone(),
+        order_id: order.id.clone(),
+        status: 201,
+        response: json.clone(),
+    });
     let placed = NewEvent::new("order.placed", &OrderEvent::from(&order));
     match state.store.create(&order, record.as_ref(), &placed).await {
-        Ok(()) => Ok(Placed::Created(order)),
+        Ok(()) => Ok(Placed::Created { order, json }),
         // The recovery loop owns the reservation now and is releasing it.
         Err(StoreError::CheckoutAbandoned) => Err(AppError::unavailable(
             "order",

@@ -183,13 +183,16 @@ async fn create_order(
     }
     .await;
     match outcome {
-        Ok(Placed::Created(order)) => {
+        Ok(Placed::Created { order, json }) => {
             state.created.inc();
             let location = format!("/orders/{}", order.id);
             Ok((
                 StatusCode::CREATED,
-                [(header::LOCATION, location)],
-                axum::Json(order),
+                [
+                    (header::LOCATION, location),
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                ],
+                json,
             )
                 .into_response())
         }
