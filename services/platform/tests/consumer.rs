@@ -133,6 +133,40 @@ async fn a_waiting_burst_is_applied_in_batches_each_delivery_settled_by_its_outc
     );
 }
 
+/// A batch is published at once (every message's frames queued before any is written),
+/// and still reaches the queue in the batch's order, every message confirmed.
+#[tokio::test]
+async fn a_published_batch_reaches_the_queue_in_its_order() {
+    let Some(rabbit) = RabbitMq::start("a_published_batch_reaches_the_queue_in_its_order") else {
+        return;
+    };
+    let ids: Vec<String> = (0..300).map(|n| format!("e{n:03}")).collect();
+    let batch: Vec<Message> = ids.iter().map(|id| event(id)).collect();
+    AmqpPublisher::new(AmqpLink::new(&rabbit.url, "test"))
+        .publish(&batch)
+        .await
+        .expect("every message confirmed");
+
+    let uri: lapin::uri::AMQPUri = rabbit.url.parse().unwrap();
+    let connection = lapin::Connection::connect_uri(uri, Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut arrived = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            QUEUE.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let id = message.delivery.properties.message_id().clone().unwrap();
+        arrived.push(id.to_string());
+    }
+    assert_eq!(arrived, ids);
+}
+
 /// This process's established TCP connections to `port` on 127.0.0.1.
 fn connections_to(port: u16) -> usize {
     let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")

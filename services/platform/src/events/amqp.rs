@@ -3,6 +3,7 @@
 //! publisher confirms, manual acks, and reconnection with a growing pause.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -213,32 +214,38 @@ impl Publisher for AmqpPublisher {
 }
 
 /// Publishes the batch without waiting in between, then takes the confirms in order.
+///
+/// Every message's frames are queued before any write is waited for, so the
+/// connection's I/O thread writes the batch at once: awaited one by one, each message
+/// woke that thread and then this task again (1.5 thread switches an order in the
+/// order service, and a write and a read on the broker's side for each message).
 async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<(), Unconfirmed> {
-    let mut pending = Vec::with_capacity(messages.len());
-    for (sent, message) in messages.iter().enumerate() {
-        let mut headers = FieldTable::default();
-        if let Some(traceparent) = &message.traceparent {
-            headers.insert(
-                "traceparent".into(),
-                AMQPValue::LongString(traceparent.as_str().into()),
-            );
+    let mut sends = Vec::with_capacity(messages.len());
+    for message in messages {
+        let mut send = Box::pin(channel.basic_publish(
+            EXCHANGE.into(),
+            message.kind.as_str().into(),
+            BasicPublishOptions::default(),
+            message.body.as_bytes(),
+            properties(message),
+        ));
+        // lapin takes the message's delivery tag and queues its frames when the publish
+        // is first polled, before it waits for the write: polled here, in turn, the
+        // messages keep their order.
+        let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+        let refused = matches!(first, Poll::Ready(Err(_)));
+        sends.push((send, first));
+        if refused {
+            break;
         }
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2) // persistent
-            .with_message_id(message.event_id.as_str().into())
-            .with_type(message.kind.as_str().into())
-            .with_headers(headers);
-        let confirm = channel
-            .basic_publish(
-                EXCHANGE.into(),
-                message.kind.as_str().into(),
-                BasicPublishOptions::default(),
-                message.body.as_bytes(),
-                properties,
-            )
-            .await;
-        match confirm {
+    }
+    let mut pending = Vec::with_capacity(sends.len());
+    for (sent, (send, first)) in sends.into_iter().enumerate() {
+        let written = match first {
+            Poll::Ready(written) => written,
+            Poll::Pending => send.await,
+        };
+        match written {
             Ok(confirm) => pending.push(confirm),
             Err(err) => {
                 // What was sent before may still be confirmed: wait for it.
@@ -257,6 +264,22 @@ async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<()
             reason: "the broker refused (nacked) or lost a message".into(),
         })
     }
+}
+
+fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(traceparent) = &message.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.as_str().into()),
+        );
+    }
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2) // persistent
+        .with_message_id(message.event_id.as_str().into())
+        .with_type(message.kind.as_str().into())
+        .with_headers(headers)
 }
 
 /// How many confirms from the front were acks.
