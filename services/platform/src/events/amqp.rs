@@ -216,9 +216,10 @@ impl Publisher for AmqpPublisher {
 /// Publishes the batch without waiting in between, then takes the confirms in order.
 ///
 /// Every message's frames are queued before any write is waited for, so the
-/// connection's I/O thread writes the batch at once: awaited one by one, each message
-/// woke that thread and then this task again (1.5 thread switches an order in the
-/// order service, and a write and a read on the broker's side for each message).
+/// connection's I/O thread writes the batch at once. Awaited one by one, each message
+/// woke that thread and then this task again, and reached the broker in a write of its
+/// own: under the order load, that thread switched 1.5 times an order (now 0.16), and
+/// RabbitMQ's threads 3.4-4.0 times (now 1.2-1.3).
 async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<(), Unconfirmed> {
     let mut sends = Vec::with_capacity(messages.len());
     for message in messages {
