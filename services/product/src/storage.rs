@@ -818,7 +818,10 @@ mod tests {
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect();
-        assert_eq!(lines, [("p1".to_owned(), 1, 100), ("p2".to_owned(), 3, 250)]);
+        assert_eq!(
+            lines,
+            [("p1".to_owned(), 1, 100), ("p2".to_owned(), 3, 250)]
+        );
         assert!(
             commit_breaks_a_foreign_key(
                 &mut conn,
