@@ -796,7 +796,6 @@ impl OrderStore for SqlOrderStore {
 #[cfg(test)]
 mod tests {
     use shop_platform::testing::{commit_breaks_a_foreign_key, sqlite_migrated_to};
-    use sqlx::Row;
 
     use super::MIGRATIONS;
 
@@ -819,13 +818,10 @@ mod tests {
 
         MIGRATIONS.sqlite.run(&mut conn).await.unwrap();
         let lines: Vec<(String, i64, String)> =
-            sqlx::query("SELECT order_id, position, name FROM order_items ORDER BY position")
+            sqlx::query_as("SELECT order_id, position, name FROM order_items ORDER BY position")
                 .fetch_all(&mut conn)
                 .await
-                .unwrap()
-                .iter()
-                .map(|row| (row.get(0), row.get(1), row.get(2)))
-                .collect();
+                .unwrap();
         assert_eq!(
             lines,
             [

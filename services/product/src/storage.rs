@@ -787,7 +787,6 @@ impl ProductStore for SqlProductStore {
 #[cfg(test)]
 mod tests {
     use shop_platform::testing::{commit_breaks_a_foreign_key, sqlite_migrated_to};
-    use sqlx::Row;
 
     use super::MIGRATIONS;
 
@@ -808,16 +807,13 @@ mod tests {
         .unwrap();
 
         MIGRATIONS.sqlite.run(&mut conn).await.unwrap();
-        let lines: Vec<(String, i64, i64)> = sqlx::query(
+        let lines: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT product_id, quantity, unit_price_cents FROM reservation_items
              WHERE reservation_id = 'r1' ORDER BY product_id",
         )
         .fetch_all(&mut conn)
         .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+        .unwrap();
         assert_eq!(
             lines,
             [("p1".to_owned(), 1, 100), ("p2".to_owned(), 3, 250)]
