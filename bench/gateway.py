@@ -98,6 +98,27 @@ def cpu_ticks(pids):
     return total
 
 
+def thread_switches(pids):
+    """Context switches (voluntary and involuntary) summed over every thread of `pids`:
+    each is a sleep or a preemption, kernel work on top of the request's own. Threads that
+    exit meanwhile take theirs with them, so a count over a window is a floor."""
+    total = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
 def rss_kib(pids, field="VmRSS"):
     """Resident memory summed over `pids`; `field` RssAnon counts only the processes' own
     anonymous memory, without the (shared, reclaimable) pages of their binaries."""
@@ -159,8 +180,8 @@ def parse_wrk(text):
 
 def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=None):
     """One wrk run. CPU per request and peak RSS are summed over `proxy_pid`'s process tree,
-    or over each process of `measured` (name -> pid), reported per name in `cpu_by` and
-    `rss_by`."""
+    or over each process of `measured` (name -> pid), reported per name in `cpu_by`,
+    `rss_by` and `switches_by` (thread switches per request)."""
     cmd = ["wrk", "-t2", f"-c{connections or args.connections}", f"-d{args.duration}s", "--latency"]
     if script:
         cmd += ["-s", script]
@@ -171,6 +192,7 @@ def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=N
     pids = [p for group in groups.values() for p in group]
     before = cpu_ticks(pids)
     before_by = {name: cpu_ticks(group) for name, group in groups.items()}
+    switches_before = {name: thread_switches(group) for name, group in groups.items()}
     peaks = {name: rss_kib(group) for name, group in groups.items()}
     peak = rss_kib(pids)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -188,6 +210,8 @@ def run_wrk(url, args, cpu, proxy_pid, script=None, connections=None, measured=N
         result["rss_by"] = {name: kib / 1024 for name, kib in peaks.items()}
         result["cpu_by"] = {name: (cpu_ticks(group) - before_by[name]) / TICKS * 1e6 / max(result["requests"], 1)
                             for name, group in groups.items()}
+        result["switches_by"] = {name: (thread_switches(group) - switches_before[name]) / max(result["requests"], 1)
+                                 for name, group in groups.items()}
     return result
 
 

@@ -21,8 +21,8 @@ order that was never stored).
 
 For each: requests/s, p50, p99, non-2xx, CPU time per request of the measured processes
 (the service; the gateway and the service; for orders all four, RabbitMQ, and on
-PostgreSQL the database server's processes) and their peak RSS; the
-idle RSS of each service before any load; then the ratios against the targets of
+PostgreSQL the database server's processes), their thread switches per request and their
+peak RSS; the idle RSS of each service before any load; then the ratios against the targets of
 docs/BENCHMARKS.md. Loopback only; every run is bounded by `--duration`.
 
 Run through bench/services.sh, which installs wrk, nginx and Go and builds the binaries.
@@ -332,6 +332,12 @@ def report(args, results):
     for name, runs in results.items():
         if name not in IDLE and len(runs[0].get("cpu_by", {})) > 1:
             by = ", ".join(f"{k} {statistics.median(r['cpu_by'][k] for r in runs):.1f}" for k in runs[0]["cpu_by"])
+            print(f"  {name:14} {by}")
+    print("\nthread switches per request by process (medians; sleeps and preemptions, each kernel work):")
+    for name, runs in results.items():
+        if name not in IDLE and len(runs[0].get("switches_by", {})) > 1:
+            by = ", ".join(f"{k} {statistics.median(r['switches_by'][k] for r in runs):.2f}"
+                           for k in runs[0]["switches_by"])
             print(f"  {name:14} {by}")
     print("\nidle RSS MiB (of which anonymous; the rest is the binary's own file pages, shared and reclaimable): "
           + ", ".join(f"{k} {v:.1f} ({results['idle_anon'].get(k, 0):.1f})" for k, v in results["idle"].items()))
