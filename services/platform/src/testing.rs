@@ -739,7 +739,8 @@ pub async fn sqlite_migrated_to(
 }
 
 /// Commits `sql` in a transaction of its own on `conn` and says whether SQLite refused
-/// the commit for a foreign key (a deferred one is checked only then).
+/// the commit for a foreign key (a deferred one is checked only then); a commit refused
+/// for anything else fails the test here.
 pub async fn commit_breaks_a_foreign_key(conn: &mut sqlx::AnyConnection, sql: &str) -> bool {
     use sqlx::Connection;
     let mut tx = conn.begin().await.unwrap();
@@ -749,9 +750,15 @@ pub async fn commit_breaks_a_foreign_key(conn: &mut sqlx::AnyConnection, sql: &s
         .expect("a deferred key does not refuse the statement itself");
     match tx.commit().await {
         Ok(()) => false,
-        Err(err) => matches!(
-            err.as_database_error().map(|e| e.kind()),
-            Some(sqlx::error::ErrorKind::ForeignKeyViolation)
-        ),
+        Err(err) => {
+            assert!(
+                matches!(
+                    err.as_database_error().map(|e| e.kind()),
+                    Some(sqlx::error::ErrorKind::ForeignKeyViolation)
+                ),
+                "the commit failed, but not for a foreign key: {err}"
+            );
+            true
+        }
     }
 }

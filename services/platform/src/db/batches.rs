@@ -123,12 +123,12 @@ impl SqliteFile {
 ///
 /// Writing statements for it (each measured with callgrind on the order path, sessions
 /// 24 and 25 in docs/BENCHMARKS.md):
-/// - every write says `OR FAIL`. For `ABORT`, SQLite copies every page a
-///   multi-row-capable statement (`INSERT ... SELECT`, anything with `RETURNING`) changes
-///   to a statement journal, in case a later row fails after an earlier one was written.
-///   Here a batch that fails is undone whole (its group is rolled back and each batch
-///   run again alone), so the rows a failed statement wrote never stay, and the error
-///   is the same.
+/// - a write that a constraint could abort says `OR FAIL` (or settles the conflict
+///   itself, `ON CONFLICT`). For `ABORT`, SQLite copies every page a multi-row-capable
+///   statement (`INSERT ... SELECT`, anything with `RETURNING`) changes to a statement
+///   journal, in case a later row fails after an earlier one was written. Here a batch
+///   that fails is undone whole (its group is rolled back and each batch run again
+///   alone), so the rows a failed statement wrote never stay, and the error is the same.
 /// - a foreign key that batches write under is `DEFERRABLE INITIALLY DEFERRED`: one
 ///   checked at once needs the statement journal whatever the conflict clause. Deferred,
 ///   SQLite checks it at the commit; a violation fails the group's commit, and then the

@@ -249,7 +249,9 @@ async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<()
         match written {
             Ok(confirm) => pending.push(confirm),
             Err(err) => {
-                // What was sent before may still be confirmed: wait for it.
+                // What was sent before may still be confirmed: wait for it. The messages
+                // queued after this one may reach the broker too; they count as
+                // unconfirmed, go out again, and consumers' inboxes drop the copies.
                 let confirmed = await_confirms(pending).await;
                 return Err(unconfirmed(confirmed.min(sent), "publishing failed", err));
             }
@@ -267,6 +269,7 @@ async fn publish_confirmed(channel: &Channel, messages: &[Message]) -> Result<()
     }
 }
 
+/// What every event is published with: persistent, its id and kind, its trace context.
 fn properties(message: &Message) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(traceparent) = &message.traceparent {
