@@ -478,6 +478,8 @@ async fn a_retry_with_the_same_idempotency_key_creates_nothing_new(backend: Back
     let first = h.post_with_key("key-1", &body).await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
     assert!(first.headers.get("idempotent-replayed").is_none());
+    // The answer is the order's JSON, written once and kept as the record's copy.
+    assert_eq!(first.headers[header::CONTENT_TYPE], "application/json");
     // Same body in another spelling: key order and whitespace do not matter.
     let respelled: serde_json::Value = serde_json::from_str(
         r#"{ "items": [ {"quantity": 2, "product_id": "1"} ], "user_id": "1" }"#,
