@@ -222,4 +222,68 @@ async fn a_burst_of_checkouts_gets_the_answers_each_would_get_alone(backend: Bac
     db.close().await;
 }
 
-shop_platform::backend_tests!(a_burst_of_checkouts_gets_the_answers_each_would_get_alone);
+/// A burst with nothing wrong in it is stored in groups, none of which falls back to
+/// running its calls alone: the grouped statements themselves work, and every order
+/// reads back whole (lines, idempotency record, event).
+async fn a_clean_burst_of_orders_is_stored_in_groups(backend: Backend) {
+    let dir = TestDatabase::new(backend).await;
+    let db = dir.storage().open("order", &MIGRATIONS).await.unwrap();
+    let store = Arc::new(SqlOrderStore::new(&db, Outbox::default()));
+    let checkouts: Vec<Checkout> = (1..=24).map(checkout).collect();
+    let started = join_all(checkouts.iter().map(|checkout| {
+        let store = store.clone();
+        let key = format!("key-{}", checkout.order_id);
+        async move { store.begin_checkout(checkout, Some(&key)).await.unwrap() }
+    }))
+    .await;
+    assert!(started.iter().all(|start| *start == CheckoutStart::Started));
+
+    let stores: Vec<(Order, IdempotencyRecord, NewEvent)> = (1..=24)
+        .map(|n| {
+            let order = order(n, &format!("o-{n}"));
+            let record = record(n, &order.id);
+            let event = NewEvent::new("order.placed", &OrderEvent::from(&order));
+            (order, record, event)
+        })
+        .collect();
+    let stored = join_all(stores.iter().map(|(order, record, event)| {
+        let store = store.clone();
+        async move { store.create(order, Some(record), event).await }
+    }))
+    .await;
+    assert!(stored.iter().all(Result::is_ok), "{stored:?}");
+
+    for (order, record, _) in &stores {
+        let got = store.get(&order.id).await.unwrap().expect("stored");
+        assert_eq!(got.items, order.items, "{}", order.id);
+        assert_eq!(got.total, order.total);
+        let kept = store
+            .idempotency_record(&record.key)
+            .await
+            .unwrap()
+            .expect("its idempotency record");
+        assert_eq!(kept.response, record.response);
+    }
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox").await, 24);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM checkouts").await, 0);
+
+    let groups = db.write_groups();
+    let (claims, stores) = ("checkout_claim", "order_store");
+    if backend == Backend::Postgres {
+        for write in [claims, stores] {
+            assert!(
+                groups.calls(write) > groups.groups(write),
+                "{write} grouped"
+            );
+            assert_eq!(groups.fallbacks(write), 0, "{write} fell back");
+        }
+    } else {
+        assert_eq!(groups.calls(claims) + groups.calls(stores), 0);
+    }
+    db.close().await;
+}
+
+shop_platform::backend_tests!(
+    a_burst_of_checkouts_gets_the_answers_each_would_get_alone,
+    a_clean_burst_of_orders_is_stored_in_groups
+);

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
@@ -219,22 +221,8 @@ impl StorageConfig {
         drop(starting);
 
         let pool_options = || {
-            AnyPoolOptions::new()
-                .acquire_timeout(self.acquire_timeout)
+            pinged_if_idle(AnyPoolOptions::new(), self.acquire_timeout)
                 .after_connect(move |conn, _| session.prepare(conn, true))
-                // A connection is pinged before use only if it sat idle: one used a moment
-                // ago is alive as surely as a ping could say, and a ping per acquire was
-                // one more round trip per query (to PostgreSQL, or to SQLite's worker
-                // thread).
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IF_IDLE_FOR {
-                            conn.ping().await?;
-                        }
-                        Ok(true)
-                    })
-                })
         };
         let pool = pool_options()
             .max_connections(self.max_connections)
@@ -256,9 +244,30 @@ impl StorageConfig {
             }
             None => (pool.clone(), None),
         };
+        let typed = match backend {
+            Backend::Postgres => {
+                let settings = postgres_settings(self.statement_timeout);
+                Some(
+                    pinged_if_idle(PgPoolOptions::new(), self.acquire_timeout)
+                        .max_connections(TYPED_CONNECTIONS)
+                        .after_connect(move |conn, _| {
+                            let settings = settings.clone();
+                            Box::pin(async move {
+                                sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
+                                    .execute(conn)
+                                    .await
+                                    .map(drop)
+                            })
+                        })
+                        .connect_lazy_with(PgConnectOptions::from_str(&url)?),
+                )
+            }
+            Backend::Sqlite => None,
+        };
         Ok(Database {
             pool,
             writer,
+            typed,
             batches,
             backend,
             connect: Arc::new(Connect { url, options }),
@@ -322,20 +331,10 @@ impl Session {
                     .execute(&mut *conn)
                     .await?;
                 }
-                // Migrations may legitimately run long; requests may not.
-                // enable_seqscan: every statement the services run is keyed by an index,
-                // but a prepared statement keeps the generic plan made at its sixth run,
-                // or again after each autovacuum. The tables that churn (`checkouts`, the
-                // outboxes) are nearly empty then, so that plan scanned the whole table,
-                // and they grow by dead rows until the next autovacuum, up to a minute
-                // later: a group's claim took 2.5 ms instead of 0.09 once 30,000
-                // checkouts had come and gone. Off, a sequential scan is the last resort,
-                // still taken where no index applies.
+                // Not the migrations' connection: they may legitimately run long.
                 Backend::Postgres if pooled => {
-                    let ms = self.statement_timeout.as_millis();
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "SET statement_timeout = {ms}; SET lock_timeout = {ms};
-                         SET enable_seqscan = off"
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(postgres_settings(
+                        self.statement_timeout,
                     )))
                     .execute(&mut *conn)
                     .await?;
@@ -345,6 +344,20 @@ impl Session {
             Ok(())
         })
     }
+}
+
+/// The settings of every pooled PostgreSQL session. Migrations may legitimately run long;
+/// requests may not.
+///
+/// `enable_seqscan`: every statement the services run is keyed by an index, but a prepared
+/// statement keeps the generic plan made at its sixth run, or again after each autovacuum.
+/// The tables that churn (`checkouts`, the outboxes) are nearly empty then, so that plan
+/// scanned the whole table, and they grow by dead rows until the next autovacuum, up to a
+/// minute later: a group's claim took 2.5 ms instead of 0.09 once 30,000 checkouts had come
+/// and gone. Off, a sequential scan is the last resort, still taken where no index applies.
+fn postgres_settings(statement_timeout: Duration) -> String {
+    let ms = statement_timeout.as_millis();
+    format!("SET statement_timeout = {ms}; SET lock_timeout = {ms}; SET enable_seqscan = off")
 }
 
 /// Blocks until this process holds an exclusive lock on `path`, released when the
@@ -390,12 +403,38 @@ const MIGRATION_LOCK_KEY: i64 = 0x73686f70;
 /// A pooled connection idle this long is pinged before it is handed out (HikariCP skips
 /// its check for connections used in the last 500 ms, to the same end).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// The typed PostgreSQL pool's size: it serves the grouped writes, one group of each kind
+/// at a time, and a service has at most two kinds.
+const TYPED_CONNECTIONS: u32 = 2;
+
+/// A connection is pinged before use only if it sat idle: one used a moment ago is alive
+/// as surely as a ping could say, and a ping per acquire was one more round trip per query
+/// (to PostgreSQL, or to SQLite's worker thread).
+fn pinged_if_idle<DB: sqlx::Database>(
+    options: PoolOptions<DB>,
+    acquire_timeout: Duration,
+) -> PoolOptions<DB> {
+    options
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// An open database: the pool every query goes through, and which backend it speaks.
 #[derive(Clone)]
 pub struct Database {
     pool: AnyPool,
     writer: AnyPool,
+    /// PostgreSQL: a few connections of PostgreSQL's own driver, for statements that bind
+    /// arrays, which `sqlx::Any` cannot.
+    typed: Option<PgPool>,
     batches: Option<SqliteBatches>,
     backend: Backend,
     connect: Arc<Connect>,
@@ -433,6 +472,14 @@ impl Database {
     /// PostgreSQL the same pool as [`Database::pool`].
     pub fn writer(&self) -> &AnyPool {
         &self.writer
+    }
+
+    /// PostgreSQL: a small pool of PostgreSQL's own driver, with the same session
+    /// settings, for statements that take a group's rows as arrays, one a column
+    /// (`unnest($1::text[], ...)`): PostgreSQL reads them in binary, where the same rows
+    /// as JSON were parsed and unescaped character by character. `None` on SQLite.
+    pub fn typed_postgres(&self) -> Option<&PgPool> {
+        self.typed.as_ref()
     }
 
     /// The counts of this handle's grouped writes (shared by its clones).

@@ -8,6 +8,7 @@ use serde::Serialize;
 use shop_platform::db::{Coalescer, RowColumns};
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
+use sqlx::postgres::PgPool;
 use sqlx::{AnyConnection, Row};
 
 use crate::domain::{Product, ProductPatch, Reservation, ReservationLine, ReservedLine};
@@ -153,11 +154,10 @@ pub struct SqlProductStore {
     reservations: Option<Coalescer<ReserveCall, Option<ProductRow>>>,
 }
 
-/// A one-line reservation, as a row of [`RESERVE_GROUP_POSTGRES`]'s JSON; `n` is its
-/// place in the group.
-#[derive(Serialize)]
+/// A one-line reservation, a row of [`RESERVE_GROUP_POSTGRES`]; `n` is its place in the
+/// group.
 struct ReserveCall {
-    n: usize,
+    n: i64,
     id: String,
     order_id: Option<String>,
     product_id: String,
@@ -168,7 +168,8 @@ struct ReserveCall {
 const RESERVE_GROUP: usize = 64;
 const RESERVE_WRITE: &str = "reservation";
 
-/// One-line reservations for a group, `$1` their rows as a JSON array, `$2` the time.
+/// One-line reservations for a group, their rows as one array a column (`$1` to `$5`),
+/// `$6` the time.
 ///
 /// Every reservation of a product takes that product's row lock until its commit, so
 /// under load they queue on it, and how long each holds it (its statement, its commit,
@@ -181,8 +182,8 @@ const RESERVE_WRITE: &str = "reservation";
 /// that did not fit, an unknown product) run alone, which says why.
 const RESERVE_GROUP_POSTGRES: &str = concat!(
     "WITH batch AS (
-        SELECT * FROM json_to_recordset($1::json)
-            AS b (n bigint, id text, order_id text, product_id text, quantity bigint)
+        SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[])
+            AS b (n, id, order_id, product_id, quantity)
     ), fresh AS (
         SELECT batch.* FROM batch
             LEFT JOIN LATERAL (SELECT 1 AS found FROM reservations WHERE id = batch.id LIMIT 1)
@@ -201,7 +202,7 @@ const RESERVE_GROUP_POSTGRES: &str = concat!(
         WHERE ranked.running <= locked.quantity
     ), taken AS (
         UPDATE products SET quantity = products.quantity - totals.units,
-            rev = products.rev + 1, updated_at = $2
+            rev = products.rev + 1, updated_at = $6
         FROM (SELECT product_id, SUM(quantity)::bigint AS units FROM accepted GROUP BY product_id)
             AS totals
         WHERE products.id = totals.product_id AND products.quantity >= totals.units
@@ -209,7 +210,7 @@ const RESERVE_GROUP_POSTGRES: &str = concat!(
             products.price_cents, products.quantity
     ), reservation AS (
         INSERT INTO reservations (id, order_id, status, created_at)
-        SELECT accepted.id, accepted.order_id, 'held', $2
+        SELECT accepted.id, accepted.order_id, 'held', $6
         FROM accepted JOIN taken ON taken.id = accepted.product_id
     ), held AS (
         INSERT INTO reservation_items (reservation_id, product_id, quantity, unit_price_cents)
@@ -224,11 +225,25 @@ const RESERVE_GROUP_POSTGRES: &str = concat!(
 /// Runs a group of reservations; `None` for each one the group did not make, which then
 /// runs alone. A group of one runs here too: while it runs, the calls arriving gather
 /// into the next group instead of each taking the row lock on its own.
-async fn reserve_group(db: Database, calls: Vec<ReserveCall>) -> Vec<Option<ProductRow>> {
+async fn reserve_group(
+    db: Database,
+    typed: PgPool,
+    calls: Vec<ReserveCall>,
+) -> Vec<Option<ProductRow>> {
+    let column = |value: fn(&ReserveCall) -> &str| calls.iter().map(value).collect::<Vec<_>>();
     let rows = sqlx::query(RESERVE_GROUP_POSTGRES)
-        .bind(serde_json::to_string(&calls).expect("strings and integers"))
+        .bind(calls.iter().map(|call| call.n).collect::<Vec<_>>())
+        .bind(column(|call| &call.id))
+        .bind(
+            calls
+                .iter()
+                .map(|call| call.order_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|call| &call.product_id))
+        .bind(calls.iter().map(|call| call.quantity).collect::<Vec<_>>())
         .bind(now())
-        .fetch_all(db.writer())
+        .fetch_all(&typed)
         .await;
     let made: Vec<(String, ProductRow)> = match rows.and_then(|rows| {
         rows.iter()
@@ -258,18 +273,18 @@ impl SqlProductStore {
     pub fn new(db: &Database, outbox: Outbox) -> Self {
         // SQLite's batch thread already commits the writes waiting together. One group at
         // a time: a second would only queue on the first one's rows.
-        let reservations = (db.backend() == Backend::Postgres).then(|| {
-            let group_db = db.clone();
+        let reservations = db.typed_postgres().map(|typed| {
+            let (group_db, typed) = (db.clone(), typed.clone());
             Coalescer::new(
                 RESERVE_WRITE,
                 db.write_groups(),
                 RESERVE_GROUP,
                 1,
                 move |mut calls: Vec<ReserveCall>| {
-                    for (n, call) in calls.iter_mut().enumerate() {
+                    for (n, call) in (0..).zip(calls.iter_mut()) {
                         call.n = n;
                     }
-                    reserve_group(group_db.clone(), calls)
+                    reserve_group(group_db.clone(), typed.clone(), calls)
                 },
             )
         });

@@ -2,11 +2,11 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
-use serde::Serialize;
 use shop_platform::db::{Coalescer, together_or_alone};
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::Row;
+use sqlx::postgres::PgPool;
 
 use crate::domain::{OrderCounts, Role, User};
 
@@ -77,8 +77,8 @@ pub struct SqlUserStore {
 
 impl SqlUserStore {
     pub fn new(db: &Database) -> Self {
-        let counts = (db.backend() == Backend::Postgres).then(|| {
-            let group_db = db.clone();
+        let counts = db.typed_postgres().map(|typed| {
+            let (group_db, typed) = (db.clone(), typed.clone());
             // One group at a time: the events of a burst mostly count for the same few
             // accounts, whose rows two groups would only queue on.
             Coalescer::new(
@@ -86,7 +86,7 @@ impl SqlUserStore {
                 db.write_groups(),
                 COUNT_GROUP,
                 1,
-                move |calls| count_group(group_db.clone(), calls),
+                move |calls| count_group(group_db.clone(), typed.clone(), calls),
             )
         });
         Self {
@@ -100,8 +100,7 @@ impl SqlUserStore {
 const COUNT_GROUP: usize = 64;
 const COUNT_WRITE: &str = "order_count";
 
-/// One `count_order` call, as a row of [`COUNT_ORDERS_POSTGRES`]'s JSON.
-#[derive(Serialize)]
+/// One `count_order` call, a row of [`COUNT_ORDERS_POSTGRES`].
 struct CountCall {
     queue: String,
     event_id: String,
@@ -131,16 +130,16 @@ const COUNT_ORDER_POSTGRES: &str =
         WHERE id = $6 AND EXISTS (SELECT 1 FROM first) RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM first)";
 
-/// A group of calls in one statement, `$1` their rows as a JSON array. An event twice in
-/// the group counts once (`DISTINCT ON`); the rows returned are the events new to the
-/// inbox. The counts go on per account, summed.
+/// A group of calls in one statement, their rows as one array a column (`$1` to `$5`),
+/// `$6` the time. An event twice in the group counts once (`DISTINCT ON`); the rows
+/// returned are the events new to the inbox. The counts go on per account, summed.
 const COUNT_ORDERS_POSTGRES: &str = "WITH batch AS (
         SELECT DISTINCT ON (queue, event_id) queue, event_id, user_id, placed, cancelled
-        FROM json_to_recordset($1::json)
-            AS b (queue text, event_id text, user_id text, placed bigint, cancelled bigint)
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
+            AS b (queue, event_id, user_id, placed, cancelled)
     ), first AS (
         INSERT INTO inbox (queue, event_id, processed_at_ms)
-        SELECT queue, event_id, $2 FROM batch
+        SELECT queue, event_id, $6 FROM batch
         ON CONFLICT (queue, event_id) DO NOTHING
         RETURNING queue, event_id
     ), counted AS (
@@ -155,9 +154,13 @@ const COUNT_ORDERS_POSTGRES: &str = "WITH batch AS (
     SELECT queue, event_id FROM first";
 
 /// Counts a group, in one statement when it can ([`together_or_alone`]).
-async fn count_group(db: Database, calls: Vec<CountCall>) -> Vec<Result<Handled, StoreError>> {
+async fn count_group(
+    db: Database,
+    typed: PgPool,
+    calls: Vec<CountCall>,
+) -> Vec<Result<Handled, StoreError>> {
     let together = async {
-        let answers = count_together(&db, &calls).await?;
+        let answers = count_together(&typed, &calls).await?;
         Ok::<_, sqlx::Error>(answers.into_iter().map(Ok).collect())
     };
     together_or_alone(COUNT_WRITE, db.write_groups(), &calls, together, |call| {
@@ -166,21 +169,17 @@ async fn count_group(db: Database, calls: Vec<CountCall>) -> Vec<Result<Handled,
     .await
 }
 
-async fn count_together(db: &Database, calls: &[CountCall]) -> Result<Vec<Handled>, sqlx::Error> {
-    let rows = sqlx::query(COUNT_ORDERS_POSTGRES)
-        .bind(serde_json::to_string(calls).expect("plain strings and integers"))
+async fn count_together(typed: &PgPool, calls: &[CountCall]) -> Result<Vec<Handled>, sqlx::Error> {
+    let column = |value: fn(&CountCall) -> &str| calls.iter().map(value).collect::<Vec<_>>();
+    let mut new: Vec<(String, String)> = sqlx::query_as(COUNT_ORDERS_POSTGRES)
+        .bind(column(|call| &call.queue))
+        .bind(column(|call| &call.event_id))
+        .bind(column(|call| &call.user_id))
+        .bind(calls.iter().map(|call| call.placed).collect::<Vec<_>>())
+        .bind(calls.iter().map(|call| call.cancelled).collect::<Vec<_>>())
         .bind(chrono::Utc::now().timestamp_millis())
-        .fetch_all(db.writer())
+        .fetch_all(typed)
         .await?;
-    let mut new = rows
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get::<String, _>("queue")?,
-                row.try_get::<String, _>("event_id")?,
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     // The first call of each new event applied it; any other was a duplicate.
     Ok(calls
         .iter()

@@ -71,12 +71,33 @@ pub trait RowColumns {
     fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error>;
 }
 
-/// A Rust type both paths decode (`i64`, `String`, `Option` of them, ...).
-pub trait ColumnValue: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> + FromSql {}
+/// A Rust type every path decodes (`i64`, `String`, `Option` of them, ...).
+pub trait ColumnValue:
+    for<'r> sqlx::Decode<'r, Any>
+    + sqlx::Type<Any>
+    + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+    + sqlx::Type<sqlx::Postgres>
+    + FromSql
+{
+}
 
-impl<T> ColumnValue for T where T: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> + FromSql {}
+impl<T> ColumnValue for T where
+    T: for<'r> sqlx::Decode<'r, Any>
+        + sqlx::Type<Any>
+        + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + FromSql
+{
+}
 
 impl RowColumns for sqlx::any::AnyRow {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, name)
+    }
+}
+
+/// A row of [`crate::Database::typed_postgres`].
+impl RowColumns for sqlx::postgres::PgRow {
     fn column<T: ColumnValue>(&self, name: &str) -> Result<T, sqlx::Error> {
         sqlx::Row::try_get(self, name)
     }
