@@ -288,12 +288,15 @@ def runtime() -> Board:
                                 "{{service}} {{version}} {{revision}}")], kind="stat", width=8)
     b.row("Database pools")
     b.add("Pool connections by state", [(
-        f"sum by (service, state) (db_pool_connections{sel(*m)})", "{{service}} {{state}}")])
+        f"sum by (service, pool, state) (db_pool_connections{sel(*m)})",
+        "{{service}} {{pool}} {{state}}")])
     b.add("Pool utilisation", [(
-        f"sum by (service) (db_pool_connections{sel(*m, IN_USE)}) / "
-        f"sum by (service) (db_pool_max_connections{sel(*m)})", "{{service}}")], unit="percentunit",
-        description="In-use connections over DB_MAX_CONNECTIONS; near 1 means requests queue for a "
-                    "connection (DB_ACQUIRE_TIMEOUT then answers 503).")
+        f"sum by (service, pool) (db_pool_connections{sel(*m, IN_USE)}) / "
+        f"sum by (service, pool) (db_pool_max_connections{sel(*m)})", "{{service}} {{pool}}")],
+        unit="percentunit",
+        description="In-use connections over the pool's size (main: DB_MAX_CONNECTIONS; "
+                    "grouped_writes: PostgreSQL's grouped writes, 2); near 1 on main means "
+                    "requests queue for a connection (DB_ACQUIRE_TIMEOUT then answers 503).")
     return b
 
 

@@ -519,6 +519,9 @@ impl Database {
     }
 
     pub async fn close(&self) {
+        if let Some(typed) = &self.typed {
+            typed.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await
     }

@@ -180,20 +180,25 @@ impl Metrics {
         )
     }
 
-    /// Connection pool gauges (`db_pool_connections{state}`, `db_pool_max_connections`),
-    /// read from the pool at scrape time.
-    pub fn register_pool(&self, pool: sqlx::AnyPool) {
+    /// Connection pool gauges (`db_pool_connections{pool,state}`,
+    /// `db_pool_max_connections{pool}`), read from the pool at scrape time. `name`: `main`
+    /// (`DB_MAX_CONNECTIONS`) or `grouped_writes` (PostgreSQL's typed pool).
+    pub fn register_pool<DB: sqlx::Database>(&self, pool: sqlx::Pool<DB>, name: &str) {
         let connections = IntGaugeVec::new(
             Opts::new(
                 "db_pool_connections",
                 "Database connections held by the pool, by state (idle, in_use).",
-            ),
+            )
+            .const_label("pool", name),
             &["state"],
         )
         .expect("valid metric");
-        let max = IntGauge::new(
-            "db_pool_max_connections",
-            "Most connections the pool may open (DB_MAX_CONNECTIONS).",
+        let max = IntGauge::with_opts(
+            Opts::new(
+                "db_pool_max_connections",
+                "Most connections the pool may open (DB_MAX_CONNECTIONS for the main pool).",
+            )
+            .const_label("pool", name),
         )
         .expect("valid metric");
         self.registry
@@ -239,13 +244,13 @@ impl Metrics {
     }
 }
 
-struct PoolCollector {
-    pool: sqlx::AnyPool,
+struct PoolCollector<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
     connections: IntGaugeVec,
     max: IntGauge,
 }
 
-impl prometheus::core::Collector for PoolCollector {
+impl<DB: sqlx::Database> prometheus::core::Collector for PoolCollector<DB> {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
         let mut descs = self.connections.desc();
         descs.extend(self.max.desc());
@@ -314,21 +319,34 @@ mod tests {
             .await
             .unwrap();
         let metrics = Metrics::new("order");
-        metrics.register_pool(pool.clone());
+        metrics.register_pool(pool.clone(), "main");
+        let other = sqlx::any::AnyPoolOptions::new()
+            .max_connections(2)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        metrics.register_pool(other, "grouped_writes");
         let _held = pool.acquire().await.unwrap();
         let text = metrics.render();
-        let value = |prefix: &str, label: &str| {
+        let value = |prefix: &str, labels: &[&str]| {
             text.lines()
-                .find(|l| l.starts_with(prefix) && l.contains(label))
-                .unwrap_or_else(|| panic!("{prefix} {label} missing in\n{text}"))
+                .find(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+                .unwrap_or_else(|| panic!("{prefix} {labels:?} missing in\n{text}"))
                 .rsplit(' ')
                 .next()
                 .unwrap()
                 .to_owned()
         };
-        assert_eq!(value("db_pool_connections{", r#"state="in_use""#), "1");
-        assert_eq!(value("db_pool_connections{", r#"state="idle""#), "0");
-        assert_eq!(value("db_pool_max_connections{", r#"service="order""#), "3");
+        let main = r#"pool="main""#;
+        let connections = "db_pool_connections{";
+        assert_eq!(value(connections, &[main, r#"state="in_use""#]), "1");
+        assert_eq!(value(connections, &[main, r#"state="idle""#]), "0");
+        assert_eq!(
+            value("db_pool_max_connections{", &[main, r#"service="order""#]),
+            "3"
+        );
+        let grouped = r#"pool="grouped_writes""#;
+        assert_eq!(value("db_pool_max_connections{", &[grouped]), "2");
     }
 
     #[test]

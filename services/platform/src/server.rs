@@ -76,7 +76,10 @@ impl ServiceParts {
 
     /// The service's own database: `/ready` pings it, and the pool closes after the drain.
     pub fn database(self, db: crate::db::Database) -> Self {
-        self.metrics.register_pool(db.pool().clone());
+        self.metrics.register_pool(db.pool().clone(), "main");
+        if let Some(typed) = db.typed_postgres() {
+            self.metrics.register_pool(typed.clone(), "grouped_writes");
+        }
         let probe = db.clone();
         self.readiness_check("database", move || {
             let db = probe.clone();
