@@ -4,7 +4,7 @@
 //! number of lines: checkout is the path that earns the money.
 
 use async_trait::async_trait;
-use shop_platform::db::{BatchRow, Coalescer, together_or_alone};
+use shop_platform::db::{BatchRow, Coalescer, column, together_or_alone};
 use shop_platform::events::{Handled, NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money, PageRequest};
 use sqlx::Row;
@@ -351,11 +351,6 @@ async fn store_group(
         store_one(&db, call)
     })
     .await
-}
-
-/// One column of a group's rows, bound as an array.
-fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
-    rows.iter().map(value).collect()
 }
 
 fn started(begun: bool) -> CheckoutStart {

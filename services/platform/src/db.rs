@@ -29,7 +29,7 @@ mod listen;
 
 use batches::SqliteFile;
 pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
-pub use coalesce::{Coalescer, Gone, GroupMetrics, together_or_alone};
+pub use coalesce::{Coalescer, Gone, GroupMetrics, column, together_or_alone};
 use listen::{Listeners, Subscription};
 
 use crate::config::{ConfigError, Env, Var};

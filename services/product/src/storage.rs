@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use shop_platform::db::{Coalescer, RowColumns};
+use shop_platform::db::{Coalescer, RowColumns, column};
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::postgres::PgPool;
@@ -230,18 +230,12 @@ async fn reserve_group(
     typed: PgPool,
     calls: Vec<ReserveCall>,
 ) -> Vec<Option<ProductRow>> {
-    let column = |value: fn(&ReserveCall) -> &str| calls.iter().map(value).collect::<Vec<_>>();
     let rows = sqlx::query(RESERVE_GROUP_POSTGRES)
-        .bind(calls.iter().map(|call| call.n).collect::<Vec<_>>())
-        .bind(column(|call| &call.id))
-        .bind(
-            calls
-                .iter()
-                .map(|call| call.order_id.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|call| &call.product_id))
-        .bind(calls.iter().map(|call| call.quantity).collect::<Vec<_>>())
+        .bind(column(&calls, |call| call.n))
+        .bind(column(&calls, |call| call.id.as_str()))
+        .bind(column(&calls, |call| call.order_id.as_deref()))
+        .bind(column(&calls, |call| call.product_id.as_str()))
+        .bind(column(&calls, |call| call.quantity))
         .bind(now())
         .fetch_all(&typed)
         .await;

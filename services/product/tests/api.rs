@@ -608,6 +608,36 @@ async fn a_burst_of_one_line_reservations_is_answered_each_as_alone(backend: Bac
             "SQLite's batch thread groups them"
         );
     }
+
+    // A clean burst (new ids, stock enough) is made in groups, none of which fails and
+    // runs its calls alone: the grouped statement itself works.
+    let (fallbacks, calls_before, groups_before) = (
+        groups.fallbacks("reservation"),
+        groups.calls("reservation"),
+        groups.groups("reservation"),
+    );
+    let calls: Vec<_> = (0..10)
+        .map(|n| {
+            let (router, body) = (h.router.clone(), line(format!("clean-{n}"), "2", 1));
+            tokio::spawn(async move { call(&router, Method::POST, "/reservations", body).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().status, StatusCode::CREATED);
+    }
+    assert_eq!(h.stock("2").await, 21 - 10);
+    if backend == Backend::Postgres {
+        assert_eq!(
+            groups.fallbacks("reservation"),
+            fallbacks,
+            "a clean group failed"
+        );
+        assert!(
+            groups.calls("reservation") - calls_before
+                > groups.groups("reservation") - groups_before,
+            "the clean burst was not grouped"
+        );
+    }
 }
 
 async fn futures_join(

@@ -2,7 +2,7 @@
 //! backends (SQLite and PostgreSQL through `sqlx::Any`).
 
 use async_trait::async_trait;
-use shop_platform::db::{Coalescer, together_or_alone};
+use shop_platform::db::{Coalescer, column, together_or_alone};
 use shop_platform::events::Handled;
 use shop_platform::{Backend, Database, Migrations};
 use sqlx::Row;
@@ -170,13 +170,12 @@ async fn count_group(
 }
 
 async fn count_together(typed: &PgPool, calls: &[CountCall]) -> Result<Vec<Handled>, sqlx::Error> {
-    let column = |value: fn(&CountCall) -> &str| calls.iter().map(value).collect::<Vec<_>>();
     let mut new: Vec<(String, String)> = sqlx::query_as(COUNT_ORDERS_POSTGRES)
-        .bind(column(|call| &call.queue))
-        .bind(column(|call| &call.event_id))
-        .bind(column(|call| &call.user_id))
-        .bind(calls.iter().map(|call| call.placed).collect::<Vec<_>>())
-        .bind(calls.iter().map(|call| call.cancelled).collect::<Vec<_>>())
+        .bind(column(calls, |call| call.queue.as_str()))
+        .bind(column(calls, |call| call.event_id.as_str()))
+        .bind(column(calls, |call| call.user_id.as_str()))
+        .bind(column(calls, |call| call.placed))
+        .bind(column(calls, |call| call.cancelled))
         .bind(chrono::Utc::now().timestamp_millis())
         .fetch_all(typed)
         .await?;

@@ -140,6 +140,12 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
     }
 }
 
+/// One column of a group's rows, to bind as an array (`unnest($1::text[], ...)`, through
+/// [`crate::Database::typed_postgres`]).
+pub fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
+}
+
 /// Answers a group: in one go when it has more than one call, and each call alone when it
 /// has one or when the group failed (a duplicate id, a deadlock with another replica's
 /// group), so that each call meets its own error. A fallback is counted for `write`.
