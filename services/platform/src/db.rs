@@ -23,10 +23,12 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection};
 
+mod announce;
 mod batches;
 mod coalesce;
 mod listen;
 
+pub use announce::Announcer;
 use batches::SqliteFile;
 pub use batches::{BatchRow, ColumnValue, RowColumns, SqliteBatches};
 pub use coalesce::{Coalescer, Gone, GroupMetrics, column, together_or_alone};
@@ -480,6 +482,14 @@ impl Database {
     /// as JSON were parsed and unescaped character by character. `None` on SQLite.
     pub fn typed_postgres(&self) -> Option<&PgPool> {
         self.typed.as_ref()
+    }
+
+    /// PostgreSQL: an [`Announcer`] on `channel`, counted with this handle's grouped
+    /// writes. `None` on SQLite, which has no notifications.
+    pub fn announcer(&self, channel: &'static str) -> Option<Announcer> {
+        self.typed
+            .as_ref()
+            .map(|typed| Announcer::postgres(typed.clone(), channel, &self.write_groups))
     }
 
     /// The counts of this handle's grouped writes (shared by its clones).

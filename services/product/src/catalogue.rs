@@ -6,7 +6,9 @@
 //! - the replica that writes (create, update, a reservation or its release) updates its
 //!   copy before it answers, so its client reads its own write;
 //! - on PostgreSQL a trigger announces every committed change with the new row
-//!   (`NOTIFY catalogue`), and every replica applies it as it arrives: milliseconds;
+//!   (`NOTIFY catalogue`), and every replica applies it as it arrives: milliseconds.
+//!   Grouped reservations are announced by their writer after the commit instead, the
+//!   newest row per product every 20 ms at most (storage.rs);
 //! - every `CATALOGUE_RESYNC` each replica re-reads the whole catalogue (PostgreSQL), or
 //!   checks whether another connection committed and re-reads if so (SQLite). A lost
 //!   notification or a listener reconnecting after a database restart therefore leaves
@@ -22,12 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
-use serde::Deserialize;
 use shop_platform::conditional::tag_of;
-use shop_platform::{Metrics, Money, Representation, Watch, WatchEvent};
+use shop_platform::{Metrics, Representation, Watch, WatchEvent};
 
 use crate::domain::Product;
-use crate::storage::{ProductRow, ProductStore};
+use crate::storage::{Announcement, ProductRow, ProductStore};
 
 /// Where a row came from; the label of `catalogue_changes_applied_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,32 +364,6 @@ fn render(state: &State, after: i64, limit: u32) -> RenderedPage {
     }
 }
 
-/// A change as the `products_announce` trigger sends it.
-#[derive(Deserialize)]
-struct Announced {
-    seq: i64,
-    rev: i64,
-    id: String,
-    name: String,
-    price_cents: i64,
-    quantity: i64,
-}
-
-impl From<Announced> for ProductRow {
-    fn from(a: Announced) -> Self {
-        ProductRow {
-            seq: a.seq,
-            rev: a.rev,
-            product: Product {
-                id: a.id,
-                name: a.name,
-                price: Money::from_cents(a.price_cents),
-                quantity: a.quantity,
-            },
-        }
-    }
-}
-
 /// Applies what `watch` reports, for as long as the service runs.
 pub async fn keep_fresh(catalogue: Arc<Catalogue>, store: Arc<dyn ProductStore>, mut watch: Watch) {
     loop {
@@ -397,7 +372,7 @@ pub async fn keep_fresh(catalogue: Arc<Catalogue>, store: Arc<dyn ProductStore>,
                 let mut rows = Vec::with_capacity(payloads.len());
                 let mut partial = false;
                 for payload in &payloads {
-                    match serde_json::from_str::<Announced>(payload) {
+                    match serde_json::from_str::<Announcement>(payload) {
                         Ok(announced) => rows.push(ProductRow::from(announced)),
                         // A row too large for a notification is announced by id alone.
                         Err(_) => partial = true,
@@ -415,6 +390,8 @@ pub async fn keep_fresh(catalogue: Arc<Catalogue>, store: Arc<dyn ProductStore>,
 
 #[cfg(test)]
 mod tests {
+    use shop_platform::Money;
+
     use super::*;
 
     fn row(seq: i64, id: &str, rev: i64, quantity: i64) -> ProductRow {
@@ -525,9 +502,9 @@ mod tests {
     #[test]
     fn an_announcement_parses_into_a_row() {
         let payload = r#"{"seq" : 7, "id" : "k", "name" : "Key", "price_cents" : 4990, "quantity" : 3, "rev" : 9}"#;
-        let row = ProductRow::from(serde_json::from_str::<Announced>(payload).unwrap());
+        let row = ProductRow::from(serde_json::from_str::<Announcement>(payload).unwrap());
         assert_eq!((row.seq, row.rev, row.product.quantity), (7, 9, 3));
         assert_eq!(row.product.price, Money::from_cents(4990));
-        assert!(serde_json::from_str::<Announced>(r#"{"id" : "k"}"#).is_err());
+        assert!(serde_json::from_str::<Announcement>(r#"{"id" : "k"}"#).is_err());
     }
 }

@@ -3,9 +3,11 @@
 //! memory ([`crate::catalogue`]); every write returns the rows it changed, so the writing
 //! replica's copy is updated at once.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
-use serde::Serialize;
-use shop_platform::db::{Coalescer, RowColumns, column};
+use serde::{Deserialize, Serialize};
+use shop_platform::db::{Announcer, Coalescer, RowColumns, column};
 use shop_platform::events::{NewEvent, Outbox, inbox};
 use shop_platform::{Backend, Database, Migrations, Money};
 use sqlx::postgres::PgPool;
@@ -103,6 +105,52 @@ pub struct ProductRow {
     pub product: Product,
 }
 
+/// A change as announced on the `catalogue` channel: by the `products_announce` trigger,
+/// or, for grouped reservations, by the writing replica once they committed
+/// ([`announcement`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Announcement {
+    seq: i64,
+    id: String,
+    name: String,
+    price_cents: i64,
+    quantity: i64,
+    rev: i64,
+}
+
+impl From<Announcement> for ProductRow {
+    fn from(a: Announcement) -> Self {
+        ProductRow {
+            seq: a.seq,
+            rev: a.rev,
+            product: Product {
+                id: a.id,
+                name: a.name,
+                price: Money::from_cents(a.price_cents),
+                quantity: a.quantity,
+            },
+        }
+    }
+}
+
+/// The payload the trigger would send for `row`: the row, or its id alone when too large
+/// for a notification (under 8000 bytes), which makes listeners re-read the catalogue.
+pub fn announcement(row: &ProductRow) -> String {
+    let payload = serde_json::to_string(&Announcement {
+        seq: row.seq,
+        id: row.product.id.clone(),
+        name: row.product.name.clone(),
+        price_cents: row.product.price.cents(),
+        quantity: row.product.quantity,
+        rev: row.rev,
+    })
+    .expect("plain fields serialize");
+    if payload.len() > 7900 {
+        return serde_json::json!({ "id": row.product.id }).to_string();
+    }
+    payload
+}
+
 #[async_trait]
 pub trait ProductStore: Send + Sync + 'static {
     /// The whole catalogue, in `seq` order.
@@ -180,10 +228,16 @@ const RESERVE_WRITE: &str = "reservation";
 /// (guarded again by the stock) and records them. Returns each accepted reservation's id
 /// with its product's row as committed. The rest (a retry of an id made before, a line
 /// that did not fit, an unknown product) run alone, which says why.
+///
+/// The statement tells the `products_announce` trigger (migration 0005) to stay silent:
+/// the caller announces the products' new stock after the commit, coalesced
+/// ([`Announcer`]). `batch` sets it before any row is read, so before any row changes.
 const RESERVE_GROUP_POSTGRES: &str = concat!(
-    "WITH batch AS (
-        SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[])
-            AS b (n, id, order_id, product_id, quantity)
+    "WITH announced_after_commit AS (
+        SELECT set_config('shop.announce_catalogue', 'after_commit', true)
+    ), batch AS (
+        SELECT b.* FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[])
+            AS b (n, id, order_id, product_id, quantity), announced_after_commit
     ), fresh AS (
         SELECT batch.* FROM batch
             LEFT JOIN LATERAL (SELECT 1 AS found FROM reservations WHERE id = batch.id LIMIT 1)
@@ -228,6 +282,7 @@ const RESERVE_GROUP_POSTGRES: &str = concat!(
 async fn reserve_group(
     db: Database,
     typed: PgPool,
+    announcer: Arc<Announcer>,
     calls: Vec<ReserveCall>,
 ) -> Vec<Option<ProductRow>> {
     let rows = sqlx::query(RESERVE_GROUP_POSTGRES)
@@ -252,6 +307,9 @@ async fn reserve_group(
             Vec::new()
         }
     };
+    for (_, row) in &made {
+        announcer.announce(&row.product.id, row.rev, announcement(row));
+    }
     calls
         .iter()
         .map(|call| {
@@ -269,6 +327,7 @@ impl SqlProductStore {
         // a time: a second would only queue on the first one's rows.
         let reservations = db.typed_postgres().map(|typed| {
             let (group_db, typed) = (db.clone(), typed.clone());
+            let announcer = Arc::new(db.announcer("catalogue").expect("PostgreSQL announces"));
             Coalescer::new(
                 RESERVE_WRITE,
                 db.write_groups(),
@@ -278,7 +337,7 @@ impl SqlProductStore {
                     for (n, call) in (0..).zip(calls.iter_mut()) {
                         call.n = n;
                     }
-                    reserve_group(group_db.clone(), typed.clone(), calls)
+                    reserve_group(group_db.clone(), typed.clone(), announcer.clone(), calls)
                 },
             )
         });
@@ -797,7 +856,34 @@ impl ProductStore for SqlProductStore {
 mod tests {
     use shop_platform::testing::{commit_breaks_a_foreign_key, sqlite_migrated_to};
 
-    use super::MIGRATIONS;
+    use super::{Announcement, MIGRATIONS, ProductRow, announcement};
+    use crate::domain::Product;
+
+    fn row(name: &str) -> ProductRow {
+        ProductRow {
+            seq: 3,
+            rev: 42,
+            product: Product {
+                id: "p-1".into(),
+                name: name.into(),
+                price: shop_platform::Money::from_cents(1999),
+                quantity: 7,
+            },
+        }
+    }
+
+    /// What the writer announces parses, on every replica, into the row it committed, in
+    /// the trigger's format; a row too large for a notification goes by id alone, which
+    /// listeners answer with a re-read.
+    #[test]
+    fn an_announcement_carries_the_row_or_its_id_alone() {
+        let small = row("Desk \"oak\" é");
+        let parsed: Announcement = serde_json::from_str(&announcement(&small)).unwrap();
+        assert_eq!(ProductRow::from(parsed), small);
+
+        let large = announcement(&row(&"x".repeat(8000)));
+        assert_eq!(large, r#"{"id":"p-1"}"#);
+    }
 
     /// A database made before the reservation lines' key was deferred keeps its lines
     /// through the migration that rebuilds their table, and the key still refuses a line

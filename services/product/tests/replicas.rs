@@ -347,6 +347,72 @@ async fn a_lost_notification_is_made_good_by_the_re_read_and_by_reconnecting() {
     listening_only.stop().await.unwrap();
 }
 
+/// Reservations made together are announced by the writer once committed, coalesced per
+/// product, instead of by the trigger inside each commit: another replica still sees the
+/// stock they left, promptly, and every notification on the channel is one of the
+/// writer's announcements (with the trigger firing too, there would be more).
+#[tokio::test]
+async fn reservations_made_together_are_announced_after_commit_coalesced() {
+    if shop_platform::testing::postgres_admin_url("reservations_made_together").is_none() {
+        return;
+    }
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let url = db.storage().database_url.unwrap();
+    let writer = replica(db.storage(), NEVER).await;
+    let reader = replica(db.storage(), NEVER).await;
+    let c = Client::new();
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    listener.listen("catalogue").await.unwrap();
+    let before = c.product(&reader, "2").await["quantity"].as_i64().unwrap();
+
+    let mut burst = tokio::task::JoinSet::new();
+    for n in 0..24 {
+        let (http, url) = (c.http.clone(), format!("{}/reservations", writer.url));
+        burst.spawn(async move {
+            let body = json!({"id": format!("together-{n}"), "items": [{"product_id": "2", "quantity": 1}]});
+            http.post(url).json(&body).send().await.unwrap().status()
+        });
+    }
+    while let Some(status) = burst.join_next().await {
+        assert_eq!(status.unwrap(), 201);
+    }
+    let took = c
+        .wait_for(&reader, "2", Duration::from_secs(5), |p| {
+            p["quantity"] == before - 24
+        })
+        .await;
+    eprintln!("24 reservations made together reached another replica after {took:?}");
+
+    let announced = || {
+        shop_platform::testing::metric_sum(
+            &writer.url,
+            "db_announcements_total",
+            &[("channel", "catalogue"), ("result", "sent")],
+        )
+    };
+    let sent = announced().await;
+    let mut heard = Vec::new();
+    while let Ok(Ok(note)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        heard.push(serde_json::from_str::<Value>(note.payload()).unwrap());
+    }
+    assert_eq!(
+        announced().await,
+        sent,
+        "every announcement was sent by now"
+    );
+    assert!(sent >= 1.0, "the reservations were announced");
+    assert_eq!(heard.len() as f64, sent, "notifications heard: {heard:?}");
+    assert!(
+        heard.len() < 24,
+        "coalesced: {} notifications for 24 reservations",
+        heard.len()
+    );
+    assert_eq!(heard.last().unwrap()["quantity"], before - 24);
+    writer.stop().await.unwrap();
+    reader.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn replicas_catch_up_after_the_database_restarts() {
     let Some(cluster) = PgCluster::start("replicas_catch_up_after_the_database_restarts") else {

@@ -18,12 +18,14 @@ use crate::Metrics;
 
 /// What the grouped writes of one database handle did, by write (`order_store`, ...):
 /// groups run, the calls they answered (their ratio is the mean group size), and groups
-/// that failed and ran each of their calls alone.
+/// that failed and ran each of their calls alone; and what their announcements
+/// ([`super::Announcer`]) became, by channel.
 #[derive(Clone)]
 pub struct GroupMetrics {
     groups: IntCounterVec,
     calls: IntCounterVec,
     fallbacks: IntCounterVec,
+    pub(super) announcements: IntCounterVec,
 }
 
 impl Default for GroupMetrics {
@@ -44,6 +46,14 @@ impl Default for GroupMetrics {
                 "db_write_group_fallbacks_total",
                 "Groups that failed and ran each of their writes alone, by write.",
             ),
+            announcements: IntCounterVec::new(
+                Opts::new(
+                    "db_announcements_total",
+                    "Changes announced after commit (NOTIFY), coalesced per key, by channel and result (sent, lost).",
+                ),
+                &["channel", "result"],
+            )
+            .expect("valid metric"),
         }
     }
 }
@@ -51,7 +61,12 @@ impl Default for GroupMetrics {
 impl GroupMetrics {
     /// Adds the series to a service's registry.
     pub fn register(&self, metrics: &Metrics) {
-        for counter in [&self.groups, &self.calls, &self.fallbacks] {
+        for counter in [
+            &self.groups,
+            &self.calls,
+            &self.fallbacks,
+            &self.announcements,
+        ] {
             metrics
                 .registry()
                 .register(Box::new(counter.clone()))
@@ -74,6 +89,13 @@ impl GroupMetrics {
 
     pub fn fallbacks(&self, write: &str) -> u64 {
         self.fallbacks.with_label_values(&[write]).get()
+    }
+
+    /// Announcements on `channel` that were `sent` or `lost`.
+    pub fn announcements(&self, channel: &str, result: &str) -> u64 {
+        self.announcements
+            .with_label_values(&[channel, result])
+            .get()
     }
 }
 
