@@ -307,8 +307,13 @@ async fn reserve_group(
             Vec::new()
         }
     };
+    // Every reservation of a product in the group returned the same row: one announcement.
+    let mut announced: Vec<&str> = Vec::new();
     for (_, row) in &made {
-        announcer.announce(&row.product.id, row.rev, announcement(row));
+        if !announced.contains(&row.product.id.as_str()) {
+            announced.push(&row.product.id);
+            announcer.announce(&row.product.id, row.rev, announcement(row));
+        }
     }
     calls
         .iter()
