@@ -175,8 +175,13 @@ mod tests {
         (announcer, sent)
     }
 
-    async fn settled() {
-        tokio::time::sleep(Duration::from_millis(120)).await;
+    /// Waits (up to 5 s) for `done`: the relay runs on its own timer.
+    async fn until(done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never happened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
@@ -188,13 +193,12 @@ mod tests {
         // Out of order: an older version never replaces a newer one.
         announcer.announce("a", 2, "a2".into());
         announcer.announce("b", 7, "b7".into());
-        settled().await;
+        until(|| metrics.announcements("things", "sent") == 2).await;
         assert_eq!(*sent.lock().unwrap(), vec![vec!["a3", "b7"]]);
-        assert_eq!(metrics.announcements("things", "sent"), 2);
 
         // The next change is a period of its own.
         announcer.announce("a", 4, "a4".into());
-        settled().await;
+        until(|| metrics.announcements("things", "sent") == 3).await;
         assert_eq!(sent.lock().unwrap().len(), 2);
         assert_eq!(sent.lock().unwrap()[1], vec!["a4"]);
     }
@@ -205,11 +209,10 @@ mod tests {
         let (announcer, sent) = recording(&metrics, true);
         announcer.announce("a", 1, "a1".into());
         announcer.announce("b", 1, "b1".into());
-        settled().await;
+        until(|| metrics.announcements("things", "lost") == 2).await;
         announcer.announce("a", 2, "a2".into());
-        settled().await;
+        until(|| metrics.announcements("things", "lost") == 3).await;
         assert_eq!(sent.lock().unwrap().len(), 2);
-        assert_eq!(metrics.announcements("things", "lost"), 3);
         assert_eq!(metrics.announcements("things", "sent"), 0);
     }
 }
