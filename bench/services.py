@@ -224,6 +224,12 @@ def orders(args, work, results, backend, database_urls=None, pg_dir=None):
             f.write(ORDER_LUA % {"run": os.urandom(4).hex(), "token": token, "product": product})
         runs = measure(f"{gw}/api/v1/orders", args, dict(stack.pids), script=script,
                        connections=args.order_connections)
+        # Orders are accepted while the broker is away (the outbox keeps their events), so
+        # a node that died or never started would leave every event's cost out unnoticed.
+        idle_broker = [r["rps"] for r in runs if r.get("cpu_by", {}).get("rabbitmq", 0) == 0]
+        if idle_broker:
+            raise SystemExit(f"{backend}: RabbitMQ used no CPU during the order load "
+                             f"({len(idle_broker)} of {len(runs)} runs): the broker was not running")
         # Units taken from stock against units in stored orders (the warm-up's included),
         # once the orders wrk left in flight have finished: two equal readings a second
         # apart. Stock from the product service itself (the gateway may answer from cache).
