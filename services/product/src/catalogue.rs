@@ -7,8 +7,9 @@
 //!   copy before it answers, so its client reads its own write;
 //! - on PostgreSQL a trigger announces every committed change with the new row
 //!   (`NOTIFY catalogue`), and every replica applies it as it arrives: milliseconds.
-//!   Grouped reservations are announced by their writer after the commit instead, the
-//!   newest row per product every 20 ms at most (storage.rs);
+//!   Grouped reservations are announced by their writer after the commit instead: at
+//!   once after a quiet period, else the newest row per product at the end of it (20 ms;
+//!   storage.rs);
 //! - every `CATALOGUE_RESYNC` each replica re-reads the whole catalogue (PostgreSQL), or
 //!   checks whether another connection committed and re-reads if so (SQLite). A lost
 //!   notification or a listener reconnecting after a database restart therefore leaves

@@ -5,8 +5,10 @@
 //! takes the cluster's notification lock, appends to the queue and signals every
 //! listening session, whose backend then wakes to forward it. When one row changes
 //! hundreds of times a second (a product's stock under checkouts), listeners need only
-//! its latest state. An [`Announcer`] keeps the newest payload per key and sends what
-//! gathered during [`LINGER`] in one statement, once the writes have committed.
+//! its latest state. An [`Announcer`] sends an announcement at once when it has sent
+//! nothing for [`PERIOD`]; otherwise it keeps the newest payload per key until that period
+//! is up and sends them in one statement. Idle, a listener hears of a change as soon as
+//! from a trigger; busy, a process sends one `NOTIFY` statement a period.
 //!
 //! A process that dies between a commit and the send loses those announcements, as a
 //! listener that reconnects loses what was sent meanwhile: whoever keeps a copy fresh
@@ -24,10 +26,9 @@ use tokio::sync::mpsc;
 
 use super::GroupMetrics;
 
-/// How long announcements gather before they are sent: the most a listener hears of a
-/// change later than it would from a trigger, and at most one `NOTIFY` statement per
-/// period a process.
-pub const LINGER: Duration = Duration::from_millis(20);
+/// The least time between two sends: the most a listener hears of a change later than it
+/// would from a trigger, and at most one `NOTIFY` statement per period a process.
+pub const PERIOD: Duration = Duration::from_millis(20);
 /// How long the database may take to accept one period's announcements.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,7 +52,7 @@ impl Announcer {
     /// Announces on PostgreSQL's `channel` through `pool` (any session: the payloads
     /// are sent in a transaction of their own).
     pub fn postgres(pool: sqlx::PgPool, channel: &'static str, metrics: &GroupMetrics) -> Self {
-        Self::new(channel, LINGER, metrics, move |channel, payloads| {
+        Self::new(channel, PERIOD, metrics, move |channel, payloads| {
             let pool = pool.clone();
             Box::pin(async move {
                 sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
@@ -68,7 +69,7 @@ impl Announcer {
     /// `send` delivers one period's payloads, at most one per key.
     pub fn new(
         channel: &'static str,
-        linger: Duration,
+        period: Duration,
         metrics: &GroupMetrics,
         send: impl Fn(&'static str, Vec<String>) -> SendFuture + Send + Sync + 'static,
     ) -> Self {
@@ -80,7 +81,7 @@ impl Announcer {
         // The task starts with the first announcement, inside whatever runtime makes it.
         let start = move || {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(relay(rx, channel, linger, send.clone(), counted.clone()));
+            tokio::spawn(relay(rx, channel, period, send.clone(), counted.clone()));
             tx
         };
         Self {
@@ -112,12 +113,17 @@ struct Counted {
 async fn relay(
     mut pending: mpsc::UnboundedReceiver<Pending>,
     channel: &'static str,
-    linger: Duration,
+    period: Duration,
     send: Sender,
     counted: Counted,
 ) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(first) = pending.recv().await {
-        tokio::time::sleep(linger).await;
+        // The first change after a quiet period goes at once; later ones gather until a
+        // period has passed since the last send.
+        if let Some(at) = last_sent {
+            tokio::time::sleep_until(at + period).await;
+        }
         let mut newest: HashMap<String, (i64, String)> = HashMap::new();
         let mut keep = |p: Pending| match newest.entry(p.key) {
             Entry::Occupied(mut held) => {
@@ -135,6 +141,7 @@ async fn relay(
         }
         let payloads: Vec<String> = newest.into_values().map(|(_, payload)| payload).collect();
         let count = payloads.len() as u64;
+        last_sent = Some(tokio::time::Instant::now());
         let outcome = tokio::time::timeout(SEND_TIMEOUT, send(channel, payloads))
             .await
             .unwrap_or_else(|_| Err(format!("not accepted within {SEND_TIMEOUT:?}")));
@@ -162,8 +169,12 @@ mod tests {
     type Sent = Arc<Mutex<Vec<Vec<String>>>>;
 
     fn recording(metrics: &GroupMetrics, fail: bool) -> (Announcer, Sent) {
+        recording_every(Duration::from_millis(30), metrics, fail)
+    }
+
+    fn recording_every(period: Duration, metrics: &GroupMetrics, fail: bool) -> (Announcer, Sent) {
         let sent: Sent = Arc::default();
-        let announcer = Announcer::new("things", Duration::from_millis(30), metrics, {
+        let announcer = Announcer::new("things", period, metrics, {
             let sent = sent.clone();
             move |channel, mut payloads| {
                 assert_eq!(channel, "things");
@@ -175,9 +186,9 @@ mod tests {
         (announcer, sent)
     }
 
-    /// Waits (up to 5 s) for `done`: the relay runs on its own timer.
+    /// Waits (up to a minute) for `done`: the relay runs on its own timer.
     async fn until(done: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while !done() {
             assert!(tokio::time::Instant::now() < deadline, "never happened");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -201,6 +212,36 @@ mod tests {
         until(|| metrics.announcements("things", "sent") == 3).await;
         assert_eq!(sent.lock().unwrap().len(), 2);
         assert_eq!(sent.lock().unwrap()[1], vec!["a4"]);
+    }
+
+    /// A change after a quiet period goes at once; those that follow within the period
+    /// wait for its end. The period is long enough that "at once" means well inside it.
+    #[tokio::test]
+    async fn the_first_change_after_a_quiet_period_goes_at_once_the_rest_at_the_period() {
+        let period = Duration::from_secs(2);
+        let metrics = GroupMetrics::default();
+        let (announcer, sent) = recording_every(period, &metrics, false);
+        let sent_count = || metrics.announcements("things", "sent");
+        let started = tokio::time::Instant::now();
+        announcer.announce("a", 1, "a1".into());
+        until(|| sent_count() == 1).await;
+        assert!(started.elapsed() < period / 2, "sent at once");
+
+        announcer.announce("a", 2, "a2".into());
+        announcer.announce("b", 1, "b1".into());
+        until(|| sent_count() == 3).await;
+        let held = started.elapsed();
+        assert!(held >= period, "held until the period was up, not {held:?}");
+        assert_eq!(sent.lock().unwrap()[1], vec!["a2", "b1"]);
+
+        tokio::time::sleep(period + period / 2).await;
+        let quiet = tokio::time::Instant::now();
+        announcer.announce("a", 3, "a3".into());
+        until(|| sent_count() == 4).await;
+        assert!(
+            quiet.elapsed() < period / 2,
+            "sent at once after a quiet period"
+        );
     }
 
     #[tokio::test]
